@@ -1,0 +1,132 @@
+//! The router and the one place that builds the middleware stack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use serde_json::json;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::proxy::{self, Attempts};
+use crate::upstream::Upstream;
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Shared, read-mostly state of one proxy instance.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: Settings,
+    upstream: Upstream,
+    shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        let upstream = Upstream::new(&settings.upstream)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings,
+                upstream,
+                shutting_down: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.inner.upstream
+    }
+
+    /// From now on `/readyz` reports 503 so load balancers stop sending traffic.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let stack = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::internal().into_response()
+        }));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/{*rest}", any(proxy::forward))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are limited (with an envelope) where they are read, in `proxy`.
+        .layer(DefaultBodyLimit::disable())
+        .layer(stack)
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.is_shutting_down() {
+        return ApiError::unavailable("the proxy is shutting down")
+            .detail("reason", "shutting_down")
+            .into_response();
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::not_found()
+        .detail("request_id", proxy::request_id(req.headers()))
+        .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::method_not_allowed()
+        .detail("request_id", proxy::request_id(req.headers()))
+        .into_response()
+}
+
+/// One log line per request. Only the path is logged: the query may hold a client's key.
+async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = state.upstream().scrub(req.uri().path());
+    let request_id = proxy::request_id(req.headers());
+    let resp = next.run(req).await;
+    let attempts = resp.extensions().get::<Attempts>().map_or(0, |a| a.0);
+    tracing::info!(
+        target: "smartlead_proxy::access",
+        request_id,
+        method = %method,
+        path,
+        status = resp.status().as_u16(),
+        latency_ms = start.elapsed().as_secs_f64() * 1000.0,
+        attempts,
+        "request"
+    );
+    resp
+}

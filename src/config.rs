@@ -1,0 +1,384 @@
+//! Typed settings: layered loading (defaults → files → env) and one-time validation.
+//!
+//! Every key and default here is fixed by `shared/DESIGN.md`; unknown keys are rejected so
+//! a typo in a file or an environment variable is a start-up error, not a silent default.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::key::ApiKey;
+
+/// The file read (when present) after the built-in defaults.
+pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
+/// Prefix of `SMARTLEAD_PROXY__<SECTION>__<KEY>` overrides.
+pub const ENV_PREFIX: &str = "SMARTLEAD_PROXY";
+/// The conventional variable holding the SmartLead key; it wins over every other layer.
+pub const API_KEY_VAR: &str = "SMARTLEAD_API_KEY";
+
+/// Keys whose environment value is a comma-separated list.
+const LIST_KEYS: &[&str] = &[
+    "server.access_tokens",
+    "retry.statuses",
+    "retry.idempotent_posts",
+];
+
+/// A start-up configuration problem, always printed as one line naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    pub limit: LimitSettings,
+    pub redis: RedisSettings,
+    pub retry: RetrySettings,
+    pub leads: LeadsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub access_tokens: Vec<SecretString>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            max_body_bytes: 10 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            access_tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSettings {
+    pub base_url: String,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub allow_client_key: bool,
+    /// Usually left unset in files: `SMARTLEAD_API_KEY` fills it.
+    pub api_key: Option<ApiKey>,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://server.smartlead.ai/api/v1".into(),
+            timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            allow_client_key: false,
+            api_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitBackend {
+    Local,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    pub requests: u32,
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    pub max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    pub margin: Duration,
+    pub backend: LimitBackend,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            requests: 60,
+            period: Duration::from_secs(60),
+            max_wait: Duration::from_secs(30),
+            max_queue: 10_000,
+            margin: Duration::from_millis(50),
+            backend: LimitBackend::Local,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    Local,
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// May carry a password, so it is kept secret like the API key.
+    pub url: SecretString,
+    pub key: String,
+    pub on_error: OnRedisError,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("redis://127.0.0.1:6379"),
+            key: "smartlead-proxy".into(),
+            on_error: OnRedisError::Local,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    pub max_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    pub statuses: Vec<u16>,
+    pub idempotent_posts: Vec<String>,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            statuses: vec![429, 500, 502, 503, 504],
+            idempotent_posts: vec!["/campaigns/*/leads".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeadsSettings {
+    pub validate: bool,
+    pub max_per_request: usize,
+    pub auto_batch: bool,
+}
+
+impl Default for LeadsSettings {
+    fn default() -> Self {
+        Self {
+            validate: true,
+            max_per_request: 400,
+            auto_batch: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+    pub bodies: bool,
+    pub body_bytes: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+            bodies: false,
+            body_bytes: 500,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings from the process environment and `config/default.toml` in the
+    /// working directory, then `explicit` (from `--config` / `SMARTLEAD_PROXY_CONFIG`).
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(Path::new(DEFAULT_CONFIG_FILE), explicit, &env)
+    }
+
+    /// The same layering with every input given, so tests need not touch the process.
+    pub fn load_from(
+        default_file: &Path,
+        explicit: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::File::from(default_file).required(false));
+        if let Some(path) = explicit {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(PathBuf::from(path)));
+        }
+        let prefixed: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut env_source = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(prefixed));
+        for key in LIST_KEYS {
+            env_source = env_source.with_list_parse_key(key);
+        }
+        let loaded = builder
+            .add_source(env_source)
+            .build()
+            .map_err(|e| ConfigError::Load(one_line(&e.to_string())))?;
+        let mut settings: Settings = loaded
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(one_line(&e.to_string())))?;
+        if let Some(key) = env.get(API_KEY_VAR).filter(|k| !k.is_empty()) {
+            settings.upstream.api_key = Some(ApiKey::new(key.clone()));
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value once, so nothing fails later at request time.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1"));
+        }
+        if s.access_tokens.iter().any(|t| t.expose_secret().is_empty()) {
+            return Err(invalid("server.access_tokens", "tokens must not be empty"));
+        }
+
+        let u = &self.upstream;
+        crate::upstream::BaseUrl::parse(&u.base_url)
+            .map_err(|reason| invalid("upstream.base_url", reason))?;
+        positive("upstream.timeout", u.timeout)?;
+        positive("upstream.connect_timeout", u.connect_timeout)?;
+        match &u.api_key {
+            Some(key) => key
+                .check()
+                .map_err(|reason| invalid("upstream.api_key", reason))?,
+            None if !u.allow_client_key => {
+                return Err(invalid(
+                    "upstream.api_key",
+                    format!(
+                        "no API key: set {API_KEY_VAR} (or upstream.allow_client_key = true to let clients bring their own)"
+                    ),
+                ));
+            }
+            None => {}
+        }
+
+        let l = &self.limit;
+        if l.requests == 0 {
+            return Err(invalid("limit.requests", "must be at least 1"));
+        }
+        positive("limit.period", l.period)?;
+        if l.max_queue == 0 {
+            return Err(invalid("limit.max_queue", "must be at least 1"));
+        }
+
+        if l.backend == LimitBackend::Redis {
+            let url = self.redis.url.expose_secret();
+            if !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return Err(invalid(
+                    "redis.url",
+                    "must start with redis://, rediss:// or unix://",
+                ));
+            }
+        }
+        if self.redis.key.is_empty() || self.redis.key.contains(['{', '}']) {
+            return Err(invalid("redis.key", "must be non-empty and without braces"));
+        }
+
+        let r = &self.retry;
+        if r.base_delay > r.max_delay {
+            return Err(invalid(
+                "retry.base_delay",
+                "must not exceed retry.max_delay",
+            ));
+        }
+        if let Some(bad) = r.statuses.iter().find(|s| !(400..=599).contains(*s)) {
+            return Err(invalid(
+                "retry.statuses",
+                format!("{bad} is not an HTTP error status (400-599)"),
+            ));
+        }
+        if let Some(bad) = r.idempotent_posts.iter().find(|p| !p.starts_with('/')) {
+            return Err(invalid(
+                "retry.idempotent_posts",
+                format!("{bad:?} must start with '/'"),
+            ));
+        }
+
+        if !(1..=400).contains(&self.leads.max_per_request) {
+            return Err(invalid(
+                "leads.max_per_request",
+                "must be between 1 and 400",
+            ));
+        }
+
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", one_line(&e.to_string())))?;
+        Ok(())
+    }
+}
+
+fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(invalid(key, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,70 @@
+//! smartlead-proxy: one polite SmartLead client in front of many.
+//!
+//! Layout (one concept per file):
+//! - [`config`]: typed settings, layered loading and validation.
+//! - [`key`]: the API key as a self-redacting secret.
+//! - [`error`]: the only module that knows the JSON error envelope.
+//! - [`upstream`]: the HTTPS client, target URI building, one attempt.
+//! - [`proxy`]: the `/api/v1/*` handler.
+//! - [`app`]: router and the middleware stack.
+//! - [`telemetry`]: tracing subscriber set-up.
+//! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
+//!
+//! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod key;
+pub mod proxy;
+pub mod sim;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+pub use config::Settings;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("start-up failed: {0}")]
+    Setup(String),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the proxy on `listener` until `shutdown` resolves; then stops accepting, lets
+/// in-flight requests finish within `server.shutdown_grace` and returns.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let grace = settings.server.shutdown_grace;
+    let state = app::AppState::new(settings).map_err(RunError::Setup)?;
+    let router = app::router(state.clone());
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
+        state.begin_shutdown();
+        let _ = stopping_tx.send(true);
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+    let grace_expired = async move {
+        let _ = stopping_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        res = server => res?,
+        _ = grace_expired => tracing::warn!("shutdown grace expired; dropping remaining connections"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! The `smartlead-proxy` binary: parse the command line and hand over to the library.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use smartlead_proxy::{Settings, sim, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "smartlead-proxy",
+    version,
+    about = "A quota-keeping proxy for the SmartLead API"
+)]
+struct Cli {
+    /// A TOML file layered over config/default.toml.
+    #[arg(long, env = "SMARTLEAD_PROXY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a simulated SmartLead API to develop and test against, offline.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+        /// The API key the simulator accepts.
+        #[arg(long, env = "SIM_API_KEY", default_value = "sim-key")]
+        api_key: String,
+        /// Requests allowed per key in any window of --period.
+        #[arg(long, default_value_t = 60)]
+        requests: u32,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        period: Duration,
+        /// Added before every answer.
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        latency: Duration,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Simulate {
+            host,
+            port,
+            api_key,
+            requests,
+            period,
+            latency,
+        }) => {
+            let config = sim::SimConfig {
+                api_key: Some(api_key),
+                requests,
+                period,
+                latency,
+            };
+            simulate((host, port).into(), config).await
+        }
+        None => serve(cli.config).await,
+    }
+}
+
+async fn serve(config: Option<PathBuf>) -> ExitCode {
+    let settings = match Settings::load(config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("smartlead-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log);
+    let addr = settings.server.listen;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("smartlead-proxy: cannot listen on {addr} (server.listen): {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match smartlead_proxy::run(listener, settings, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smartlead-proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn simulate(addr: std::net::SocketAddr, config: sim::SimConfig) -> ExitCode {
+    telemetry::init(&Default::default());
+    match sim::Sim::start_on(addr, config).await {
+        Ok(sim) => {
+            println!("simulated SmartLead on {}", sim.base_url());
+            shutdown_signal().await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smartlead-proxy simulate: cannot listen on {addr}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

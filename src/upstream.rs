@@ -1,0 +1,385 @@
+//! The SmartLead side: the pooled HTTPS client, building the one allowed target URI (key
+//! injected, client key removed) and sending a single attempt with its timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Request, Response, Uri, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::percent_decode_str;
+
+use crate::config::UpstreamSettings;
+use crate::error::ApiError;
+use crate::key::ApiKey;
+
+/// The client-facing prefix that maps onto `upstream.base_url`.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// `upstream.base_url`, split once so every target keeps its scheme and authority.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: String,
+    authority: String,
+    path: String,
+}
+
+impl BaseUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s.to_owned(),
+            _ => return Err(format!("{url:?} must start with http:// or https://")),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{url:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("{url:?} must not contain credentials"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("{url:?} must not have a query"));
+        }
+        Ok(Self {
+            scheme,
+            authority: authority.as_str().to_owned(),
+            path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// Why one attempt produced no upstream response.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// Could not connect (refused, DNS, TLS, connect timeout): SmartLead did no work.
+    Connect(String),
+    /// Connected, but the connection closed or reset before a response arrived.
+    Closed(String),
+    /// The response was not valid HTTP.
+    Invalid(String),
+    /// No response headers within `upstream.timeout`.
+    Timeout(Duration),
+}
+
+impl AttemptError {
+    pub fn into_api_error(self) -> ApiError {
+        match self {
+            AttemptError::Connect(r) | AttemptError::Closed(r) => ApiError::upstream_unavailable(r),
+            AttemptError::Invalid(r) => ApiError::upstream_invalid(r),
+            AttemptError::Timeout(t) => ApiError::upstream_timeout(t),
+        }
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Everything needed to talk to SmartLead; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    base: BaseUrl,
+    key: Option<ApiKey>,
+    allow_client_key: bool,
+    timeout: Duration,
+    client: HttpsClient,
+}
+
+impl Upstream {
+    pub fn new(settings: &UpstreamSettings) -> Result<Self, String> {
+        let base = BaseUrl::parse(&settings.base_url)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        Ok(Self {
+            base,
+            key: settings.api_key.clone(),
+            allow_client_key: settings.allow_client_key,
+            timeout: settings.timeout,
+            client,
+        })
+    }
+
+    pub fn key(&self) -> Option<&ApiKey> {
+        self.key.as_ref()
+    }
+
+    /// Scrubs the configured key out of `text` (a no-op without a key).
+    pub fn scrub(&self, text: &str) -> String {
+        match &self.key {
+            Some(k) => k.scrub(text).into_owned(),
+            None => text.to_owned(),
+        }
+    }
+
+    /// The upstream URI for a client path under `/api/v1` and its raw query.
+    ///
+    /// Scheme and authority always come from `upstream.base_url`; only the path and
+    /// query are the client's, and dot-segments (raw or percent-encoded) and encoded
+    /// slashes are refused so a path cannot climb out of the base path.
+    pub fn target(&self, client_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        let rest = client_path
+            .strip_prefix(API_PREFIX)
+            .filter(|r| r.starts_with('/'))
+            .ok_or_else(ApiError::not_found)?;
+        check_path(rest)?;
+        let query = self.rewrite_query(query);
+        let mut target = format!(
+            "{}://{}{}{}",
+            self.base.scheme, self.base.authority, self.base.path, rest
+        );
+        if !query.is_empty() {
+            target.push('?');
+            target.push_str(&query);
+        }
+        let uri: Uri = target
+            .parse()
+            .map_err(|_| ApiError::bad_request("the request path or query is not valid"))?;
+        // Defence in depth: nothing a client sends may change where we connect.
+        if uri.authority().map(|a| a.as_str()) != Some(self.base.authority.as_str()) {
+            return Err(ApiError::bad_request(
+                "the request would leave the upstream host",
+            ));
+        }
+        Ok(uri)
+    }
+
+    fn rewrite_query(&self, query: Option<&str>) -> String {
+        let mut client_key = false;
+        let mut parts: Vec<&str> = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let name = pair.split('=').next().unwrap_or("");
+            let decoded = percent_decode_str(&name.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
+            if decoded.eq_ignore_ascii_case("api_key") {
+                if self.allow_client_key {
+                    client_key = true;
+                    parts.push(pair);
+                }
+                continue;
+            }
+            parts.push(pair);
+        }
+        let mut out = parts.join("&");
+        if let (Some(key), false) = (&self.key, client_key) {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.push_str("api_key=");
+            out.push_str(key.query_value());
+        }
+        out
+    }
+
+    /// Sends one attempt and waits for the response headers within `upstream.timeout`.
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(body))
+            .map_err(|e| AttemptError::Invalid(e.to_string()))?;
+        *req.headers_mut() = headers.clone();
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => Err(AttemptError::Timeout(self.timeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.classify(&e)),
+        }
+    }
+
+    fn classify(&self, e: &hyper_util::client::legacy::Error) -> AttemptError {
+        let chain = self.scrub(&error_chain(e));
+        if e.is_connect() {
+            return AttemptError::Connect(chain);
+        }
+        let hyper_err = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>());
+        match hyper_err {
+            Some(h) if h.is_parse() || h.is_parse_status() => AttemptError::Invalid(chain),
+            _ => AttemptError::Closed(chain),
+        }
+    }
+}
+
+/// Refuses dot-segments and encoded separators anywhere in the path.
+fn check_path(path: &str) -> Result<(), ApiError> {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+        return Err(ApiError::bad_request(
+            "encoded slashes are not allowed in the path",
+        ));
+    }
+    for segment in path.split('/') {
+        let mut decoded = segment.to_owned();
+        // Decode a few times so double-encoded dots are caught too.
+        for _ in 0..3 {
+            decoded = percent_decode_str(&decoded)
+                .decode_utf8_lossy()
+                .into_owned();
+        }
+        if decoded == "." || decoded == ".." {
+            return Err(ApiError::bad_request(
+                "dot-segments are not allowed in the path",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Headers that describe one connection, never forwarded either way (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// The client's headers as they should reach SmartLead.
+pub fn request_headers(client: &HeaderMap) -> HeaderMap {
+    let mut headers = client.clone();
+    strip_hop_by_hop(&mut headers);
+    // Host comes from the target URI; length is recomputed from the buffered body.
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::EXPECT);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(allow_client_key: bool) -> Upstream {
+        let settings = UpstreamSettings {
+            base_url: "https://server.smartlead.ai/api/v1".into(),
+            api_key: Some(ApiKey::new("K3Y")),
+            allow_client_key,
+            ..UpstreamSettings::default()
+        };
+        Upstream::new(&settings).unwrap()
+    }
+
+    #[test]
+    fn builds_target_with_key() {
+        let u = upstream(false);
+        let uri = u
+            .target(
+                "/api/v1/campaigns/7",
+                Some("offset=0&api_key=theirs&limit=5"),
+            )
+            .unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://server.smartlead.ai/api/v1/campaigns/7?offset=0&limit=5&api_key=K3Y"
+        );
+        let uri = u.target("/api/v1/campaigns", Some("API%5FKEY=x")).unwrap();
+        assert_eq!(uri.query(), Some("api_key=K3Y"));
+    }
+
+    #[test]
+    fn client_key_kept_when_allowed() {
+        let u = upstream(true);
+        let uri = u
+            .target("/api/v1/campaigns", Some("api_key=theirs"))
+            .unwrap();
+        assert_eq!(uri.query(), Some("api_key=theirs"));
+    }
+
+    #[test]
+    fn refuses_traversal() {
+        let u = upstream(false);
+        for p in [
+            "/api/v1/../admin",
+            "/api/v1/%2e%2e/admin",
+            "/api/v1/%252E%252e/x",
+            "/api/v1/a/./b",
+            "/api/v1/a%2fb",
+            "/api/v1/a\\b",
+        ] {
+            let err = u.target(p, None).unwrap_err();
+            assert_eq!(err.status, http::StatusCode::BAD_REQUEST, "{p}");
+        }
+        assert!(
+            u.target("/api/v1//evil.example/x", None).unwrap().host()
+                == Some("server.smartlead.ai")
+        );
+        assert!(u.target("/api/v1@evil.example/x", None).is_err());
+    }
+
+    #[test]
+    fn base_url_is_checked() {
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("https://u:p@x/api").is_err());
+        assert!(BaseUrl::parse("https://x/api?a=1").is_err());
+        assert!(BaseUrl::parse("not a url").is_err());
+        assert_eq!(
+            BaseUrl::parse("http://127.0.0.1:9/api/v1/").unwrap().path,
+            "/api/v1"
+        );
+    }
+
+    #[test]
+    fn strips_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::HOST, "evil.example".parse().unwrap());
+        h.insert("x-custom", "kept".parse().unwrap());
+        let out = request_headers(&h);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out["x-custom"], "kept");
+    }
+}
