@@ -102,10 +102,21 @@ impl Default for UpstreamSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LimitBackend {
     Local,
     Redis,
+}
+
+impl TryFrom<String> for LimitBackend {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "local" => Ok(Self::Local),
+            "redis" => Ok(Self::Redis),
+            _ => Err(format!("expected \"local\" or \"redis\", got {s:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,10 +147,21 @@ impl Default for LimitSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum OnRedisError {
     Local,
     Reject,
+}
+
+impl TryFrom<String> for OnRedisError {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "local" => Ok(Self::Local),
+            "reject" => Ok(Self::Reject),
+            _ => Err(format!("expected \"local\" or \"reject\", got {s:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,10 +226,21 @@ impl Default for LeadsSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "json" => Ok(Self::Json),
+            "pretty" => Ok(Self::Pretty),
+            _ => Err(format!("expected \"json\" or \"pretty\", got {s:?}")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,7 +282,7 @@ impl Settings {
         if let Some(path) = explicit {
             if !path.is_file() {
                 return Err(ConfigError::Load(format!(
-                    "config file {} does not exist",
+                    "config file {} is not a readable file",
                     path.display()
                 )));
             }

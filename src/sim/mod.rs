@@ -70,6 +70,9 @@ pub enum FaultAction {
         content_type: Option<String>,
         #[serde(default)]
         headers: Vec<(String, String)>,
+        /// Raw body bytes, used instead of `body` when present (e.g. gzip).
+        #[serde(default)]
+        bytes: Option<Vec<u8>>,
     },
     /// Never answer.
     Hang,
@@ -94,7 +97,16 @@ impl Fault {
             body: body.into(),
             content_type: content_type.map(str::to_owned),
             headers: Vec::new(),
+            bytes: None,
         })
+    }
+
+    pub fn respond_bytes(status: u16, content_type: Option<&str>, bytes: Vec<u8>) -> Self {
+        let mut fault = Self::respond(status, content_type, "");
+        if let FaultAction::Respond { bytes: b, .. } = &mut fault.action {
+            *b = Some(bytes);
+        }
+        fault
     }
 
     pub fn json(status: u16, body: serde_json::Value) -> Self {

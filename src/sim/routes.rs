@@ -105,7 +105,11 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
             body,
             content_type,
             headers,
-        }) => scripted(status, body, content_type, headers),
+            bytes,
+        }) => {
+            let body = bytes.map_or_else(|| Body::from(body), Body::from);
+            scripted(status, body, content_type, headers)
+        }
         other => {
             if let Some(FaultAction::Delay { ms }) = other {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -129,7 +133,7 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
 
 fn scripted(
     status: u16,
-    body: String,
+    body: Body,
     content_type: Option<String>,
     headers: Vec<(String, String)>,
 ) -> Response {

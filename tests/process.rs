@@ -1,0 +1,356 @@
+//! The real binary: start-up validation, logs without the key, graceful shutdown.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+const BIN: &str = env!("CARGO_BIN_EXE_smartlead-proxy");
+/// A key with characters that URL-encode, so both forms can be searched for.
+const SECRET: &str = "sk/live+TESTKEY=42";
+const SECRET_ENCODED: &str = "sk%2Flive%2BTESTKEY%3D42";
+
+fn command(envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Runs the binary expecting a start-up failure; returns its stderr.
+fn start_error(envs: &[(&str, &str)], args: &[&str]) -> String {
+    let out = command(envs).args(args).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "exit code; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("slp-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+#[test]
+fn missing_key_is_a_startup_error() {
+    let err = start_error(&[], &[]);
+    assert!(
+        err.contains("upstream.api_key") && err.contains("SMARTLEAD_API_KEY"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_env_values_name_the_key() {
+    let key = ("SMARTLEAD_API_KEY", "k");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "lots")], &[]);
+    assert!(err.contains("limit.requests"), "{err}");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY__UPSTREAM__TIMEOUT", "soon")], &[]);
+    assert!(err.contains("upstream.timeout"), "{err}");
+    let err = start_error(
+        &[key, ("SMARTLEAD_PROXY__LIMIT__BACKEND", "memcached")],
+        &[],
+    );
+    assert!(err.contains("limit.backend"), "{err}");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "0")], &[]);
+    assert!(err.contains("limit.requests"), "{err}");
+    let err = start_error(
+        &[key, ("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", "ftp://x")],
+        &[],
+    );
+    assert!(err.contains("upstream.base_url"), "{err}");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY__LIMT__REQUESTS", "5")], &[]);
+    assert!(err.contains("limt"), "unknown section named: {err}");
+}
+
+#[test]
+fn bad_config_files_name_the_key() {
+    let key = ("SMARTLEAD_API_KEY", "k");
+    let f = temp_file("bad-value.toml", "[server]\nlisten = \"not an address\"\n");
+    let err = start_error(&[key], &["--config", f.to_str().unwrap()]);
+    assert!(err.contains("server.listen"), "{err}");
+    let f = temp_file("bad-duration.toml", "[retry]\nbase_delay = \"fast\"\n");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY_CONFIG", f.to_str().unwrap())], &[]);
+    assert!(err.contains("retry.base_delay"), "{err}");
+    let f = temp_file("unknown.toml", "[limit]\nrequets = 5\n");
+    let err = start_error(&[key], &["--config", f.to_str().unwrap()]);
+    assert!(err.contains("requets"), "{err}");
+    let f = temp_file("broken.toml", "[limit\nrequests = 5\n");
+    let err = start_error(&[key], &["--config", f.to_str().unwrap()]);
+    assert!(err.contains("broken.toml"), "{err}");
+    let err = start_error(&[key], &["--config", "/nonexistent/smartlead.toml"]);
+    assert!(err.contains("/nonexistent/smartlead.toml"), "{err}");
+}
+
+#[test]
+fn help_and_version() {
+    let out = command(&[]).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        help.contains("--config") && help.contains("simulate"),
+        "{help}"
+    );
+    let out = command(&[]).arg("--version").output().unwrap();
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains(env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The proxy binary with output captured line by line.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    addr: std::net::SocketAddr,
+}
+
+fn start(base_url: &str, extra: &[(&str, &str)]) -> Running {
+    let mut envs = vec![
+        ("SMARTLEAD_API_KEY", SECRET),
+        ("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", base_url),
+        ("SMARTLEAD_PROXY__SERVER__LISTEN", "127.0.0.1:0"),
+        ("SMARTLEAD_PROXY__LOG__LEVEL", "debug"),
+    ];
+    envs.extend_from_slice(extra);
+    let mut child = command(&envs).spawn().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        let found = lines.lock().unwrap().iter().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "listening").then(|| v["addr"].as_str().unwrap().parse().unwrap())
+        });
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no listening line: {:?}",
+            lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Running { child, lines, addr }
+}
+
+impl Running {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("-TERM")
+    }
+
+    fn signal(&mut self, signal: &str) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([signal, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50)); // let readers drain
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn output(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn the_key_never_appears_in_logs_or_bodies() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = start(&sim.base_url(), &[]);
+    let c = client();
+    let mut bodies = Vec::new();
+    let check = |resp: reqwest::Response| {
+        for (name, value) in resp.headers() {
+            let v = value.to_str().unwrap_or_default();
+            assert!(
+                !v.contains(SECRET) && !v.contains(SECRET_ENCODED),
+                "header {name} leaks"
+            );
+        }
+        resp
+    };
+    sim.push_fault(Fault::respond(
+        400,
+        Some("text/plain"),
+        format!("invalid api_key={SECRET_ENCODED}"),
+    ));
+    sim.push_fault(Fault::respond(
+        401,
+        Some("application/json"),
+        format!(r#"{{"message":"key {SECRET} revoked"}}"#),
+    ));
+    sim.push_fault(Fault::reset());
+    for path in [
+        "/api/v1/campaigns?api_key=client-key",
+        "/api/v1/campaigns",
+        "/api/v1/campaigns/1001",
+        "/api/v1/campaigns",
+        "/api/v1/campaigns/999",
+        "/api/v1/../etc",
+        "/nope",
+    ] {
+        let resp = check(c.get(proxy.url(path)).send().await.unwrap());
+        bodies.push(resp.text().await.unwrap());
+    }
+    let resp = check(
+        c.post(proxy.url("/api/v1/campaigns/1001/leads"))
+            .json(&serde_json::json!({"lead_list": [{"email": "a@b.c"}]}))
+            .send()
+            .await
+            .unwrap(),
+    );
+    bodies.push(resp.text().await.unwrap());
+    assert_eq!(sim.stats().requests, 6);
+
+    let status = proxy.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let output = proxy.output();
+    let access: Vec<Value> = output
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert_eq!(access.len(), 8, "one access line per request: {output:#?}");
+    for line in &access {
+        for field in [
+            "request_id",
+            "method",
+            "path",
+            "status",
+            "latency_ms",
+            "attempts",
+        ] {
+            assert!(!line[field].is_null(), "{field} missing in {line}");
+        }
+    }
+    assert!(output.iter().any(|l| l.contains("shutting down")));
+    for text in output.iter().chain(bodies.iter()) {
+        assert!(
+            !text.contains(SECRET) && !text.contains(SECRET_ENCODED),
+            "key leaked: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = start(
+        &sim.base_url(),
+        &[("SMARTLEAD_PROXY__SERVER__SHUTDOWN_GRACE", "5s")],
+    );
+    sim.push_fault(Fault::delay(Duration::from_millis(800)));
+    let url = proxy.url("/api/v1/campaigns");
+    let in_flight = tokio::spawn(async move { client().get(url).send().await.unwrap().status() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request was answered"
+    );
+}
+
+#[test]
+fn default_config_file_matches_the_built_in_defaults() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let env = std::collections::HashMap::from([("SMARTLEAD_API_KEY".to_string(), "k".to_string())]);
+    let from_file =
+        smartlead_proxy::Settings::load_from(&root.join("config/default.toml"), None, &env)
+            .unwrap();
+    let built_in =
+        smartlead_proxy::Settings::load_from(Path::new("/nonexistent"), None, &env).unwrap();
+    assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
+    assert!(
+        !format!("{from_file:?}").contains("ApiKey(k"),
+        "Debug redacts the key"
+    );
+}
+
+#[tokio::test]
+async fn sigint_stops_it_cleanly() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = start(&sim.base_url(), &[]);
+    assert_eq!(
+        client()
+            .get(proxy.url("/api/v1/campaigns"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let status = tokio::task::spawn_blocking(move || proxy.signal("-INT"))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
