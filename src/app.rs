@@ -17,6 +17,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::limiter::Limiter;
 use crate::proxy::{self, Attempts};
 use crate::upstream::Upstream;
 
@@ -32,16 +33,19 @@ pub struct AppState {
 struct Inner {
     settings: Settings,
     upstream: Upstream,
+    limiter: Limiter,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
     pub fn new(settings: Settings) -> Result<Self, String> {
         let upstream = Upstream::new(&settings.upstream)?;
+        let limiter = Limiter::from_settings(&settings)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 settings,
                 upstream,
+                limiter,
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -53,6 +57,10 @@ impl AppState {
 
     pub fn upstream(&self) -> &Upstream {
         &self.inner.upstream
+    }
+
+    pub fn limiter(&self) -> &Limiter {
+        &self.inner.limiter
     }
 
     /// From now on `/readyz` reports 503 so load balancers stop sending traffic.
@@ -95,7 +103,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
             .detail("reason", "shutting_down")
             .into_response();
     }
-    Json(json!({"status": "ready"})).into_response()
+    let limiter = state.limiter().status();
+    if !limiter.is_ready() {
+        return ApiError::unavailable("the shared rate limiter (Redis) is unreachable")
+            .detail("reason", "redis_unavailable")
+            .detail(
+                "limiter",
+                serde_json::to_value(&limiter).unwrap_or_default(),
+            )
+            .into_response();
+    }
+    Json(json!({"status": "ready", "limiter": limiter})).into_response()
 }
 
 async fn not_found(req: Request) -> Response {

@@ -87,6 +87,20 @@ impl ApiError {
         )
     }
 
+    /// 429 from the proxy's own quota, with an integer `Retry-After`.
+    pub fn rate_limited(reason: &str, retry_after_secs: u64, attempts: u32) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            format!("rate limited: {reason}; retry after {retry_after_secs}s"),
+        )
+        .detail("retry_after", retry_after_secs)
+        .detail("attempts", attempts);
+        e.headers
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        e
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
     }
@@ -119,6 +133,29 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         resp
+    }
+}
+
+/// Undoes a gzip/deflate `Content-Encoding` (at most `cap` bytes out); an encoding we
+/// cannot read, or a broken stream, gives an empty body: the status alone still answers.
+pub fn decode_body(headers: &HeaderMap, raw: Bytes, cap: usize) -> Bytes {
+    use std::io::Read;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let decoded = |reader: &mut dyn Read| {
+        let mut out = Vec::new();
+        match reader.take(cap as u64).read_to_end(&mut out) {
+            Ok(_) => Bytes::from(out),
+            Err(_) => Bytes::new(),
+        }
+    };
+    match encoding.as_deref() {
+        None | Some("identity") | Some("") => raw,
+        Some("gzip") | Some("x-gzip") => decoded(&mut flate2::read::GzDecoder::new(&raw[..])),
+        Some("deflate") => decoded(&mut flate2::read::ZlibDecoder::new(&raw[..])),
+        Some(_) => Bytes::new(),
     }
 }
 

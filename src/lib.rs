@@ -6,6 +6,8 @@
 //! - [`error`]: the only module that knows the JSON error envelope.
 //! - [`upstream`]: the HTTPS client, target URI building, one attempt.
 //! - [`proxy`]: the `/api/v1/*` handler.
+//! - [`limiter`]: the shared quota (reservation log; local or Redis backend).
+//! - [`retry`]: retry policy (pure functions) and the attempt loop.
 //! - [`app`]: router and the middleware stack.
 //! - [`telemetry`]: tracing subscriber set-up.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
@@ -17,7 +19,9 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod limiter;
 pub mod proxy;
+pub mod retry;
 pub mod sim;
 pub mod telemetry;
 pub mod upstream;

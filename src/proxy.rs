@@ -1,8 +1,5 @@
-//! The `/api/v1/*` handler: read the client's request, send it upstream, stream a success
-//! back or turn an error into the envelope.
-
-use std::io::Read;
-use std::time::Duration;
+//! The `/api/v1/*` handler: read the client's request, run it through the quota and the
+//! retry loop, then stream a success back or turn an error into the envelope.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -11,13 +8,12 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
+use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::error::{ApiError, normalize_upstream};
-use crate::upstream::{request_headers, strip_hop_by_hop};
-
-/// Largest upstream error body read for normalising; SmartLead's are a few hundred bytes.
-const ERROR_BODY_CAP: usize = 1024 * 1024;
+use crate::retry::{self, Failed, Outcome, Safety};
+use crate::upstream::{API_PREFIX, request_headers, strip_hop_by_hop};
 
 /// How many upstream attempts a request made, for the access log.
 #[derive(Debug, Clone, Copy)]
@@ -33,60 +29,73 @@ pub fn request_id(headers: &HeaderMap) -> String {
 }
 
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
+    let arrived = Instant::now();
     let request_id = request_id(req.headers());
-    match forward_inner(&state, req, &request_id).await {
-        Ok(resp) => resp,
-        Err((err, attempts)) => {
-            let mut resp = err
-                .detail("request_id", request_id)
-                .detail("attempts", attempts)
-                .into_response();
-            resp.extensions_mut().insert(Attempts(attempts));
-            resp
-        }
-    }
-}
-
-async fn forward_inner(
-    state: &AppState,
-    req: Request,
-    request_id: &str,
-) -> Result<Response, (ApiError, u32)> {
     let (parts, body) = req.into_parts();
     let upstream = state.upstream();
-    let target = upstream
-        .target(parts.uri.path(), parts.uri.query())
-        .map_err(|e| (e, 0))?;
-    let body = read_body(body, &parts.headers, state.settings().server.max_body_bytes)
-        .await
-        .map_err(|e| (e, 0))?;
-    let headers = request_headers(&parts.headers);
-
-    let attempts = 1;
-    let resp = upstream
-        .send(parts.method.clone(), target, &headers, body)
-        .await
-        .map_err(|e| (e.into_api_error(), attempts))?;
-
-    let (mut head, body) = resp.into_parts();
-    strip_hop_by_hop(&mut head.headers);
-    let status = head.status;
-    let mut resp = if passes_through(status) {
-        Response::from_parts(head, Body::new(body))
-    } else {
-        let bytes = read_error_body(body, &head.headers, state.settings().upstream.timeout).await;
-        let mut extra = Map::new();
-        extra.insert("request_id".into(), request_id.into());
-        extra.insert("attempts".into(), attempts.into());
-        error_response(state, status, head.headers, &bytes, extra)
+    let settings = state.settings();
+    let target = match upstream.target(parts.uri.path(), parts.uri.query()) {
+        Ok(t) => t,
+        Err(e) => return finish(&state, e, &request_id, 0),
+    };
+    let body = match read_body(body, &parts.headers, settings.server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return finish(&state, e, &request_id, 0),
+    };
+    let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
+    let mut run = retry::Attempts {
+        state: &state,
+        safety: Safety::of(&parts.method, api_path, &parts.headers, &settings.retry),
+        method: parts.method.clone(),
+        target,
+        headers: request_headers(&parts.headers),
+        body,
+        deadline: arrived + settings.limit.max_wait,
+        attempts: 0,
+        waited: Default::default(),
+    };
+    let outcome = run.run().await;
+    let attempts = run.attempts;
+    let mut resp = match outcome {
+        Outcome::Success(resp) => {
+            let (mut head, body) = resp.into_parts();
+            strip_hop_by_hop(&mut head.headers);
+            Response::from_parts(head, Body::new(body))
+        }
+        Outcome::Failed(failed) => error_response(&state, failed, &request_id, attempts),
+        Outcome::Error(e) => return finish(&state, e, &request_id, attempts),
     };
     resp.extensions_mut().insert(Attempts(attempts));
-    Ok(resp)
+    resp
 }
 
-/// Successes stream through untouched; 304 has no body to wrap.
-fn passes_through(status: StatusCode) -> bool {
-    status.is_success() || status.is_informational() || status == StatusCode::NOT_MODIFIED
+/// The envelope for one of the proxy's own errors.
+fn finish(state: &AppState, err: ApiError, request_id: &str, attempts: u32) -> Response {
+    let limited = err.status == StatusCode::TOO_MANY_REQUESTS;
+    let mut resp = err
+        .detail("request_id", request_id)
+        .detail("attempts", attempts)
+        .into_response();
+    if limited {
+        add_ratelimit_headers(state, resp.headers_mut());
+    }
+    resp.extensions_mut().insert(Attempts(attempts));
+    resp
+}
+
+/// `RateLimit-*` headers (draft-ietf-httpapi-ratelimit-headers) on the proxy's own 429s.
+fn add_ratelimit_headers(state: &AppState, headers: &mut HeaderMap) {
+    let l = &state.settings().limit;
+    let reset = headers.get(header::RETRY_AFTER).cloned();
+    headers.insert("ratelimit-limit", HeaderValue::from(l.requests));
+    headers.insert("ratelimit-remaining", HeaderValue::from(0));
+    if let Some(reset) = reset {
+        headers.insert("ratelimit-reset", reset);
+    }
+    let policy = format!("{};w={}", l.requests, l.period.as_secs().max(1));
+    if let Ok(v) = HeaderValue::from_str(&policy) {
+        headers.insert("ratelimit-policy", v);
+    }
 }
 
 /// Reads the client's body, refusing it as soon as it passes `max_body_bytes`.
@@ -107,55 +116,25 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-/// Reads at most [`ERROR_BODY_CAP`] of an error body, decoded; a body that breaks off or
-/// stalls yields what arrived, since the status alone is enough to answer.
-async fn read_error_body(
-    body: hyper::body::Incoming,
-    headers: &HeaderMap,
-    timeout: Duration,
-) -> Bytes {
-    let limited = Limited::new(body, ERROR_BODY_CAP);
-    let raw = match tokio::time::timeout(timeout, limited.collect()).await {
-        Ok(Ok(c)) => c.to_bytes(),
-        _ => Bytes::new(),
-    };
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    match encoding.as_deref() {
-        None | Some("identity") | Some("") => raw,
-        Some("gzip") | Some("x-gzip") => decode(flate2::read::GzDecoder::new(&raw[..])),
-        Some("deflate") => decode(flate2::read::ZlibDecoder::new(&raw[..])),
-        // An encoding we cannot read: answer from the status alone.
-        Some(_) => Bytes::new(),
-    }
-}
-
-fn decode(reader: impl Read) -> Bytes {
-    let mut out = Vec::new();
-    match reader.take(ERROR_BODY_CAP as u64).read_to_end(&mut out) {
-        Ok(_) => Bytes::from(out),
-        Err(_) => Bytes::new(),
-    }
-}
-
 /// The client's answer for a non-2xx upstream response.
-fn error_response(
-    state: &AppState,
-    status: StatusCode,
-    mut headers: HeaderMap,
-    body: &[u8],
-    mut extra: Map<String, Value>,
-) -> Response {
+fn error_response(state: &AppState, failed: Failed, request_id: &str, attempts: u32) -> Response {
+    let Failed {
+        status,
+        mut headers,
+        body,
+    } = failed;
+    strip_hop_by_hop(&mut headers);
     let upstream = state.upstream();
-    let scrubbed = upstream.key().and_then(|k| k.scrub_bytes(body));
-    let body = scrubbed.as_deref().unwrap_or(body);
+    let scrubbed = upstream.key().and_then(|k| k.scrub_bytes(&body));
+    let body = scrubbed.as_deref().unwrap_or(&body);
+    let mut extra = Map::new();
+    extra.insert("request_id".into(), request_id.into());
+    extra.insert("attempts".into(), attempts.into());
     if status.is_redirection() {
         // A redirect cannot be followed through the proxy; say where it pointed.
         if let Some(loc) = headers.remove(header::LOCATION) {
             let loc = String::from_utf8_lossy(loc.as_bytes());
-            extra.insert("location".into(), upstream.scrub(&loc).into());
+            extra.insert("location".into(), Value::from(upstream.scrub(&loc)));
         }
     }
     let content_type = headers

@@ -45,6 +45,11 @@ pub fn settings(base_url: &str) -> Settings {
     s.upstream.timeout = Duration::from_secs(5);
     s.upstream.connect_timeout = Duration::from_secs(1);
     s.server.shutdown_grace = Duration::from_secs(2);
+    // Error-shape tests want exactly one attempt; retry tests turn retries back on.
+    s.retry.max_retries = 0;
+    s.retry.base_delay = Duration::from_millis(10);
+    s.retry.max_delay = Duration::from_millis(200);
+    s.limit.requests = 10_000;
     s.validate().expect("test settings are valid");
     s
 }

@@ -1,0 +1,272 @@
+//! The reservation log: pure quota arithmetic on microsecond timestamps, shared by the
+//! local backend and mirrored line for line by the Redis Lua scripts.
+//!
+//! Each granted slot's start time is kept while it can still share a window with a future
+//! slot. A new slot is `max(now, paused_until, last slot, slot[len−N] + period + margin)`:
+//! the last term keeps any window of `period + margin` to at most N starts, the
+//! `last slot` term keeps arrivals first-come first-served.
+
+use std::collections::VecDeque;
+
+/// Microseconds on some monotonic clock (local) or Redis `TIME` (shared).
+pub type Micros = u64;
+
+#[derive(Debug, Clone)]
+pub struct SlotLog {
+    limit: usize,
+    window: Micros,
+    /// (slot, reservation id), sorted by slot.
+    entries: VecDeque<(Micros, u64)>,
+    paused_until: Micros,
+}
+
+impl SlotLog {
+    /// `window` is `period + margin`.
+    pub fn new(limit: usize, window: Micros) -> Self {
+        Self {
+            limit: limit.max(1),
+            window,
+            entries: VecDeque::new(),
+            paused_until: 0,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Forgets slots that can no longer share a window with any slot at or after `now`.
+    fn trim(&mut self, now: Micros) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(s, _)| s.saturating_add(self.window) <= now)
+        {
+            self.entries.pop_front();
+        }
+    }
+
+    /// The earliest slot a new arrival at `now` could get.
+    pub fn next_slot(&mut self, now: Micros) -> Micros {
+        self.trim(now);
+        let mut slot = now.max(self.paused_until);
+        if let Some((last, _)) = self.entries.back() {
+            slot = slot.max(*last);
+        }
+        let n = self.entries.len();
+        if n >= self.limit {
+            slot = slot.max(self.entries[n - self.limit].0 + self.window);
+        }
+        slot
+    }
+
+    /// Grants a slot no later than `now + max_wait`, or says which slot it would have been.
+    pub fn reserve(&mut self, id: u64, now: Micros, max_wait: Micros) -> Result<Micros, Micros> {
+        let slot = self.next_slot(now);
+        if slot > now.saturating_add(max_wait) {
+            return Err(slot);
+        }
+        self.entries.push_back((slot, id));
+        Ok(slot)
+    }
+
+    /// Records starts that happened elsewhere (e.g. while a fallback was in use).
+    pub fn record(&mut self, slot: Micros, id: u64) {
+        let at = self.entries.partition_point(|(s, _)| *s <= slot);
+        self.entries.insert(at, (slot, id));
+    }
+
+    /// Drops a reservation that has not started yet; a started one stays counted.
+    pub fn cancel(&mut self, id: u64, now: Micros) -> bool {
+        match self.entries.iter().position(|(s, i)| *i == id && *s > now) {
+            Some(at) => {
+                self.entries.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn slot_of(&self, id: u64) -> Option<Micros> {
+        self.entries.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
+    }
+
+    /// Nothing starts before `until`; slots not yet started move later together, which
+    /// keeps their order and spacing (so every window stays within the limit).
+    pub fn pause(&mut self, until: Micros, now: Micros) -> bool {
+        self.paused_until = self.paused_until.max(until);
+        let first_future = self.entries.iter().position(|(s, _)| *s > now);
+        let Some(first) = first_future else {
+            return false;
+        };
+        let earliest = self.entries[first].0;
+        if self.paused_until <= earliest {
+            return false;
+        }
+        let delta = self.paused_until - earliest;
+        for entry in self.entries.iter_mut().skip(first) {
+            entry.0 += delta;
+        }
+        true
+    }
+
+    pub fn paused_until(&self) -> Micros {
+        self.paused_until
+    }
+
+    /// Slots (with ids) that are not older than one window before `now`.
+    pub fn recent(&self, now: Micros) -> impl Iterator<Item = (Micros, u64)> + '_ {
+        self.entries
+            .iter()
+            .copied()
+            .filter(move |(s, _)| s.saturating_add(self.window) > now)
+    }
+
+    /// How many reservations have not started yet at `now`.
+    pub fn waiting(&self, now: Micros) -> usize {
+        self.entries.iter().filter(|(s, _)| *s > now).count()
+    }
+}
+
+/// The largest number of slots inside any half-open window of `window` micros.
+pub fn max_in_window(slots: &[Micros], window: Micros) -> usize {
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    let mut best = 0;
+    let mut lo = 0;
+    for hi in 0..sorted.len() {
+        while sorted[hi] - sorted[lo] >= window {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: Micros = 1_000_000;
+
+    #[test]
+    fn idle_burst_then_exact_rate() {
+        let mut log = SlotLog::new(3, 10 * S);
+        let slots: Vec<_> = (0..7)
+            .map(|i| log.reserve(i, 0, u64::MAX).unwrap())
+            .collect();
+        assert_eq!(slots, vec![0, 0, 0, 10 * S, 10 * S, 10 * S, 20 * S]);
+    }
+
+    #[test]
+    fn denial_reports_the_slot_and_keeps_nothing() {
+        let mut log = SlotLog::new(1, 10 * S);
+        assert_eq!(log.reserve(1, 0, 0), Ok(0));
+        assert_eq!(log.reserve(2, S, 5 * S), Err(10 * S));
+        assert_eq!(log.reserve(3, S, 9 * S), Ok(10 * S));
+    }
+
+    #[test]
+    fn cancel_frees_only_unstarted_slots() {
+        let mut log = SlotLog::new(1, 10 * S);
+        log.reserve(1, 0, u64::MAX).unwrap();
+        log.reserve(2, 0, u64::MAX).unwrap();
+        assert!(!log.cancel(1, 0), "slot 0 already started");
+        assert!(log.cancel(2, 0));
+        assert_eq!(log.reserve(3, 0, u64::MAX), Ok(10 * S));
+    }
+
+    #[test]
+    fn pause_moves_waiting_slots_together() {
+        let mut log = SlotLog::new(2, 10 * S);
+        for i in 0..4 {
+            log.reserve(i, 0, u64::MAX).unwrap();
+        }
+        assert!(log.pause(15 * S, S));
+        assert_eq!(log.slot_of(2), Some(15 * S));
+        assert_eq!(log.slot_of(3), Some(15 * S));
+        assert_eq!(log.reserve(9, S, u64::MAX), Ok(25 * S));
+        assert!(log.reserve(10, 16 * S, 0).is_err());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Arrive { gap: Micros, max_wait: Micros },
+        Cancel { pick: usize },
+        Pause { gap: Micros, len: Micros },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..3 * S, 0..40 * S).prop_map(|(gap, max_wait)| Op::Arrive { gap, max_wait }),
+            1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+            1 => (0..S, 0..20 * S).prop_map(|(gap, len)| Op::Pause { gap, len }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the arrival pattern, cancellations and pauses: no window of the log's
+        /// length ever holds more than `limit` started slots, grants are FIFO, and a denial
+        /// happens only when the slot really was past the deadline.
+        #[test]
+        fn never_over_the_limit(limit in 1usize..8, ops in prop::collection::vec(op(), 1..200)) {
+            let window = 10 * S;
+            let mut log = SlotLog::new(limit, window);
+            let mut now = 0;
+            let mut granted: Vec<(u64, Micros)> = Vec::new();
+            let mut last_grant = 0;
+            for (id, op) in ops.into_iter().enumerate() {
+                let id = id as u64;
+                match op {
+                    Op::Arrive { gap, max_wait } => {
+                        now += gap;
+                        match log.reserve(id, now, max_wait) {
+                            Ok(slot) => {
+                                prop_assert!(slot >= now && slot <= now + max_wait);
+                                prop_assert!(slot >= last_grant, "FIFO");
+                                last_grant = slot;
+                                granted.push((id, slot));
+                            }
+                            Err(slot) => prop_assert!(slot > now + max_wait),
+                        }
+                    }
+                    Op::Cancel { pick } => {
+                        if !granted.is_empty() {
+                            let (gid, _) = granted[pick % granted.len()];
+                            if log.cancel(gid, now) {
+                                granted.retain(|(i, _)| *i != gid);
+                                // FIFO is among requests still waiting.
+                                last_grant = granted.iter().map(|g| g.1).max().unwrap_or(0);
+                            }
+                        }
+                    }
+                    Op::Pause { gap, len } => {
+                        now += gap;
+                        log.pause(now + len, now);
+                        for g in granted.iter_mut() {
+                            if let Some(s) = log.slot_of(g.0) { g.1 = s; }
+                        }
+                        last_grant = granted.iter().map(|g| g.1).max().unwrap_or(0);
+                    }
+                }
+            }
+            let slots: Vec<Micros> = granted.iter().map(|g| g.1).collect();
+            prop_assert!(max_in_window(&slots, window) <= limit);
+        }
+
+        /// Under constant oversubscription the log hands out exactly `limit` per window.
+        #[test]
+        fn sustained_demand_uses_the_whole_quota(limit in 1usize..20) {
+            let window = 10 * S;
+            let mut log = SlotLog::new(limit, window);
+            let mut count = 0;
+            for id in 0..(limit as u64 * 10) {
+                if log.reserve(id, 0, u64::MAX).unwrap() < 10 * window {
+                    count += 1;
+                }
+            }
+            prop_assert_eq!(count, limit * 10);
+        }
+    }
+}

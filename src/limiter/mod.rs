@@ -1,0 +1,215 @@
+//! The shared quota: callers wait first-come first-served for a slot instead of failing.
+//!
+//! [`Limiter`] owns what is the same for every backend (the bounded queue, deadlines,
+//! waiting, cancellation); a [`Backend`] owns the reservation log: [`local`] in-process,
+//! [`redis`] shared by every instance with the same `redis.key`. The arithmetic is in
+//! [`log`].
+
+pub mod local;
+pub mod log;
+pub mod redis;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Settings;
+
+/// Why a request gets no slot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// No slot within the caller's deadline, or the queue is full: 429 `RATE_LIMITED`.
+    RateLimited {
+        retry_after: Duration,
+        reason: &'static str,
+    },
+    /// The shared limiter is unreachable and `redis.on_error = "reject"`: 503.
+    Unavailable(String),
+}
+
+/// What `/readyz` and metrics show about the limiter.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Status {
+    pub backend: &'static str,
+    /// `shared`, `local`, `fallback` (Redis unreachable, serving on a local share) or
+    /// `unavailable` (Redis unreachable with `on_error = "reject"`).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Status {
+    pub fn is_ready(&self) -> bool {
+        self.state != "unavailable"
+    }
+}
+
+/// A reservation log somewhere. Waits are relative ("this long from now"), so no two
+/// hosts' clocks are ever compared.
+pub trait Backend: Send + Sync + 'static {
+    /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
+    fn reserve(&self, id: u64, max_wait: Duration) -> BoxFuture<'_, Result<Duration, Refusal>>;
+    /// Time left until the reservation's slot, which a pause may have moved.
+    fn wait_of(&self, id: u64) -> BoxFuture<'_, Option<Duration>>;
+    /// Gives back a slot that has not started.
+    fn cancel(&self, id: u64) -> BoxFuture<'_, ()>;
+    /// Nothing starts for `pause`; waiting slots move later together.
+    fn pause(&self, pause: Duration) -> BoxFuture<'_, ()>;
+    /// Changes whenever waiting slots may have moved.
+    fn moved(&self) -> watch::Receiver<u64>;
+    fn status(&self) -> Status;
+}
+
+/// The per-process face of the quota.
+pub struct Limiter {
+    backend: Arc<dyn Backend>,
+    waiting: AtomicUsize,
+    max_queue: usize,
+    per_request: Duration,
+    ids: AtomicU64,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("status", &self.backend.status())
+            .field("waiting", &self.waiting.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Limiter {
+    pub fn new(backend: Arc<dyn Backend>, settings: &Settings) -> Self {
+        let l = &settings.limit;
+        Self {
+            backend,
+            waiting: AtomicUsize::new(0),
+            max_queue: l.max_queue,
+            per_request: l.period / l.requests,
+            // Random high bits keep ids unique across instances sharing one Redis log.
+            ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
+        }
+    }
+
+    /// Builds the backend `limit.backend` names.
+    pub fn from_settings(settings: &Settings) -> Result<Self, String> {
+        let backend: Arc<dyn Backend> = match settings.limit.backend {
+            crate::config::LimitBackend::Local => {
+                Arc::new(local::LocalBackend::new(&settings.limit))
+            }
+            crate::config::LimitBackend::Redis => redis::RedisBackend::start(settings)?,
+        };
+        Ok(Self::new(backend, settings))
+    }
+
+    pub fn status(&self) -> Status {
+        self.backend.status()
+    }
+
+    /// Requests currently waiting for a slot in this process.
+    pub fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub async fn pause(&self, pause: Duration) {
+        self.backend.pause(pause).await;
+    }
+
+    /// Waits for a slot that starts no later than `deadline`; returns how long it waited.
+    /// Refuses at once when the slot would come too late. Dropping the future while it
+    /// waits gives the slot back.
+    pub async fn acquire(&self, deadline: Instant) -> Result<Duration, Refusal> {
+        let arrived = Instant::now();
+        let _queued = self.enter_queue()?;
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut moved = self.backend.moved();
+        moved.borrow_and_update();
+        let max_wait = deadline.saturating_duration_since(arrived);
+        let wait = self.backend.reserve(id, max_wait).await?;
+        if wait.is_zero() {
+            return Ok(arrived.elapsed());
+        }
+        let mut reservation = Reservation {
+            backend: self.backend.clone(),
+            id,
+            held: true,
+        };
+        let mut start_at = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(start_at) => break,
+                changed = moved.changed() => {
+                    if changed.is_err() {
+                        // The backend is gone; keep the slot we have.
+                        tokio::time::sleep_until(start_at).await;
+                        break;
+                    }
+                    if let Some(wait) = self.backend.wait_of(id).await {
+                        start_at = Instant::now() + wait;
+                        if start_at > deadline {
+                            return Err(Refusal::RateLimited {
+                                retry_after: wait,
+                                reason: "the upstream asked to pause past this request's deadline",
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        reservation.held = false;
+        Ok(arrived.elapsed())
+    }
+
+    fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        let seat = QueueSeat(&self.waiting);
+        if before >= self.max_queue {
+            // An honest estimate: the time the queue ahead needs to drain.
+            let retry_after = self.per_request * before.min(u32::MAX as usize) as u32;
+            return Err(Refusal::RateLimited {
+                retry_after,
+                reason: "the proxy's queue is full",
+            });
+        }
+        Ok(seat)
+    }
+}
+
+struct QueueSeat<'a>(&'a AtomicUsize);
+
+impl Drop for QueueSeat<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A granted slot not yet used; dropped unused (the caller went away) it is given back.
+struct Reservation {
+    backend: Arc<dyn Backend>,
+    id: u64,
+    held: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let backend = self.backend.clone();
+            let id = self.id;
+            rt.spawn(async move { backend.cancel(id).await });
+        }
+    }
+}
+
+/// Whole seconds for a `Retry-After` header: rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}

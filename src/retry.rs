@@ -1,0 +1,377 @@
+//! When to try again and how long to wait: pure policy functions (unit- and
+//! property-tested, no sleeping) plus the attempt loop that applies them inside the
+//! quota and the caller's deadline.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::app::AppState;
+use crate::config::RetrySettings;
+use crate::error::ApiError;
+use crate::limiter::{Refusal, retry_after_secs};
+use crate::upstream::AttemptError;
+
+/// Largest upstream error body read; SmartLead's are a few hundred bytes.
+pub const ERROR_BODY_CAP: usize = 1024 * 1024;
+
+/// What the caller's request allows.
+#[derive(Debug, Clone, Copy)]
+pub struct Safety {
+    /// Safe to repeat after the upstream may have done the work.
+    pub idempotent: bool,
+}
+
+impl Safety {
+    /// GET, HEAD, PUT, DELETE, OPTIONS; a POST matching `idempotent_posts`; anything with
+    /// an `Idempotency-Key`.
+    pub fn of(method: &Method, api_path: &str, headers: &HeaderMap, retry: &RetrySettings) -> Self {
+        let idempotent = matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+        ) || (*method == Method::POST
+            && retry
+                .idempotent_posts
+                .iter()
+                .any(|p| path_matches(p, api_path)))
+            || headers.contains_key("idempotency-key");
+        Self { idempotent }
+    }
+}
+
+/// `/campaigns/*/leads` matches `/campaigns/42/leads`: `*` is exactly one segment.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let pat: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+    let got: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    pat.len() == got.len()
+        && pat
+            .iter()
+            .zip(&got)
+            .all(|(p, g)| *p == *g || (*p == "*" && !g.is_empty()))
+}
+
+/// Whether an upstream status is worth another attempt.
+pub fn retry_status(status: StatusCode, safety: Safety, retry: &RetrySettings) -> bool {
+    if !retry.statuses.contains(&status.as_u16()) {
+        return false;
+    }
+    // 429 and 503 mean the upstream did no work; anything else might have.
+    matches!(status.as_u16(), 429 | 503) || safety.idempotent
+}
+
+/// Whether a failed attempt is worth another.
+pub fn retry_error(err: &AttemptError, safety: Safety) -> bool {
+    match err {
+        AttemptError::Connect(_) => true,
+        AttemptError::Closed(_) | AttemptError::Invalid(_) | AttemptError::Timeout(_) => {
+            safety.idempotent
+        }
+    }
+}
+
+/// Full jitter: uniform in `[0, min(max, base · 2^(attempt−1))]`. Spreads a fleet's
+/// retries over the whole interval, which is what breaks up synchronized herds.
+pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    exp.min(max).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// The wait before the next attempt: the backoff, but never sooner than the upstream's
+/// `Retry-After` (itself capped at `max`).
+pub fn delay(
+    attempt: u32,
+    retry_after: Option<Duration>,
+    retry: &RetrySettings,
+    unit: f64,
+) -> Duration {
+    let jittered = backoff(attempt, retry.base_delay, retry.max_delay, unit);
+    jittered.max(retry_after.unwrap_or_default().min(retry.max_delay))
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date; anything else is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse::<u64>().ok().map(Duration::from_secs);
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// The upstream's requested wait: the header, else `error.retry_after` in a JSON body.
+pub fn upstream_retry_after(headers: &HeaderMap, body: &[u8], now: SystemTime) -> Option<Duration> {
+    let header = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, now));
+    header.or_else(|| {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let secs = v.get("error")?.get("retry_after")?;
+        let secs = secs
+            .as_f64()
+            .or_else(|| secs.as_str()?.trim().parse().ok())?;
+        (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    })
+}
+
+/// A non-2xx upstream answer, body read.
+#[derive(Debug)]
+pub struct Failed {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How a request ended.
+pub enum Outcome {
+    /// A response to stream back as it is.
+    Success(http::Response<Incoming>),
+    /// An upstream error answer, to normalise.
+    Failed(Failed),
+    /// The proxy's own error.
+    Error(ApiError),
+}
+
+/// One request's way through the limiter and the upstream, attempt by attempt.
+pub struct Attempts<'a> {
+    pub state: &'a AppState,
+    pub method: Method,
+    pub target: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub safety: Safety,
+    pub deadline: Instant,
+    pub attempts: u32,
+    pub waited: Duration,
+}
+
+impl Attempts<'_> {
+    pub async fn run(&mut self) -> Outcome {
+        let retry = &self.state.settings().retry;
+        loop {
+            match self.state.limiter().acquire(self.deadline).await {
+                Ok(waited) => self.waited += waited,
+                Err(refusal) => return Outcome::Error(refusal_error(refusal, self.attempts)),
+            }
+            self.attempts += 1;
+            let sent = self
+                .state
+                .upstream()
+                .send(
+                    self.method.clone(),
+                    self.target.clone(),
+                    &self.headers,
+                    self.body.clone(),
+                )
+                .await;
+            let more = self.attempts <= retry.max_retries;
+            let wait = match sent {
+                Ok(resp) if is_pass_through(resp.status()) => return Outcome::Success(resp),
+                Ok(resp) => {
+                    let failed = read_failed(resp, self.state.settings().upstream.timeout).await;
+                    if !(more && retry_status(failed.status, self.safety, retry)) {
+                        return Outcome::Failed(failed);
+                    }
+                    let asked =
+                        upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
+                    tracing::info!(
+                        status = failed.status.as_u16(),
+                        attempt = self.attempts,
+                        "upstream error; retrying"
+                    );
+                    if failed.status == StatusCode::TOO_MANY_REQUESTS {
+                        // The quota is shared: everyone pauses, and the limiter spaces the restart.
+                        self.state.limiter().pause(self.pause_for(asked)).await;
+                        Duration::ZERO
+                    } else {
+                        match self.wait_or_give_up(asked) {
+                            Some(w) => w,
+                            None => return Outcome::Failed(failed),
+                        }
+                    }
+                }
+                Err(err) => {
+                    if !(more && retry_error(&err, self.safety)) {
+                        return Outcome::Error(err.into_api_error());
+                    }
+                    tracing::info!(error = ?err, attempt = self.attempts, "upstream attempt failed; retrying");
+                    match self.wait_or_give_up(None) {
+                        Some(w) => w,
+                        None => return Outcome::Error(err.into_api_error()),
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The backoff before the next attempt, or `None` when it would end past the deadline.
+    fn wait_or_give_up(&self, asked: Option<Duration>) -> Option<Duration> {
+        let wait = delay(
+            self.attempts,
+            asked,
+            &self.state.settings().retry,
+            rand::random(),
+        );
+        (Instant::now() + wait <= self.deadline).then_some(wait)
+    }
+
+    /// How long an upstream 429 pauses the whole limiter.
+    fn pause_for(&self, asked: Option<Duration>) -> Duration {
+        let s = self.state.settings();
+        let cap = s.limit.period.max(s.retry.max_delay);
+        asked.unwrap_or(s.retry.base_delay).min(cap)
+    }
+}
+
+/// Successes stream through untouched; 304 has no body to wrap.
+pub fn is_pass_through(status: StatusCode) -> bool {
+    status.is_success() || status.is_informational() || status == StatusCode::NOT_MODIFIED
+}
+
+fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
+    match refusal {
+        Refusal::RateLimited {
+            retry_after,
+            reason,
+        } => ApiError::rate_limited(reason, retry_after_secs(retry_after), attempts),
+        Refusal::Unavailable(reason) => ApiError::unavailable(reason),
+    }
+}
+
+/// Reads at most [`ERROR_BODY_CAP`] of an error body, decoded; a body that breaks off or
+/// stalls yields what arrived, since the status alone is enough to answer.
+async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Failed {
+    let (head, body) = resp.into_parts();
+    let raw =
+        match tokio::time::timeout(timeout, Limited::new(body, ERROR_BODY_CAP).collect()).await {
+            Ok(Ok(c)) => c.to_bytes(),
+            _ => Bytes::new(),
+        };
+    let body = crate::error::decode_body(&head.headers, raw, ERROR_BODY_CAP);
+    Failed {
+        status: head.status,
+        headers: head.headers,
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn settings() -> RetrySettings {
+        RetrySettings::default()
+    }
+
+    #[test]
+    fn method_safety() {
+        let r = settings();
+        let h = HeaderMap::new();
+        let s = |m: Method, p: &str, h: &HeaderMap| Safety::of(&m, p, h, &r).idempotent;
+        assert!(s(Method::GET, "/campaigns", &h));
+        assert!(s(Method::DELETE, "/campaigns/1", &h));
+        assert!(!s(Method::POST, "/campaigns/create", &h));
+        assert!(!s(Method::PATCH, "/campaigns/1", &h));
+        assert!(s(Method::POST, "/campaigns/42/leads", &h));
+        assert!(!s(Method::POST, "/campaigns/42/leads/x", &h));
+        let mut keyed = HeaderMap::new();
+        keyed.insert("idempotency-key", "abc".parse().unwrap());
+        assert!(s(Method::POST, "/campaigns/create", &keyed));
+    }
+
+    #[test]
+    fn which_statuses_retry() {
+        let r = settings();
+        let post = Safety { idempotent: false };
+        let get = Safety { idempotent: true };
+        for code in [429, 503] {
+            assert!(retry_status(StatusCode::from_u16(code).unwrap(), post, &r));
+        }
+        for code in [500, 502, 504] {
+            assert!(!retry_status(StatusCode::from_u16(code).unwrap(), post, &r));
+            assert!(retry_status(StatusCode::from_u16(code).unwrap(), get, &r));
+        }
+        for code in [400, 401, 404, 422, 501] {
+            assert!(!retry_status(StatusCode::from_u16(code).unwrap(), get, &r));
+        }
+        assert!(retry_error(&AttemptError::Connect("x".into()), post));
+        assert!(!retry_error(
+            &AttemptError::Timeout(Duration::from_secs(1)),
+            post
+        ));
+        assert!(retry_error(&AttemptError::Closed("x".into()), get));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(7)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        for junk in [
+            "",
+            "-1",
+            "1.5",
+            "soon",
+            "99999999999999999999999",
+            "Mon, 99 Foo",
+        ] {
+            assert_eq!(parse_retry_after(junk, now), None, "{junk:?}");
+        }
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            upstream_retry_after(
+                &h,
+                br#"{"error":{"code":"RATE_LIMITED","retry_after":4}}"#,
+                now
+            ),
+            Some(Duration::from_secs(4))
+        );
+        h.insert(header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(
+            upstream_retry_after(&h, b"", now),
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let (b, m) = (Duration::from_secs(1), Duration::from_secs(30));
+        assert_eq!(backoff(1, b, m, 1.0), Duration::from_secs(1));
+        assert_eq!(backoff(3, b, m, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff(10, b, m, 1.0), m);
+        assert_eq!(backoff(3, b, m, 0.0), Duration::ZERO);
+        assert_eq!(backoff(u32::MAX, b, m, 0.5), Duration::from_secs(15));
+    }
+
+    proptest! {
+        #[test]
+        fn delay_is_bounded_and_respects_retry_after(attempt in 0u32..100, unit in 0.0f64..=1.0, asked in proptest::option::of(0u64..100_000)) {
+            let r = settings();
+            let asked = asked.map(Duration::from_millis);
+            let d = delay(attempt, asked, &r, unit);
+            prop_assert!(d <= r.max_delay);
+            if let Some(a) = asked {
+                prop_assert!(d >= a.min(r.max_delay));
+            }
+        }
+
+        #[test]
+        fn retry_after_never_panics(s in ".{0,40}") {
+            let _ = parse_retry_after(&s, SystemTime::now());
+            let _ = upstream_retry_after(&HeaderMap::new(), s.as_bytes(), SystemTime::now());
+        }
+    }
+}
