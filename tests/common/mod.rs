@@ -126,3 +126,105 @@ pub async fn closed_port() -> u16 {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// Settings for a proxy with a quota of `requests` per `period` on `backend`.
+pub fn quota_settings(
+    base_url: &str,
+    requests: u32,
+    period: Duration,
+    redis: Option<(&str, &str)>,
+) -> Settings {
+    let mut s = settings(base_url);
+    s.limit.requests = requests;
+    s.limit.period = period;
+    s.limit.max_wait = Duration::from_secs(30);
+    if let Some((url, key)) = redis {
+        s.limit.backend = smartlead_proxy::config::LimitBackend::Redis;
+        s.redis.url = secrecy::SecretString::from(url.to_owned());
+        s.redis.key = key.to_owned();
+    }
+    s.validate().expect("quota settings are valid");
+    s
+}
+
+/// A Redis key no other test uses.
+pub fn unique_key() -> String {
+    format!("test-{}", uuid::Uuid::new_v4())
+}
+
+pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+
+/// The largest number of recorded (not rate-limited) arrivals in any window of `period`.
+pub fn max_in_window(sim: &Sim, period: Duration, since: Option<tokio::time::Instant>) -> usize {
+    let reqs = sim.requests();
+    let Some(first) = reqs.first().map(|r| r.at) else {
+        return 0;
+    };
+    let slots: Vec<u64> = reqs
+        .iter()
+        .filter(|r| since.is_none_or(|s| r.at >= s))
+        .map(|r| r.at.duration_since(first).as_micros() as u64)
+        .collect();
+    smartlead_proxy::limiter::log::max_in_window(&slots, period.as_micros() as u64)
+}
+
+/// A private `redis-server` on a free port, killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let port = closed_port().await;
+        let mut r = Self { port, child: None };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
