@@ -18,7 +18,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::limiter::Limiter;
-use crate::proxy::{self, Attempts};
+use crate::proxy::{self, Served};
 use crate::upstream::Upstream;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -39,6 +39,8 @@ struct Inner {
 
 impl AppState {
     pub fn new(settings: Settings) -> Result<Self, String> {
+        // Installs the recorder before the first sample.
+        crate::metrics::handle();
         let upstream = Upstream::new(&settings.upstream)?;
         let limiter = Limiter::from_settings(&settings)?;
         Ok(Self {
@@ -84,6 +86,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/{*rest}", any(proxy::forward))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -116,6 +119,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     Json(json!({"status": "ready", "limiter": limiter})).into_response()
 }
 
+async fn metrics() -> Response {
+    let body = crate::metrics::handle().render();
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 async fn not_found(req: Request) -> Response {
     ApiError::not_found()
         .detail("request_id", proxy::request_id(req.headers()))
@@ -128,23 +143,34 @@ async fn method_not_allowed(req: Request) -> Response {
         .into_response()
 }
 
-/// One log line per request. Only the path is logged: the query may hold a client's key.
+/// One log line and one metrics sample per request. Only the path is logged: the query
+/// may hold a client's key.
 async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let _in_flight = crate::metrics::InFlight::enter();
     let start = Instant::now();
     let method = req.method().clone();
     let path = state.upstream().scrub(req.uri().path());
     let request_id = proxy::request_id(req.headers());
     let resp = next.run(req).await;
-    let attempts = resp.extensions().get::<Attempts>().map_or(0, |a| a.0);
+    let served = resp
+        .extensions()
+        .get::<Served>()
+        .copied()
+        .unwrap_or_default();
+    let elapsed = start.elapsed();
+    let status = resp.status().as_u16();
     tracing::info!(
         target: "smartlead_proxy::access",
         request_id,
         method = %method,
         path,
-        status = resp.status().as_u16(),
-        latency_ms = start.elapsed().as_secs_f64() * 1000.0,
-        attempts,
+        status,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        attempts = served.attempts,
+        queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
         "request"
     );
+    let source = if served.upstream { "upstream" } else { "proxy" };
+    crate::metrics::request_done(crate::metrics::route_label(&path), status, source, elapsed);
     resp
 }

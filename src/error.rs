@@ -35,7 +35,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
-            "no such route: the proxy serves /api/v1/*, /healthz and /readyz",
+            "no such route: the proxy serves /api/v1/*, /healthz, /readyz and /metrics",
         )
     }
 

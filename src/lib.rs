@@ -10,6 +10,7 @@
 //! - [`retry`]: retry policy (pure functions) and the attempt loop.
 //! - [`app`]: router and the middleware stack.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
 //!
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod key;
 pub mod limiter;
+pub mod metrics;
 pub mod proxy;
 pub mod retry;
 pub mod sim;

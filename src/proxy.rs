@@ -15,9 +15,15 @@ use crate::error::{ApiError, normalize_upstream};
 use crate::retry::{self, Failed, Outcome, Safety};
 use crate::upstream::{API_PREFIX, request_headers, strip_hop_by_hop};
 
-/// How many upstream attempts a request made, for the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct Attempts(pub u32);
+/// How a request was served, for the access log and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Served {
+    pub attempts: u32,
+    /// The status came from SmartLead (not from the proxy itself).
+    pub upstream: bool,
+    /// Time spent waiting for quota slots.
+    pub waited: std::time::Duration,
+}
 
 /// The request id the request-id layer assigned (or the client's own).
 pub fn request_id(headers: &HeaderMap) -> String {
@@ -43,7 +49,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
         Err(e) => return finish(&state, e, &request_id, 0),
     };
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
-    let mut run = retry::Attempts {
+    let mut run = retry::Exchange {
         state: &state,
         safety: Safety::of(&parts.method, api_path, &parts.headers, &settings.retry),
         method: parts.method.clone(),
@@ -56,6 +62,11 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     };
     let outcome = run.run().await;
     let attempts = run.attempts;
+    let served = Served {
+        attempts,
+        upstream: true,
+        waited: run.waited,
+    };
     let mut resp = match outcome {
         Outcome::Success(resp) => {
             let (mut head, body) = resp.into_parts();
@@ -63,9 +74,16 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
             Response::from_parts(head, Body::new(body))
         }
         Outcome::Failed(failed) => error_response(&state, failed, &request_id, attempts),
-        Outcome::Error(e) => return finish(&state, e, &request_id, attempts),
+        Outcome::Error(e) => {
+            let mut resp = finish(&state, e, &request_id, attempts);
+            resp.extensions_mut().insert(Served {
+                upstream: false,
+                ..served
+            });
+            return resp;
+        }
     };
-    resp.extensions_mut().insert(Attempts(attempts));
+    resp.extensions_mut().insert(served);
     resp
 }
 
@@ -79,7 +97,10 @@ fn finish(state: &AppState, err: ApiError, request_id: &str, attempts: u32) -> R
     if limited {
         add_ratelimit_headers(state, resp.headers_mut());
     }
-    resp.extensions_mut().insert(Attempts(attempts));
+    resp.extensions_mut().insert(Served {
+        attempts,
+        ..Served::default()
+    });
     resp
 }
 

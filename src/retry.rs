@@ -137,7 +137,7 @@ pub enum Outcome {
 }
 
 /// One request's way through the limiter and the upstream, attempt by attempt.
-pub struct Attempts<'a> {
+pub struct Exchange<'a> {
     pub state: &'a AppState,
     pub method: Method,
     pub target: Uri,
@@ -149,7 +149,7 @@ pub struct Attempts<'a> {
     pub waited: Duration,
 }
 
-impl Attempts<'_> {
+impl Exchange<'_> {
     pub async fn run(&mut self) -> Outcome {
         let retry = &self.state.settings().retry;
         loop {
@@ -168,6 +168,10 @@ impl Attempts<'_> {
                     self.body.clone(),
                 )
                 .await;
+            crate::metrics::upstream_attempt(match &sent {
+                Ok(resp) => resp.status().as_u16().to_string(),
+                Err(e) => e.kind().to_owned(),
+            });
             let more = self.attempts <= retry.max_retries;
             let wait = match sent {
                 Ok(resp) if is_pass_through(resp.status()) => return Outcome::Success(resp),
@@ -183,6 +187,7 @@ impl Attempts<'_> {
                         attempt = self.attempts,
                         "upstream error; retrying"
                     );
+                    crate::metrics::retry(failed.status.as_u16().to_string());
                     if failed.status == StatusCode::TOO_MANY_REQUESTS {
                         // The quota is shared: everyone pauses, and the limiter spaces the restart.
                         self.state.limiter().pause(self.pause_for(asked)).await;
@@ -199,6 +204,7 @@ impl Attempts<'_> {
                         return Outcome::Error(err.into_api_error());
                     }
                     tracing::info!(error = ?err, attempt = self.attempts, "upstream attempt failed; retrying");
+                    crate::metrics::retry(err.kind().to_owned());
                     match self.wait_or_give_up(None) {
                         Some(w) => w,
                         None => return Outcome::Error(err.into_api_error()),
@@ -235,10 +241,9 @@ pub fn is_pass_through(status: StatusCode) -> bool {
 
 fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
     match refusal {
-        Refusal::RateLimited {
-            retry_after,
-            reason,
-        } => ApiError::rate_limited(reason, retry_after_secs(retry_after), attempts),
+        Refusal::RateLimited { retry_after, why } => {
+            ApiError::rate_limited(why.message(), retry_after_secs(retry_after), attempts)
+        }
         Refusal::Unavailable(reason) => ApiError::unavailable(reason),
     }
 }

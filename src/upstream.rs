@@ -67,6 +67,16 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AttemptError::Connect(_) => "connect_error",
+            AttemptError::Closed(_) => "connection_closed",
+            AttemptError::Invalid(_) => "invalid_response",
+            AttemptError::Timeout(_) => "timeout",
+        }
+    }
+
     pub fn into_api_error(self) -> ApiError {
         match self {
             AttemptError::Connect(r) | AttemptError::Closed(r) => ApiError::upstream_unavailable(r),

@@ -363,3 +363,37 @@ async fn redis_killed_mid_run_falls_back_then_rejoins() {
         p.stop().await;
     }
 }
+
+#[tokio::test]
+async fn metrics_show_the_quota_at_work() {
+    let sim = strict_sim(1000, Duration::from_secs(60)).await;
+    let mut s = quota_settings(&sim.base_url(), 2, Duration::from_secs(1), None);
+    s.limit.max_wait = Duration::from_millis(200);
+    let proxy = spawn_proxy(s).await;
+    let statuses = burst(&[&proxy], 5).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+    let text = client()
+        .get(proxy.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "smartlead_proxy_quota_rejected_total{reason=\"max_wait\"}",
+        "smartlead_proxy_limiter_wait_seconds_bucket",
+        "smartlead_proxy_limiter_queue_depth",
+        "smartlead_proxy_upstream_attempts_total{outcome=\"200\"}",
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"429\",source=\"proxy\"}",
+        "smartlead_proxy_in_flight_requests",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    assert!(!text.contains(KEY));
+    proxy.stop().await;
+}

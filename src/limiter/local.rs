@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::log::{Micros, SlotLog};
-use super::{Backend, Refusal, Status};
+use super::{Backend, Limited, Refusal, Status};
 use crate::config::LimitSettings;
 
 pub struct LocalBackend {
@@ -55,7 +55,7 @@ impl LocalBackend {
             Ok(slot) => Ok(Duration::from_micros(slot - now)),
             Err(slot) => Err(Refusal::RateLimited {
                 retry_after: Duration::from_micros(slot - now),
-                reason: "no slot within this request's max_wait",
+                why: Limited::PastDeadline,
             }),
         }
     }
@@ -191,7 +191,7 @@ mod tests {
             refusal,
             Refusal::RateLimited {
                 retry_after: Duration::from_secs(10),
-                reason: "no slot within this request's max_wait"
+                why: Limited::PastDeadline
             }
         );
     }
@@ -209,11 +209,8 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(l.queued(), 2);
         match l.acquire(far()).await {
-            Err(Refusal::RateLimited {
-                reason,
-                retry_after,
-            }) => {
-                assert_eq!(reason, "the proxy's queue is full");
+            Err(Refusal::RateLimited { why, retry_after }) => {
+                assert_eq!(why, Limited::QueueFull);
                 assert_eq!(retry_after, Duration::from_secs(20));
             }
             other => panic!("{other:?}"),

@@ -20,14 +20,40 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 
+/// Why the quota said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// The next free slot is after the caller's deadline.
+    PastDeadline,
+    /// An upstream 429 moved the caller's slot past its deadline.
+    PausedPastDeadline,
+    /// `limit.max_queue` requests are already waiting here.
+    QueueFull,
+}
+
+impl Limited {
+    pub fn message(self) -> &'static str {
+        match self {
+            Limited::PastDeadline => "no quota slot frees up within this request's max_wait",
+            Limited::PausedPastDeadline => "SmartLead asked to pause past this request's max_wait",
+            Limited::QueueFull => "the proxy's queue is full",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limited::PastDeadline => "max_wait",
+            Limited::PausedPastDeadline => "paused",
+            Limited::QueueFull => "queue_full",
+        }
+    }
+}
+
 /// Why a request gets no slot.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     /// No slot within the caller's deadline, or the queue is full: 429 `RATE_LIMITED`.
-    RateLimited {
-        retry_after: Duration,
-        reason: &'static str,
-    },
+    RateLimited { retry_after: Duration, why: Limited },
     /// The shared limiter is unreachable and `redis.on_error = "reject"`: 503.
     Unavailable(String),
 }
@@ -117,6 +143,7 @@ impl Limiter {
     }
 
     pub async fn pause(&self, pause: Duration) {
+        crate::metrics::upstream_pause();
         self.backend.pause(pause).await;
     }
 
@@ -124,6 +151,16 @@ impl Limiter {
     /// Refuses at once when the slot would come too late. Dropping the future while it
     /// waits gives the slot back.
     pub async fn acquire(&self, deadline: Instant) -> Result<Duration, Refusal> {
+        let result = self.wait_for_slot(deadline).await;
+        match &result {
+            Ok(waited) => crate::metrics::limiter_wait(*waited),
+            Err(Refusal::RateLimited { why, .. }) => crate::metrics::quota_rejected(why.label()),
+            Err(Refusal::Unavailable(_)) => crate::metrics::quota_rejected("unavailable"),
+        }
+        result
+    }
+
+    async fn wait_for_slot(&self, deadline: Instant) -> Result<Duration, Refusal> {
         let arrived = Instant::now();
         let _queued = self.enter_queue()?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
@@ -154,7 +191,7 @@ impl Limiter {
                         if start_at > deadline {
                             return Err(Refusal::RateLimited {
                                 retry_after: wait,
-                                reason: "the upstream asked to pause past this request's deadline",
+                                why: Limited::PausedPastDeadline,
                             });
                         }
                     }
@@ -167,13 +204,14 @@ impl Limiter {
 
     fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        crate::metrics::queue_depth(before + 1);
         let seat = QueueSeat(&self.waiting);
         if before >= self.max_queue {
             // An honest estimate: the time the queue ahead needs to drain.
             let retry_after = self.per_request * before.min(u32::MAX as usize) as u32;
             return Err(Refusal::RateLimited {
                 retry_after,
-                reason: "the proxy's queue is full",
+                why: Limited::QueueFull,
             });
         }
         Ok(seat)
@@ -184,7 +222,8 @@ struct QueueSeat<'a>(&'a AtomicUsize);
 
 impl Drop for QueueSeat<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let after = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
+        crate::metrics::queue_depth(after);
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::local::{LocalBackend, micros};
-use super::{Backend, Refusal, Status};
+use super::{Backend, Limited, Refusal, Status};
 use crate::config::{OnRedisError, Settings};
 
 /// Longest any single Redis call may take before the instance falls back.
@@ -205,11 +205,15 @@ impl RedisBackend {
         inv: redis::ScriptInvocation<'_>,
     ) -> RedisResult<T> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async(&mut conn)).await {
+        let result = match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async(&mut conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {}ms", OP_TIMEOUT.as_millis())),
+        };
+        if result.is_err() {
+            crate::metrics::redis_error();
         }
+        result
     }
 
     fn is_healthy(&self) -> bool {
@@ -225,6 +229,7 @@ impl RedisBackend {
         if !self.healthy.swap(false, Ordering::AcqRel) {
             return;
         }
+        crate::metrics::limiter_degraded(true);
         let live = self.live.load(Ordering::Relaxed).max(1);
         let share = (self.limit / live).max(1);
         match self.on_error {
@@ -261,6 +266,7 @@ impl RedisBackend {
         *lock(&self.fallback) = None;
         *lock(&self.detail) = None;
         self.healthy.store(true, Ordering::Release);
+        crate::metrics::limiter_degraded(false);
         self.moved.send_modify(|v| *v += 1);
         tracing::info!("Redis reachable again: back on the shared quota");
         Ok(())
@@ -308,7 +314,7 @@ impl RedisBackend {
             }
             Ok((_, wait)) => Err(Refusal::RateLimited {
                 retry_after: Duration::from_micros(wait.max(0) as u64),
-                reason: "no slot within this request's max_wait",
+                why: Limited::PastDeadline,
             }),
             Err(e) => {
                 self.degrade(e);

@@ -1,0 +1,139 @@
+//! Prometheus metrics: every name in one place, the recorder installed once per process.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "smartlead_proxy_requests_total";
+pub const REQUEST_DURATION: &str = "smartlead_proxy_request_duration_seconds";
+pub const IN_FLIGHT: &str = "smartlead_proxy_in_flight_requests";
+pub const UPSTREAM_ATTEMPTS: &str = "smartlead_proxy_upstream_attempts_total";
+pub const RETRIES: &str = "smartlead_proxy_retries_total";
+pub const LIMITER_WAIT: &str = "smartlead_proxy_limiter_wait_seconds";
+pub const QUEUE_DEPTH: &str = "smartlead_proxy_limiter_queue_depth";
+pub const QUOTA_REJECTED: &str = "smartlead_proxy_quota_rejected_total";
+pub const UPSTREAM_PAUSES: &str = "smartlead_proxy_upstream_pauses_total";
+pub const REDIS_ERRORS: &str = "smartlead_proxy_redis_errors_total";
+pub const LIMITER_DEGRADED: &str = "smartlead_proxy_limiter_degraded";
+
+/// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
+const BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Distinct route labels kept before new ones become `other`.
+const MAX_ROUTES: usize = 200;
+
+/// The process-wide handle that renders `/metrics`.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Only fails if something else installed a recorder first; then we render nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// A low-cardinality route label: ids become `{id}`, unknown shapes past a cap `other`.
+pub fn route_label(path: &str) -> String {
+    let Some(rest) = path.strip_prefix(crate::upstream::API_PREFIX) else {
+        return match path {
+            "/healthz" | "/readyz" | "/metrics" => path.to_owned(),
+            _ => "other".to_owned(),
+        };
+    };
+    let mut label = String::from(crate::upstream::API_PREFIX);
+    for seg in rest.split('/').filter(|s| !s.is_empty()).take(6) {
+        label.push('/');
+        let id_like = seg.len() > 24 || seg.bytes().any(|b| b.is_ascii_digit());
+        label.push_str(if id_like { "{id}" } else { seg });
+    }
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let mut seen = SEEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if seen.contains(&label) || seen.len() < MAX_ROUTES {
+        seen.insert(label.clone());
+        label
+    } else {
+        "other".to_owned()
+    }
+}
+
+pub fn request_done(route: String, status: u16, source: &'static str, elapsed: Duration) {
+    counter!(REQUESTS, "route" => route.clone(), "status" => status.to_string(), "source" => source)
+        .increment(1);
+    histogram!(REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
+}
+
+/// Counts requests in progress; the guard keeps the gauge right if the client goes away.
+pub struct InFlight;
+
+impl InFlight {
+    pub fn enter() -> Self {
+        gauge!(IN_FLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
+pub fn upstream_attempt(outcome: String) {
+    counter!(UPSTREAM_ATTEMPTS, "outcome" => outcome).increment(1);
+}
+
+pub fn retry(reason: String) {
+    counter!(RETRIES, "reason" => reason).increment(1);
+}
+
+pub fn limiter_wait(waited: Duration) {
+    histogram!(LIMITER_WAIT).record(waited.as_secs_f64());
+}
+
+pub fn queue_depth(depth: usize) {
+    gauge!(QUEUE_DEPTH).set(depth as f64);
+}
+
+pub fn quota_rejected(reason: &'static str) {
+    counter!(QUOTA_REJECTED, "reason" => reason).increment(1);
+}
+
+pub fn upstream_pause() {
+    counter!(UPSTREAM_PAUSES).increment(1);
+}
+
+pub fn redis_error() {
+    counter!(REDIS_ERRORS).increment(1);
+}
+
+pub fn limiter_degraded(degraded: bool) {
+    gauge!(LIMITER_DEGRADED).set(if degraded { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_hide_ids() {
+        assert_eq!(
+            route_label("/api/v1/campaigns/123/leads"),
+            "/api/v1/campaigns/{id}/leads"
+        );
+        assert_eq!(route_label("/api/v1/campaigns"), "/api/v1/campaigns");
+        assert_eq!(route_label("/healthz"), "/healthz");
+        assert_eq!(route_label("/wp-admin"), "other");
+    }
+}
