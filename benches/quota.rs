@@ -1,0 +1,225 @@
+//! Quota efficiency under 10× oversubscription: the proxy (one instance, and three sharing
+//! one Redis) against the seed's per-client retry recipe, on the same simulated SmartLead
+//! in the same run.
+//!
+//! `cargo bench --bench quota` (BENCH_SECONDS, default 30, sets the length of each run).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smartlead_proxy::Settings;
+use smartlead_proxy::config::LimitBackend;
+use smartlead_proxy::key::ApiKey;
+use smartlead_proxy::sim::{Sim, SimConfig};
+use tokio::time::Instant;
+
+const KEY: &str = "bench-key";
+const QUOTA: u32 = 20;
+const PERIOD: Duration = Duration::from_secs(2);
+/// Offered load: each of these wants one request per PERIOD, 10× the quota.
+const WORKERS: usize = 10 * QUOTA as usize;
+
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    failed: usize,
+    waits: Vec<Duration>,
+}
+
+struct Report {
+    name: String,
+    goodput: f64,
+    upstream_429: usize,
+    failed: usize,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn start_proxy(sim: &Sim, redis_key: Option<&str>) -> std::net::SocketAddr {
+    let mut s = Settings::default();
+    s.upstream.base_url = sim.base_url();
+    s.upstream.api_key = Some(ApiKey::new(KEY));
+    s.limit.requests = QUOTA;
+    s.limit.period = PERIOD;
+    s.limit.margin = Duration::from_millis(20);
+    s.limit.max_wait = Duration::from_secs(60);
+    s.log.level = "warn".into();
+    if let Some(k) = redis_key {
+        s.limit.backend = LimitBackend::Redis;
+        s.redis.key = k.to_owned();
+    }
+    s.validate().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(smartlead_proxy::run(listener, s, std::future::pending()));
+    addr
+}
+
+/// The SmartLead guide's client: up to 3 retries, `2^attempt + uniform(0,1)` s, at least
+/// `Retry-After`.
+async fn seed_request(c: &reqwest::Client, url: &str) -> bool {
+    for attempt in 0..=3u32 {
+        let resp = c.get(url).send().await;
+        let retry_after = match resp {
+            Ok(r) if r.status().is_success() => return true,
+            Ok(r) if [429, 500, 502, 503].contains(&r.status().as_u16()) => r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<f64>().ok())
+                .unwrap_or(0.0),
+            _ => return false,
+        };
+        if attempt == 3 {
+            break;
+        }
+        let backoff = 2f64.powi(attempt as i32 + 1) + rand::random::<f64>();
+        tokio::time::sleep(Duration::from_secs_f64(backoff.max(retry_after))).await;
+    }
+    false
+}
+
+async fn run(name: &str, targets: Vec<String>, seed: bool, sim: &Sim, seconds: u64) -> Report {
+    sim.reset();
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(WORKERS)
+        .build()
+        .unwrap();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let (c, tally) = (c.clone(), tally.clone());
+        let url = targets[w % targets.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            // Spread the first requests over one period, then one per period each.
+            let mut next = start + PERIOD.mul_f64(w as f64 / WORKERS as f64);
+            while next < end {
+                tokio::time::sleep_until(next).await;
+                let sent = Instant::now();
+                let ok = if seed {
+                    seed_request(&c, &url).await
+                } else {
+                    c.get(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                };
+                let mut t = tally.lock().unwrap();
+                if ok {
+                    t.ok += 1;
+                    t.waits.push(sent.elapsed());
+                } else {
+                    t.failed += 1;
+                }
+                next = (next + PERIOD).max(Instant::now());
+            }
+        }));
+    }
+    // No new requests after `end`; the ones under way finish (or fail) and are counted.
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(90), t).await;
+    }
+    let served = sim
+        .requests()
+        .iter()
+        .filter(|r| !r.rate_limited && r.at < end)
+        .count();
+    let possible = QUOTA as f64 * (seconds as f64 / PERIOD.as_secs_f64());
+    let t = tally.lock().unwrap();
+    let mut waits = t.waits.clone();
+    waits.sort();
+    Report {
+        name: name.to_owned(),
+        goodput: 100.0 * served as f64 / possible,
+        upstream_429: sim.stats().rate_limited,
+        failed: t.failed,
+        p50: percentile(&waits, 0.5),
+        p99: percentile(&waits, 0.99),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("quota bench: skipped (run it with `cargo bench --bench quota`)");
+        return;
+    }
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let sim = Sim::start(SimConfig {
+        api_key: Some(KEY.into()),
+        requests: QUOTA,
+        period: PERIOD,
+        latency: Duration::from_millis(5),
+    })
+    .await
+    .unwrap();
+    println!(
+        "quota {QUOTA} per {}s, {WORKERS} workers each wanting 1 request per {}s (10x), {seconds}s per run\n",
+        PERIOD.as_secs(),
+        PERIOD.as_secs()
+    );
+    let one = start_proxy(&sim, None).await;
+    let key = format!("bench-{}", uuid::Uuid::new_v4());
+    let mut three = Vec::new();
+    for _ in 0..3 {
+        three.push(start_proxy(&sim, Some(&key)).await);
+    }
+    let url = |a: &std::net::SocketAddr| format!("http://{a}/api/v1/campaigns");
+    let reports = vec![
+        run(
+            "seed recipe, direct",
+            vec![format!("{}/campaigns?api_key={KEY}", sim.base_url())],
+            true,
+            &sim,
+            seconds,
+        )
+        .await,
+        run("1 proxy (local)", vec![url(&one)], false, &sim, seconds).await,
+        run(
+            "3 proxies, 1 Redis",
+            three.iter().map(url).collect(),
+            false,
+            &sim,
+            seconds,
+        )
+        .await,
+    ];
+    println!(
+        "{:<22} {:>10} {:>13} {:>14} {:>9} {:>9}",
+        "", "goodput", "upstream 429", "client errors", "p50", "p99"
+    );
+    for r in &reports {
+        println!(
+            "{:<22} {:>9.1}% {:>13} {:>14} {:>8.2}s {:>8.2}s",
+            r.name,
+            r.goodput,
+            r.upstream_429,
+            r.failed,
+            r.p50.as_secs_f64(),
+            r.p99.as_secs_f64()
+        );
+    }
+    let seed = &reports[0];
+    for r in &reports[1..] {
+        println!(
+            "\n{} vs seed recipe: goodput {:.2}x, upstream 429s {} vs {}, client errors {} vs {}",
+            r.name,
+            r.goodput / seed.goodput.max(0.1),
+            r.upstream_429,
+            seed.upstream_429,
+            r.failed,
+            seed.failed
+        );
+    }
+}
