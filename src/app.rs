@@ -19,6 +19,7 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::limiter::Limiter;
 use crate::proxy::{self, Served};
+use crate::retry::RetryBudget;
 use crate::upstream::Upstream;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -34,6 +35,7 @@ struct Inner {
     settings: Settings,
     upstream: Upstream,
     limiter: Limiter,
+    retry_budget: RetryBudget,
     shutting_down: AtomicBool,
 }
 
@@ -43,11 +45,13 @@ impl AppState {
         crate::metrics::handle();
         let upstream = Upstream::new(&settings.upstream)?;
         let limiter = Limiter::from_settings(&settings)?;
+        let retry_budget = RetryBudget::new(&settings.retry);
         Ok(Self {
             inner: Arc::new(Inner {
                 settings,
                 upstream,
                 limiter,
+                retry_budget,
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -63,6 +67,10 @@ impl AppState {
 
     pub fn limiter(&self) -> &Limiter {
         &self.inner.limiter
+    }
+
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.inner.retry_budget
     }
 
     /// From now on `/readyz` reports 503 so load balancers stop sending traffic.
@@ -168,6 +176,7 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         attempts = served.attempts,
         queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
+        upstream_ms = served.upstream_time.as_secs_f64() * 1000.0,
         "request"
     );
     let source = if served.upstream { "upstream" } else { "proxy" };

@@ -193,6 +193,12 @@ pub struct RetrySettings {
     pub max_delay: Duration,
     pub statuses: Vec<u16>,
     pub idempotent_posts: Vec<String>,
+    /// Retries may be at most this share of requests over `budget_window`...
+    pub budget_ratio: f64,
+    /// ...but this many are always allowed per window.
+    pub budget_min_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub budget_window: Duration,
 }
 
 impl Default for RetrySettings {
@@ -203,6 +209,9 @@ impl Default for RetrySettings {
             max_delay: Duration::from_secs(30),
             statuses: vec![429, 500, 502, 503, 504],
             idempotent_posts: vec!["/campaigns/*/leads".into()],
+            budget_ratio: 0.2,
+            budget_min_retries: 10,
+            budget_window: Duration::from_secs(10),
         }
     }
 }
@@ -383,6 +392,12 @@ impl Settings {
                 "retry.statuses",
                 format!("{bad} is not an HTTP error status (400-599)"),
             ));
+        }
+        if !(0.0..=1.0).contains(&r.budget_ratio) {
+            return Err(invalid("retry.budget_ratio", "must be between 0.0 and 1.0"));
+        }
+        if !(1..=3600).contains(&r.budget_window.as_secs()) {
+            return Err(invalid("retry.budget_window", "must be between 1s and 1h"));
         }
         if let Some(bad) = r.idempotent_posts.iter().find(|p| !p.starts_with('/')) {
             return Err(invalid(

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
-use tokio::time::Instant;
+use std::time::Duration;
 
 use crate::app::AppState;
 use crate::error::{ApiError, normalize_upstream};
@@ -22,7 +22,9 @@ pub struct Served {
     /// The status came from SmartLead (not from the proxy itself).
     pub upstream: bool,
     /// Time spent waiting for quota slots.
-    pub waited: std::time::Duration,
+    pub waited: Duration,
+    /// Time spent in upstream attempts.
+    pub upstream_time: Duration,
 }
 
 /// The request id the request-id layer assigned (or the client's own).
@@ -34,38 +36,63 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
+/// A caller's own deadline for the whole request: `X-Request-Timeout: 10` (seconds, may
+/// be fractional) or a duration such as `2500ms`, `1m`.
+pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+
+fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim();
+    let parsed = text
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
+        .map(Duration::from_secs_f64)
+        .or_else(|| {
+            humantime::parse_duration(text)
+                .ok()
+                .filter(|d| !d.is_zero())
+        });
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::bad_request(
+            "X-Request-Timeout must be a positive number of seconds or a duration like 2500ms",
+        )
+    })
+}
+
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
-    let arrived = Instant::now();
     let request_id = request_id(req.headers());
     let (parts, body) = req.into_parts();
     let upstream = state.upstream();
     let settings = state.settings();
-    let target = match upstream.target(parts.uri.path(), parts.uri.query()) {
-        Ok(t) => t,
-        Err(e) => return finish(&state, e, &request_id, 0),
+    let prepared = async {
+        let target = upstream.target(parts.uri.path(), parts.uri.query())?;
+        let timeout = request_timeout(&parts.headers)?;
+        let body = read_body(body, &parts.headers, settings.server.max_body_bytes).await?;
+        Ok::<_, ApiError>((target, timeout, body))
     };
-    let body = match read_body(body, &parts.headers, settings.server.max_body_bytes).await {
-        Ok(b) => b,
-        Err(e) => return finish(&state, e, &request_id, 0),
+    let (target, timeout, body) = match prepared.await {
+        Ok(p) => p,
+        Err(e) => return finish(&state, e, &request_id, &Served::default()),
     };
+    state.retry_budget().record_request();
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
-    let mut run = retry::Exchange {
-        state: &state,
-        safety: Safety::of(&parts.method, api_path, &parts.headers, &settings.retry),
-        method: parts.method.clone(),
-        target,
-        headers: request_headers(&parts.headers),
-        body,
-        deadline: arrived + settings.limit.max_wait,
-        attempts: 0,
-        waited: Default::default(),
-    };
-    let outcome = run.run().await;
-    let attempts = run.attempts;
+    let safety = Safety::of(&parts.method, api_path, &parts.headers, &settings.retry);
+    let mut headers = request_headers(&parts.headers);
+    headers.remove(REQUEST_TIMEOUT_HEADER);
+    let mut exchange =
+        retry::Exchange::new(&state, parts.method.clone(), target, headers, body, safety);
+    if let Some(t) = timeout {
+        exchange = exchange.with_deadline(t);
+    }
+    let outcome = exchange.run().await;
     let served = Served {
-        attempts,
+        attempts: exchange.attempts,
         upstream: true,
-        waited: run.waited,
+        waited: exchange.waited,
+        upstream_time: exchange.upstream_time,
     };
     let mut resp = match outcome {
         Outcome::Success(resp) => {
@@ -73,14 +100,29 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
             strip_hop_by_hop(&mut head.headers);
             Response::from_parts(head, Body::new(body))
         }
-        Outcome::Failed(failed) => error_response(&state, failed, &request_id, attempts),
-        Outcome::Error(e) => {
-            let mut resp = finish(&state, e, &request_id, attempts);
-            resp.extensions_mut().insert(Served {
-                upstream: false,
-                ..served
-            });
-            return resp;
+        Outcome::Failed(failed) => {
+            let mut extra = Map::new();
+            if exchange.budget_exhausted {
+                extra.insert("retry_budget_exhausted".into(), true.into());
+            }
+            error_response(&state, failed, &request_id, served.attempts, extra)
+        }
+        Outcome::Error(mut e) => {
+            if let Some(s) = exchange.last_status {
+                e = e.detail("upstream_status", s.as_u16());
+            }
+            if exchange.budget_exhausted {
+                e = e.detail("retry_budget_exhausted", true);
+            }
+            return finish(
+                &state,
+                e,
+                &request_id,
+                &Served {
+                    upstream: false,
+                    ..served
+                },
+            );
         }
     };
     resp.extensions_mut().insert(served);
@@ -88,19 +130,16 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
 }
 
 /// The envelope for one of the proxy's own errors.
-fn finish(state: &AppState, err: ApiError, request_id: &str, attempts: u32) -> Response {
+fn finish(state: &AppState, err: ApiError, request_id: &str, served: &Served) -> Response {
     let limited = err.status == StatusCode::TOO_MANY_REQUESTS;
     let mut resp = err
         .detail("request_id", request_id)
-        .detail("attempts", attempts)
+        .detail("attempts", served.attempts)
         .into_response();
     if limited {
         add_ratelimit_headers(state, resp.headers_mut());
     }
-    resp.extensions_mut().insert(Served {
-        attempts,
-        ..Served::default()
-    });
+    resp.extensions_mut().insert(*served);
     resp
 }
 
@@ -138,7 +177,13 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 }
 
 /// The client's answer for a non-2xx upstream response.
-fn error_response(state: &AppState, failed: Failed, request_id: &str, attempts: u32) -> Response {
+fn error_response(
+    state: &AppState,
+    failed: Failed,
+    request_id: &str,
+    attempts: u32,
+    mut extra: Map<String, Value>,
+) -> Response {
     let Failed {
         status,
         mut headers,
@@ -148,7 +193,6 @@ fn error_response(state: &AppState, failed: Failed, request_id: &str, attempts: 
     let upstream = state.upstream();
     let scrubbed = upstream.key().and_then(|k| k.scrub_bytes(&body));
     let body = scrubbed.as_deref().unwrap_or(&body);
-    let mut extra = Map::new();
     extra.insert("request_id".into(), request_id.into());
     extra.insert("attempts".into(), attempts.into());
     if status.is_redirection() {

@@ -136,6 +136,71 @@ pub enum Outcome {
     Error(ApiError),
 }
 
+/// Retries ≤ `ratio` × requests over a sliding window (plus a floor), as Envoy and
+/// linkerd do, so a failing upstream is not hammered by every caller's retries at once.
+/// Per process; quota-governed 429 retries do not draw on it.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    min: u32,
+    /// (second, requests, retries) per second of the window.
+    buckets: std::sync::Mutex<Vec<(u64, u32, u32)>>,
+    epoch: Instant,
+}
+
+impl RetryBudget {
+    pub fn new(retry: &RetrySettings) -> Self {
+        let seconds = retry.budget_window.as_secs().clamp(1, 3600) as usize;
+        Self {
+            ratio: retry.budget_ratio,
+            min: retry.budget_min_retries,
+            buckets: std::sync::Mutex::new(vec![(u64::MAX, 0, 0); seconds]),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut (u64, u32, u32), u32, u32) -> bool) -> bool {
+        let now = self.epoch.elapsed().as_secs();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let len = buckets.len() as u64;
+        let (mut requests, mut retries) = (0, 0);
+        for b in buckets.iter_mut() {
+            if b.0 == u64::MAX || b.0 + len <= now {
+                *b = (u64::MAX, 0, 0);
+            } else {
+                requests += b.1;
+                retries += b.2;
+            }
+        }
+        let slot = &mut buckets[(now % len) as usize];
+        if slot.0 != now {
+            *slot = (now, 0, 0);
+        }
+        f(slot, requests, retries)
+    }
+
+    /// Counts one incoming request.
+    pub fn record_request(&self) {
+        self.update(|b, _, _| {
+            b.1 = b.1.saturating_add(1);
+            true
+        });
+    }
+
+    /// Takes one retry from the budget, if there is one left.
+    pub fn try_retry(&self) -> bool {
+        let (ratio, min) = (self.ratio, self.min);
+        self.update(|b, requests, retries| {
+            let allowed = (f64::from(requests) * ratio).floor() as u32;
+            let ok = retries < allowed.max(min);
+            if ok {
+                b.2 = b.2.saturating_add(1);
+            }
+            ok
+        })
+    }
+}
+
 /// One request's way through the limiter and the upstream, attempt by attempt.
 pub struct Exchange<'a> {
     pub state: &'a AppState,
@@ -144,20 +209,64 @@ pub struct Exchange<'a> {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub safety: Safety,
-    pub deadline: Instant,
+    /// The last moment an attempt may start (quota waits and backoff included).
+    pub start_by: Instant,
+    /// When the caller stops listening (`X-Request-Timeout`), if it said.
+    pub give_up_at: Option<Instant>,
     pub attempts: u32,
+    /// Time spent waiting for quota slots.
     pub waited: Duration,
+    /// Time spent in upstream attempts.
+    pub upstream_time: Duration,
+    pub last_status: Option<StatusCode>,
+    pub budget_exhausted: bool,
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
+    pub fn new(
+        state: &'a AppState,
+        method: Method,
+        target: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+        safety: Safety,
+    ) -> Self {
+        let start_by = Instant::now() + state.settings().limit.max_wait;
+        Self {
+            state,
+            method,
+            target,
+            headers,
+            body,
+            safety,
+            start_by,
+            give_up_at: None,
+            attempts: 0,
+            waited: Duration::ZERO,
+            upstream_time: Duration::ZERO,
+            last_status: None,
+            budget_exhausted: false,
+        }
+    }
+
+    /// The caller's own deadline: nothing starts, waits or runs past it.
+    pub fn with_deadline(mut self, timeout: Duration) -> Self {
+        let at = Instant::now() + timeout;
+        self.give_up_at = Some(at);
+        self.start_by = self.start_by.min(at);
+        self
+    }
+
     pub async fn run(&mut self) -> Outcome {
         let retry = &self.state.settings().retry;
         loop {
-            match self.state.limiter().acquire(self.deadline).await {
+            match self.state.limiter().acquire(self.start_by).await {
                 Ok(waited) => self.waited += waited,
                 Err(refusal) => return Outcome::Error(refusal_error(refusal, self.attempts)),
             }
             self.attempts += 1;
+            let timeout = self.attempt_timeout();
+            let began = Instant::now();
             let sent = self
                 .state
                 .upstream()
@@ -166,52 +275,71 @@ impl Exchange<'_> {
                     self.target.clone(),
                     &self.headers,
                     self.body.clone(),
+                    timeout,
                 )
                 .await;
-            crate::metrics::upstream_attempt(match &sent {
+            let outcome = match &sent {
                 Ok(resp) => resp.status().as_u16().to_string(),
                 Err(e) => e.kind().to_owned(),
-            });
-            let more = self.attempts <= retry.max_retries;
-            let wait = match sent {
-                Ok(resp) if is_pass_through(resp.status()) => return Outcome::Success(resp),
+            };
+            tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = began.elapsed().as_secs_f64() * 1000.0, "upstream attempt");
+            crate::metrics::upstream_attempt(outcome.clone());
+            let (retryable, asked, last) = match sent {
+                Ok(resp) if is_pass_through(resp.status()) => {
+                    self.upstream_time += began.elapsed();
+                    return Outcome::Success(resp);
+                }
                 Ok(resp) => {
-                    let failed = read_failed(resp, self.state.settings().upstream.timeout).await;
-                    if !(more && retry_status(failed.status, self.safety, retry)) {
-                        return Outcome::Failed(failed);
-                    }
+                    let failed = read_failed(resp, timeout).await;
+                    self.last_status = Some(failed.status);
                     let asked =
                         upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
-                    tracing::info!(
-                        status = failed.status.as_u16(),
-                        attempt = self.attempts,
-                        "upstream error; retrying"
-                    );
-                    crate::metrics::retry(failed.status.as_u16().to_string());
-                    if failed.status == StatusCode::TOO_MANY_REQUESTS {
-                        // The quota is shared: everyone pauses, and the limiter spaces the restart.
-                        self.state.limiter().pause(self.pause_for(asked)).await;
-                        Duration::ZERO
-                    } else {
-                        match self.wait_or_give_up(asked) {
-                            Some(w) => w,
-                            None => return Outcome::Failed(failed),
-                        }
-                    }
+                    (
+                        retry_status(failed.status, self.safety, retry),
+                        asked,
+                        Outcome::Failed(failed),
+                    )
                 }
-                Err(err) => {
-                    if !(more && retry_error(&err, self.safety)) {
-                        return Outcome::Error(err.into_api_error());
-                    }
-                    tracing::info!(error = ?err, attempt = self.attempts, "upstream attempt failed; retrying");
-                    crate::metrics::retry(err.kind().to_owned());
-                    match self.wait_or_give_up(None) {
-                        Some(w) => w,
-                        None => return Outcome::Error(err.into_api_error()),
-                    }
-                }
+                Err(err) => (
+                    retry_error(&err, self.safety),
+                    None,
+                    Outcome::Error(err.into_api_error()),
+                ),
             };
-            tokio::time::sleep(wait).await;
+            self.upstream_time += began.elapsed();
+            if !retryable || self.attempts > retry.max_retries {
+                return last;
+            }
+            let limited = self.last_status == Some(StatusCode::TOO_MANY_REQUESTS)
+                && matches!(last, Outcome::Failed(_));
+            if !limited && !self.state.retry_budget().try_retry() {
+                self.budget_exhausted = true;
+                tracing::warn!(
+                    attempt = self.attempts,
+                    "retry budget exhausted; answering with the last error"
+                );
+                return last;
+            }
+            tracing::info!(attempt = self.attempts, %outcome, "retrying");
+            crate::metrics::retry(outcome);
+            if limited {
+                // The quota is shared: everyone pauses, and the limiter spaces the restart.
+                self.state.limiter().pause(self.pause_for(asked)).await;
+                continue;
+            }
+            match self.wait_or_give_up(asked) {
+                Some(w) => tokio::time::sleep(w).await,
+                None => return last,
+            }
+        }
+    }
+
+    /// `upstream.timeout`, cut short by the caller's own deadline.
+    fn attempt_timeout(&self) -> Duration {
+        let t = self.state.settings().upstream.timeout;
+        match self.give_up_at {
+            Some(at) => t.min(at.saturating_duration_since(Instant::now())),
+            None => t,
         }
     }
 
@@ -223,7 +351,7 @@ impl Exchange<'_> {
             &self.state.settings().retry,
             rand::random(),
         );
-        (Instant::now() + wait <= self.deadline).then_some(wait)
+        (Instant::now() + wait <= self.start_by).then_some(wait)
     }
 
     /// How long an upstream 429 pauses the whole limiter.
@@ -349,6 +477,23 @@ mod tests {
             upstream_retry_after(&h, b"", now),
             Some(Duration::from_secs(2))
         );
+    }
+
+    #[test]
+    fn budget_allows_a_floor_then_a_ratio() {
+        let r = RetrySettings {
+            budget_ratio: 0.2,
+            budget_min_retries: 2,
+            ..settings()
+        };
+        let b = RetryBudget::new(&r);
+        assert!(b.try_retry() && b.try_retry());
+        assert!(!b.try_retry(), "floor of 2 spent");
+        for _ in 0..20 {
+            b.record_request();
+        }
+        assert!(b.try_retry() && b.try_retry(), "20% of 20 = 4 in all");
+        assert!(!b.try_retry());
     }
 
     #[test]

@@ -94,7 +94,6 @@ pub struct Upstream {
     base: BaseUrl,
     key: Option<ApiKey>,
     allow_client_key: bool,
-    timeout: Duration,
     client: HttpsClient,
 }
 
@@ -119,7 +118,6 @@ impl Upstream {
             base,
             key: settings.api_key.clone(),
             allow_client_key: settings.allow_client_key,
-            timeout: settings.timeout,
             client,
         })
     }
@@ -196,13 +194,14 @@ impl Upstream {
         out
     }
 
-    /// Sends one attempt and waits for the response headers within `upstream.timeout`.
+    /// Sends one attempt and waits for the response headers within `timeout`.
     pub async fn send(
         &self,
         method: Method,
         uri: Uri,
         headers: &HeaderMap,
         body: Bytes,
+        timeout: Duration,
     ) -> Result<Response<Incoming>, AttemptError> {
         let mut req = Request::builder()
             .method(method)
@@ -210,8 +209,8 @@ impl Upstream {
             .body(Full::new(body))
             .map_err(|e| AttemptError::Invalid(e.to_string()))?;
         *req.headers_mut() = headers.clone();
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Err(_) => Err(AttemptError::Timeout(self.timeout)),
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(AttemptError::Timeout(timeout)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.classify(&e)),
         }

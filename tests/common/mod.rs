@@ -138,6 +138,10 @@ pub fn quota_settings(
     s.limit.requests = requests;
     s.limit.period = period;
     s.limit.max_wait = Duration::from_secs(30);
+    // The margin must cover the jitter between a slot and its arrival upstream; on a
+    // loaded 2-core CI machine running many tests at once that is far above the
+    // production default of 50ms.
+    s.limit.margin = Duration::from_millis(200);
     if let Some((url, key)) = redis {
         s.limit.backend = smartlead_proxy::config::LimitBackend::Redis;
         s.redis.url = secrecy::SecretString::from(url.to_owned());
