@@ -39,6 +39,8 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// A caller's own deadline for the whole request: `X-Request-Timeout: 10` (seconds, may
 /// be fractional) or a duration such as `2500ms`, `1m`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+/// How many upstream attempts the proxy made for this request.
+pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 
 fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
@@ -125,8 +127,17 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
             );
         }
     };
-    resp.extensions_mut().insert(served);
+    mark(&mut resp, served);
     resp
+}
+
+/// Attaches how the request was served: for the access log, and `x-proxy-attempts` for
+/// the caller (conforming upstream envelopes pass through unchanged, so the count
+/// travels in a header).
+fn mark(resp: &mut Response, served: Served) {
+    resp.headers_mut()
+        .insert(ATTEMPTS_HEADER, HeaderValue::from(served.attempts));
+    resp.extensions_mut().insert(served);
 }
 
 /// The envelope for one of the proxy's own errors.
@@ -139,7 +150,7 @@ fn finish(state: &AppState, err: ApiError, request_id: &str, served: &Served) ->
     if limited {
         add_ratelimit_headers(state, resp.headers_mut());
     }
-    resp.extensions_mut().insert(*served);
+    mark(&mut resp, *served);
     resp
 }
 
