@@ -1,20 +1,31 @@
-# Multi-stage build: compile with the full toolchain, ship a small non-root image.
+# smartlead-proxy: multi-stage build, small non-root runtime image.
+#   docker build -t smartlead-proxy .
+#   docker run --rm -p 8787:8787 -e SMARTLEAD_API_KEY=... smartlead-proxy
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits reuse the cached layer.
+# Dependencies first: stub sources for every target, so this layer is reused until
+# Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked && rm -rf src
+RUN mkdir -p src benches \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/quota.rs \
+    && cargo build --release --locked \
+    && rm -rf src benches
 COPY src ./src
+COPY benches ./benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 WORKDIR /app
 COPY --from=build /src/target/release/smartlead-proxy /usr/local/bin/smartlead-proxy
 COPY config/default.toml /app/config/default.toml
-# Inside a container the proxy must be reachable from the app container.
+# Reachable from other containers; set server.access_tokens when the port is exposed.
 ENV SMARTLEAD_PROXY__SERVER__LISTEN=0.0.0.0:8787
 EXPOSE 8787
 USER nonroot
-# The key comes only from the environment: docker run -e SMARTLEAD_API_KEY=...
+# distroless has no curl: the binary checks itself.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/smartlead-proxy", "healthcheck"]
+# The API key comes only from the environment (-e SMARTLEAD_API_KEY / a secret).
 ENTRYPOINT ["/usr/local/bin/smartlead-proxy"]

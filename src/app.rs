@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::watch;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -37,6 +38,8 @@ struct Inner {
     limiter: Limiter,
     retry_budget: RetryBudget,
     shutting_down: AtomicBool,
+    /// Set when the shutdown grace runs out: whatever is still waiting answers 503.
+    abort: watch::Sender<bool>,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
                 limiter,
                 retry_budget,
                 shutting_down: AtomicBool::new(false),
+                abort: watch::channel(false).0,
             }),
         })
     }
@@ -78,6 +82,17 @@ impl AppState {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// The grace period is over: requests still waiting are answered 503 now.
+    pub fn abort_remaining(&self) {
+        self.inner.abort.send_replace(true);
+    }
+
+    /// Resolves once [`AppState::abort_remaining`] was called.
+    pub async fn aborted(&self) {
+        let mut rx = self.inner.abort.subscribe();
+        let _ = rx.wait_for(|a| *a).await;
+    }
+
     fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
     }
@@ -95,7 +110,13 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/v1/{*rest}", any(proxy::forward))
+        .route(
+            "/api/v1/{*rest}",
+            any(proxy::forward).layer(middleware::from_fn_with_state(
+                state.clone(),
+                crate::auth::require_token,
+            )),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are limited (with an envelope) where they are read, in `proxy`.
@@ -174,6 +195,7 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
         path,
         status,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
+        route = crate::metrics::route_label(&path),
         attempts = served.attempts,
         queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
         upstream_ms = served.upstream_time.as_secs_f64() * 1000.0,

@@ -9,16 +9,20 @@
 //! - [`limiter`]: the shared quota (reservation log; local or Redis backend).
 //! - [`retry`]: retry policy (pure functions) and the attempt loop.
 //! - [`app`]: router and the middleware stack.
+//! - [`auth`]: bearer-token access control.
 //! - [`telemetry`]: tracing subscriber set-up.
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
+//! - [`healthcheck`]: the `healthcheck` subcommand for container images.
 //!
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
+pub mod healthcheck;
 pub mod key;
 pub mod limiter;
 pub mod metrics;
@@ -28,7 +32,11 @@ pub mod sim;
 pub mod telemetry;
 pub mod upstream;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::time::Duration;
+
+/// After the grace period, how long the 503 answers get to reach their callers.
+const ABORT_FLUSH: Duration = Duration::from_secs(2);
 
 use tokio::net::TcpListener;
 
@@ -51,9 +59,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let grace = settings.server.shutdown_grace;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() && settings.server.access_tokens.is_empty() {
+        tracing::warn!(%addr, "listening beyond loopback without server.access_tokens: anyone who can reach this port can spend the API quota");
+    }
     let state = app::AppState::new(settings).map_err(RunError::Setup)?;
     let router = app::router(state.clone());
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    tracing::info!(%addr, "listening");
+    let draining = state.clone();
 
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let signal = async move {
@@ -62,14 +75,24 @@ pub async fn run(
         state.begin_shutdown();
         let _ = stopping_tx.send(true);
     };
-    let server = axum::serve(listener, router).with_graceful_shutdown(signal);
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .into_future();
+    tokio::pin!(server);
     let grace_expired = async move {
         let _ = stopping_rx.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        res = server => res?,
-        _ = grace_expired => tracing::warn!("shutdown grace expired; dropping remaining connections"),
+        res = &mut server => res?,
+        _ = grace_expired => {
+            tracing::warn!("shutdown grace expired: answering requests still waiting with 503");
+            draining.abort_remaining();
+            // Give those answers a moment to be written, then stop regardless.
+            if tokio::time::timeout(ABORT_FLUSH, &mut server).await.is_err() {
+                tracing::warn!("closing connections still streaming after the grace period");
+            }
+        }
     }
     tracing::info!("stopped");
     Ok(())

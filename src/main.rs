@@ -24,6 +24,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Exit 0 if the proxy's /healthz answers 200 (for container HEALTHCHECKs).
+    Healthcheck {
+        /// Defaults to /healthz on the port of server.listen (SMARTLEAD_PROXY__SERVER__LISTEN).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Run a simulated SmartLead API to develop and test against, offline.
     Simulate {
         #[arg(long, default_value = "127.0.0.1")]
@@ -63,6 +69,22 @@ async fn main() -> ExitCode {
                 latency,
             };
             simulate((host, port).into(), config).await
+        }
+        Some(Command::Healthcheck { url }) => {
+            let url = url.unwrap_or_else(|| {
+                let listen = std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| Settings::default().server.listen);
+                smartlead_proxy::healthcheck::url_for(listen)
+            });
+            match smartlead_proxy::healthcheck::check(&url, Duration::from_secs(3)).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("smartlead-proxy healthcheck: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         None => serve(cli.config).await,
     }

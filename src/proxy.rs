@@ -89,7 +89,12 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     if let Some(t) = timeout {
         exchange = exchange.with_deadline(t);
     }
-    let outcome = exchange.run().await;
+    let outcome = tokio::select! {
+        outcome = exchange.run() => outcome,
+        _ = state.aborted() => Outcome::Error(ApiError::unavailable(
+            "the proxy is shutting down and its grace period ran out before this request could finish",
+        )),
+    };
     let served = Served {
         attempts: exchange.attempts,
         upstream: true,

@@ -356,3 +356,89 @@ async fn sigint_stops_it_cleanly() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn sigterm_answers_queued_requests_with_503_at_the_grace_deadline() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY__SERVER__SHUTDOWN_GRACE", "2s"),
+            ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "1"),
+            ("SMARTLEAD_PROXY__LIMIT__PERIOD", "60s"),
+            ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "300s"),
+        ],
+    );
+    // The one slot goes to a slow request still running when SIGTERM comes ...
+    sim.push_fault(Fault::delay(Duration::from_millis(1000)));
+    let c = client();
+    let spawn_get = |path: &str| {
+        let (c, url) = (c.clone(), proxy.url(path));
+        tokio::spawn(async move {
+            let r = c.get(url).send().await.expect("answered, not dropped");
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        })
+    };
+    let in_flight = spawn_get("/api/v1/campaigns");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... and these wait for slots a minute away.
+    let queued: Vec<_> = (0..3).map(|_| spawn_get("/api/v1/campaigns")).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "exited within grace + flush"
+    );
+    assert_eq!(in_flight.await.unwrap().0, 200, "in-flight work finished");
+    for q in queued {
+        let (status, body) = q.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["code"], "UNAVAILABLE");
+    }
+    assert_eq!(
+        sim.stats().requests,
+        1,
+        "queued requests never reached upstream"
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_subcommand_reports_liveness() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut proxy = start(&sim.base_url(), &[]);
+    let url = proxy.url("/healthz");
+    let ok = command(&[])
+        .args(["healthcheck", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let port = closed_port().await;
+    let listen = format!("127.0.0.1:{port}");
+    let down = command(&[("SMARTLEAD_PROXY__SERVER__LISTEN", &listen)])
+        .arg("healthcheck")
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains(&port.to_string()));
+    let _ = tokio::task::spawn_blocking(move || proxy.terminate()).await;
+}

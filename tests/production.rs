@@ -1,0 +1,186 @@
+//! Production concerns over real sockets: access tokens, readiness while draining,
+//! metrics that move with traffic.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use secrecy::SecretString;
+use serde_json::json;
+use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+#[tokio::test]
+async fn access_tokens_guard_the_api_but_not_the_probes() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let mut s = settings(&sim.base_url());
+    s.server.access_tokens = vec![SecretString::from("tok-one"), SecretString::from("tok-two")];
+    let proxy = spawn_proxy(s).await;
+    let c = client();
+    let url = proxy.url("/api/v1/campaigns");
+
+    let resp = c.get(&url).send().await.unwrap();
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Bearer realm=\"smartlead-proxy\""
+    );
+    expect_envelope(resp, 401, "UNAUTHORIZED").await;
+    for bad in [
+        "Bearer nope",
+        "Bearer tok-one-and-more",
+        "Basic dG9rLW9uZQ==",
+        "tok-one",
+        "Bearer ",
+    ] {
+        let resp = c
+            .get(&url)
+            .header("authorization", bad)
+            .send()
+            .await
+            .unwrap();
+        expect_envelope(resp, 401, "UNAUTHORIZED").await;
+    }
+    assert_eq!(
+        sim.stats().requests,
+        0,
+        "nothing unauthorised reached upstream"
+    );
+
+    for good in ["Bearer tok-one", "bearer tok-two"] {
+        let resp = c
+            .get(&url)
+            .header("authorization", good)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{good}");
+    }
+    for r in sim.requests() {
+        assert!(
+            !r.headers.contains_key("authorization"),
+            "the proxy's token is not forwarded"
+        );
+    }
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            c.get(proxy.url(open)).send().await.unwrap().status(),
+            200,
+            "{open}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_draining() {
+    use tower::ServiceExt;
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let state = smartlead_proxy::app::AppState::new(settings(&sim.base_url())).unwrap();
+    let router = smartlead_proxy::app::router(state.clone());
+    let ready = |router: axum::Router| async move {
+        let req = http::Request::get("/readyz")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        router.oneshot(req).await.unwrap()
+    };
+    assert_eq!(ready(router.clone()).await.status(), 200);
+    state.begin_shutdown();
+    let resp = ready(router).await;
+    assert_eq!(resp.status(), 503);
+    let body = axum::body::to_bytes(resp.into_body(), 10_000)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["code"], "UNAVAILABLE");
+    assert_eq!(v["error"]["details"]["reason"], "shutting_down");
+}
+
+/// The value of one series in a Prometheus text scrape (0 when absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let sim = Sim::start(SimConfig {
+        requests: 10_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut s = settings(&sim.base_url());
+    s.retry.max_retries = 2;
+    let proxy = spawn_proxy(s).await;
+    let c = client();
+    let scrape = || async {
+        c.get(proxy.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let before = scrape().await;
+
+    sim.push_fault(Fault::json(502, json!({"message": "x"})));
+    sim.push_fault(Fault::json(429, json!({"message": "slow"})).header("retry-after", "1"));
+    assert_eq!(
+        c.get(proxy.url("/api/v1/campaigns"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(proxy.url("/api/v1/campaigns/1001"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        c.get(proxy.url("/nope")).send().await.unwrap().status(),
+        404
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after = scrape().await;
+
+    let grew = |series: &str, by: f64| {
+        let d = sample(&after, series) - sample(&before, series);
+        assert!(d >= by, "{series} grew by {d}, expected {by}:\n{after}");
+    };
+    grew(
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"200\",source=\"upstream\"}",
+        1.0,
+    );
+    grew(
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns/{id}\",status=\"200\",source=\"upstream\"}",
+        1.0,
+    );
+    grew(
+        "smartlead_proxy_requests_total{route=\"other\",status=\"404\",source=\"proxy\"}",
+        1.0,
+    );
+    grew(
+        "smartlead_proxy_upstream_attempts_total{outcome=\"502\"}",
+        1.0,
+    );
+    grew(
+        "smartlead_proxy_upstream_attempts_total{outcome=\"429\"}",
+        1.0,
+    );
+    grew("smartlead_proxy_retries_total{reason=\"502\"}", 1.0);
+    grew("smartlead_proxy_retries_total{reason=\"429\"}", 1.0);
+    grew("smartlead_proxy_upstream_pauses_total", 1.0);
+    grew("smartlead_proxy_limiter_wait_seconds_count", 4.0);
+    assert!(after.contains("# TYPE smartlead_proxy_request_duration_seconds histogram"));
+    proxy.stop().await;
+}
