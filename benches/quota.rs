@@ -161,6 +161,7 @@ async fn main() {
         requests: QUOTA,
         period: PERIOD,
         latency: Duration::from_millis(5),
+        record: true,
     })
     .await
     .unwrap();

@@ -14,6 +14,7 @@
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
 //! - [`healthcheck`]: the `healthcheck` subcommand for container images.
+//! - [`demo`]: the `demo` subcommand.
 //!
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod healthcheck;
 pub mod key;

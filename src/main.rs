@@ -36,10 +36,10 @@ enum Command {
         host: std::net::IpAddr,
         #[arg(long, default_value_t = 9000)]
         port: u16,
-        /// The API key the simulator accepts.
+        /// The only API key accepted; empty accepts any (or none).
         #[arg(long, env = "SIM_API_KEY", default_value = "sim-key")]
         api_key: String,
-        /// Requests allowed per key in any window of --period.
+        /// Requests allowed per key in any window of --period; 0 for no limit.
         #[arg(long, default_value_t = 60)]
         requests: u32,
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -47,7 +47,13 @@ enum Command {
         /// Added before every answer.
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         latency: Duration,
+        /// Do not keep a record of requests (for long benchmarks).
+        #[arg(long)]
+        no_record: bool,
     },
+    /// See it work in under a minute: a simulated SmartLead with a small quota, the proxy
+    /// in front, 50 workers, and the same work done the seed recipe's way for comparison.
+    Demo,
 }
 
 #[tokio::main]
@@ -61,15 +67,24 @@ async fn main() -> ExitCode {
             requests,
             period,
             latency,
+            no_record,
         }) => {
             let config = sim::SimConfig {
-                api_key: Some(api_key),
+                api_key: (!api_key.is_empty()).then_some(api_key),
                 requests,
                 period,
                 latency,
+                record: !no_record,
             };
             simulate((host, port).into(), config).await
         }
+        Some(Command::Demo) => match smartlead_proxy::demo::run().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smartlead-proxy demo: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Command::Healthcheck { url }) => {
             let url = url.unwrap_or_else(|| {
                 let listen = std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")

@@ -21,13 +21,15 @@ use tokio::time::Instant;
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// The only key accepted; `None` accepts any key.
+    /// The only key accepted; `None` accepts any key, or none.
     pub api_key: Option<String>,
-    /// Requests allowed per key in any sliding window of `period`.
+    /// Requests allowed per key in any sliding window of `period`; 0 for no limit.
     pub requests: u32,
     pub period: Duration,
     /// Added before every answer.
     pub latency: Duration,
+    /// Keep every request for [`Sim::requests`] (off for long benchmarks).
+    pub record: bool,
 }
 
 impl Default for SimConfig {
@@ -37,6 +39,7 @@ impl Default for SimConfig {
             requests: 60,
             period: Duration::from_secs(60),
             latency: Duration::ZERO,
+            record: true,
         }
     }
 }
@@ -203,6 +206,8 @@ pub(crate) struct SimState {
     faults: Mutex<VecDeque<Fault>>,
     windows: Mutex<HashMap<String, VecDeque<Instant>>>,
     campaigns: Mutex<BTreeMap<u64, Campaign>>,
+    seen: std::sync::atomic::AtomicUsize,
+    limited: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,6 +240,8 @@ impl SimState {
             faults: Mutex::new(VecDeque::new()),
             windows: Mutex::new(HashMap::new()),
             campaigns: Mutex::new(campaigns),
+            seen: Default::default(),
+            limited: Default::default(),
         }
     }
 
@@ -257,6 +264,9 @@ impl SimState {
     /// Strict sliding window: Ok(remaining) when admitted, Err(retry_after) when not.
     fn admit(&self, key: &str, now: Instant) -> Result<(u32, Duration), Duration> {
         let (limit, period) = (self.config.requests as usize, self.config.period);
+        if limit == 0 {
+            return Ok((u32::MAX, Duration::ZERO));
+        }
         let mut windows = lock(&self.windows);
         let window = windows.entry(key.to_owned()).or_default();
         while window
@@ -326,7 +336,12 @@ impl Sim {
     }
 
     pub fn stats(&self) -> SimStats {
-        stats(&lock(&self.state.log))
+        stats(&self.state)
+    }
+
+    /// A cheap, `'static` handle on the counters (for progress displays).
+    pub fn shared(&self) -> SimCounters {
+        SimCounters(self.state.clone())
     }
 
     /// Forgets recorded requests, faults and rate windows (campaigns stay).
@@ -335,14 +350,28 @@ impl Sim {
     }
 }
 
-fn stats(log: &[Recorded]) -> SimStats {
+/// The simulator's counters, shareable across tasks.
+#[derive(Clone)]
+pub struct SimCounters(Arc<SimState>);
+
+impl SimCounters {
+    pub fn stats(&self) -> SimStats {
+        stats(&self.0)
+    }
+}
+
+fn stats(state: &SimState) -> SimStats {
+    use std::sync::atomic::Ordering::Relaxed;
     SimStats {
-        requests: log.len(),
-        rate_limited: log.iter().filter(|r| r.rate_limited).count(),
+        requests: state.seen.load(Relaxed),
+        rate_limited: state.limited.load(Relaxed),
     }
 }
 
 fn reset(state: &SimState) {
+    use std::sync::atomic::Ordering::Relaxed;
+    state.seen.store(0, Relaxed);
+    state.limited.store(0, Relaxed);
     lock(&state.log).clear();
     lock(&state.faults).clear();
     lock(&state.windows).clear();

@@ -73,15 +73,25 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
         .pop()
         .unwrap_or_default();
     let admitted = state.admit(&key, now);
-    lock(&state.log).push(Recorded {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_owned(),
-        query,
-        headers: parts.headers.clone(),
-        body: body.clone(),
-        at: now,
-        rate_limited: admitted.is_err(),
-    });
+    state
+        .seen
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if admitted.is_err() {
+        state
+            .limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if state.config.record {
+        lock(&state.log).push(Recorded {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            at: now,
+            rate_limited: admitted.is_err(),
+        });
+    }
     let limit = state.config.requests;
     let (remaining, reset) = match admitted {
         Ok(r) => r,
@@ -114,7 +124,10 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
             if let Some(FaultAction::Delay { ms }) = other {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let key_ok = state.config.api_key.as_ref().is_none_or(|k| *k == key) && !key.is_empty();
+            let key_ok = match &state.config.api_key {
+                Some(k) => *k == key,
+                None => true,
+            };
             if key_ok {
                 next.run(Request::from_parts(parts, Body::from(body))).await
             } else {
@@ -127,7 +140,9 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
             }
         }
     };
-    set_rate_headers(&mut resp, limit, remaining, reset);
+    if limit > 0 {
+        set_rate_headers(&mut resp, limit, remaining, reset);
+    }
     resp
 }
 
@@ -343,7 +358,7 @@ async fn recorded(State(state): St) -> Json<Value> {
 }
 
 async fn sim_stats(State(state): St) -> Json<super::SimStats> {
-    Json(stats(&lock(&state.log)))
+    Json(stats(&state))
 }
 
 async fn sim_reset(State(state): St) -> StatusCode {
