@@ -9,6 +9,7 @@
 //! - [`limiter`]: the shared quota (reservation log; local or Redis backend).
 //! - [`retry`]: retry policy (pure functions) and the attempt loop.
 //! - [`app`]: router and the middleware stack.
+//! - [`server`]: the accept loop (header-read timeout, graceful drain).
 //! - [`auth`]: bearer-token access control.
 //! - [`telemetry`]: tracing subscriber set-up.
 //! - [`metrics`]: Prometheus metric names and the recorder.
@@ -30,11 +31,12 @@ pub mod limiter;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;
+pub mod server;
 pub mod sim;
 pub mod telemetry;
 pub mod upstream;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::time::Duration;
 
 /// After the grace period, how long the 503 answers get to reach their callers.
@@ -70,28 +72,21 @@ pub async fn run(
     tracing::info!(%addr, "listening");
     let draining = state.clone();
 
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
         state.begin_shutdown();
-        let _ = stopping_tx.send(true);
     };
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(signal)
-        .into_future();
-    tokio::pin!(server);
-    let grace_expired = async move {
-        let _ = stopping_rx.wait_for(|s| *s).await;
-        tokio::time::sleep(grace).await;
-    };
+    let graceful = server::accept(listener, router, signal).await;
+    let drain = graceful.shutdown();
+    tokio::pin!(drain);
     tokio::select! {
-        res = &mut server => res?,
-        _ = grace_expired => {
+        _ = &mut drain => {}
+        _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace expired: answering requests still waiting with 503");
             draining.abort_remaining();
             // Give those answers a moment to be written, then stop regardless.
-            if tokio::time::timeout(ABORT_FLUSH, &mut server).await.is_err() {
+            if tokio::time::timeout(ABORT_FLUSH, &mut drain).await.is_err() {
                 tracing::warn!("closing connections still streaming after the grace period");
             }
         }

@@ -240,3 +240,18 @@ fn error_response(
     resp.headers_mut().extend(headers);
     resp
 }
+
+#[cfg(test)]
+mod size_probe {
+    #[tokio::test]
+    async fn future_sizes() {
+        let mut s = crate::Settings::default();
+        s.upstream.api_key = Some(crate::key::ApiKey::new("k"));
+        let state = crate::app::AppState::new(s).unwrap();
+        let req = axum::extract::Request::new(axum::body::Body::empty());
+        let f = super::forward(axum::extract::State(state.clone()), req);
+        eprintln!("forward future: {} bytes", std::mem::size_of_val(&f));
+        let l = state.limiter().acquire(tokio::time::Instant::now());
+        eprintln!("acquire future: {} bytes", std::mem::size_of_val(&l));
+    }
+}

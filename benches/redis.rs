@@ -1,0 +1,91 @@
+//! Redis limiter decisions per second per instance, against raw Redis round trips (PING
+//! over the same kind of connection, same concurrency) measured in the same run.
+//!
+//! `cargo bench --bench redis` (needs Redis on 127.0.0.1:6379).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use smartlead_proxy::Settings;
+use smartlead_proxy::config::LimitBackend;
+use smartlead_proxy::limiter::Limiter;
+use tokio::time::Instant;
+
+const CONCURRENCY: usize = 64;
+const RUN: Duration = Duration::from_secs(5);
+
+async fn rate<F, Fut>(op: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + RUN;
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (op, done) = (op.clone(), done.clone());
+            tokio::spawn(async move {
+                while Instant::now() < end {
+                    if op().await {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / RUN.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("redis bench: skipped (run it with `cargo bench --bench redis`)");
+        return;
+    }
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let conn = redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("Redis on 127.0.0.1:6379");
+    let ping = rate(move || {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    let mut s = Settings::default();
+    s.upstream.api_key = Some(smartlead_proxy::key::ApiKey::new("k"));
+    s.limit.backend = LimitBackend::Redis;
+    s.limit.requests = 4_000_000_000;
+    s.limit.period = Duration::from_secs(1);
+    s.limit.max_queue = 1_000_000;
+    s.redis.key = format!("bench-{}", uuid::Uuid::new_v4());
+    let limiter = Arc::new(Limiter::from_settings(&s).unwrap());
+    let l = limiter.clone();
+    let decisions = rate(move || {
+        let l = l.clone();
+        async move {
+            l.acquire(Instant::now() + Duration::from_secs(1))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    println!(
+        "{CONCURRENCY} concurrent callers, {}s each, one connection to local Redis",
+        RUN.as_secs()
+    );
+    println!("raw PING round trips:      {ping:>10.0} /s");
+    println!("limiter decisions (Lua):   {decisions:>10.0} /s");
+    println!("ratio decisions/PING:      {:>10.2}", decisions / ping);
+    println!("limiter state after run:   {:?}", limiter.status().state);
+}
