@@ -148,8 +148,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     Json(json!({"status": "ready", "limiter": limiter})).into_response()
 }
 
-async fn metrics() -> Response {
-    let body = crate::metrics::handle().render();
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = crate::metrics::render(state.limiter().queued());
     (
         [(
             http::header::CONTENT_TYPE,
@@ -178,8 +178,13 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
     let _in_flight = crate::metrics::InFlight::enter();
     let start = Instant::now();
     let method = req.method().clone();
-    let path = state.upstream().scrub(req.uri().path());
-    let request_id = proxy::request_id(req.headers());
+    let path = req.uri().path().to_owned();
+    let logging = tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO);
+    let request_id = if logging {
+        proxy::request_id(req.headers())
+    } else {
+        String::new()
+    };
     let resp = next.run(req).await;
     let served = resp
         .extensions()
@@ -188,20 +193,23 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
         .unwrap_or_default();
     let elapsed = start.elapsed();
     let status = resp.status().as_u16();
-    tracing::info!(
-        target: "smartlead_proxy::access",
-        request_id,
-        method = %method,
-        path,
-        status,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        route = crate::metrics::route_label(&path),
-        attempts = served.attempts,
-        queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
-        upstream_ms = served.upstream_time.as_secs_f64() * 1000.0,
-        "request"
-    );
+    let route = crate::metrics::route_label(&path);
+    if logging {
+        tracing::info!(
+            target: "smartlead_proxy::access",
+            request_id,
+            method = %method,
+            path = %state.upstream().scrub(&path),
+            route,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            attempts = served.attempts,
+            queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
+            upstream_ms = served.upstream_time.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
     let source = if served.upstream { "upstream" } else { "proxy" };
-    crate::metrics::request_done(crate::metrics::route_label(&path), status, source, elapsed);
+    crate::metrics::request_done(&route, status, source, elapsed);
     resp
 }

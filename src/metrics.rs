@@ -1,7 +1,8 @@
 //! Prometheus metrics: every name in one place, the recorder installed once per process.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -37,6 +38,16 @@ pub fn handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Only fails if something else installed a recorder first; then we render nothing.
         let _ = metrics::set_global_recorder(recorder);
+        // Histograms keep raw samples until drained: drain them even if nobody scrapes.
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
         handle
     })
 }
@@ -55,12 +66,17 @@ pub fn route_label(path: &str) -> String {
         let id_like = seg.len() > 24 || seg.bytes().any(|b| b.is_ascii_digit());
         label.push_str(if id_like { "{id}" } else { seg });
     }
-    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if seen.contains(&label) || seen.len() < MAX_ROUTES {
+    static SEEN: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    if seen
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&label)
+    {
+        return label;
+    }
+    let mut seen = seen.write().unwrap_or_else(|e| e.into_inner());
+    if seen.len() < MAX_ROUTES {
         seen.insert(label.clone());
         label
     } else {
@@ -68,30 +84,74 @@ pub fn route_label(path: &str) -> String {
     }
 }
 
-pub fn request_done(route: String, status: u16, source: &'static str, elapsed: Duration) {
-    counter!(REQUESTS, "route" => route.clone(), "status" => status.to_string(), "source" => source)
-        .increment(1);
-    histogram!(REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
+/// Counter and histogram handles per (route, status, source), so the hot path skips the
+/// registry's hashing and label allocation after the first request of a kind.
+type RequestHandles = (metrics::Counter, metrics::Histogram);
+type RequestCache = RwLock<std::collections::HashMap<(String, u16, &'static str), RequestHandles>>;
+
+pub fn request_done(route: &str, status: u16, source: &'static str, elapsed: Duration) {
+    static CACHE: OnceLock<RequestCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (route.to_owned(), status, source);
+    let cached = cache
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let (count, duration) = cached.unwrap_or_else(|| {
+        let handles = (
+            counter!(REQUESTS, "route" => route.to_owned(), "status" => status.to_string(), "source" => source),
+            histogram!(REQUEST_DURATION, "route" => route.to_owned()),
+        );
+        cache.write().unwrap_or_else(|e| e.into_inner()).insert(key, handles.clone());
+        handles
+    });
+    count.increment(1);
+    duration.record(elapsed.as_secs_f64());
 }
 
-/// Counts requests in progress; the guard keeps the gauge right if the client goes away.
+static IN_FLIGHT_NOW: AtomicI64 = AtomicI64::new(0);
+
+/// Counts requests in progress (an atomic, exported at scrape time); the guard keeps the
+/// count right if the client goes away.
 pub struct InFlight;
 
 impl InFlight {
     pub fn enter() -> Self {
-        gauge!(IN_FLIGHT).increment(1.0);
+        IN_FLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
         Self
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        gauge!(IN_FLIGHT).decrement(1.0);
+        IN_FLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-pub fn upstream_attempt(outcome: String) {
-    counter!(UPSTREAM_ATTEMPTS, "outcome" => outcome).increment(1);
+/// Renders the scrape, first setting the gauges that are kept as plain counters on the
+/// hot path.
+pub fn render(queue_depth: usize) -> String {
+    let handle = handle();
+    gauge!(IN_FLIGHT).set(IN_FLIGHT_NOW.load(Ordering::Relaxed) as f64);
+    gauge!(QUEUE_DEPTH).set(queue_depth as f64);
+    handle.render()
+}
+
+pub fn upstream_attempt(outcome: &str) {
+    static CACHE: OnceLock<RwLock<std::collections::HashMap<String, metrics::Counter>>> =
+        OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(c) = cache.read().unwrap_or_else(|e| e.into_inner()).get(outcome) {
+        c.increment(1);
+        return;
+    }
+    let c = counter!(UPSTREAM_ATTEMPTS, "outcome" => outcome.to_owned());
+    c.increment(1);
+    cache
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(outcome.to_owned(), c);
 }
 
 pub fn retry(reason: String) {
@@ -99,11 +159,9 @@ pub fn retry(reason: String) {
 }
 
 pub fn limiter_wait(waited: Duration) {
-    histogram!(LIMITER_WAIT).record(waited.as_secs_f64());
-}
-
-pub fn queue_depth(depth: usize) {
-    gauge!(QUEUE_DEPTH).set(depth as f64);
+    static H: OnceLock<metrics::Histogram> = OnceLock::new();
+    H.get_or_init(|| histogram!(LIMITER_WAIT))
+        .record(waited.as_secs_f64());
 }
 
 pub fn quota_rejected(reason: &'static str) {

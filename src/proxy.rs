@@ -82,7 +82,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     state.retry_budget().record_request();
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
     let safety = Safety::of(&parts.method, api_path, &parts.headers, &settings.retry);
-    let mut headers = request_headers(&parts.headers);
+    let mut headers = request_headers(parts.headers);
     headers.remove(REQUEST_TIMEOUT_HEADER);
     let mut exchange =
         retry::Exchange::new(&state, parts.method.clone(), target, headers, body, safety);

@@ -273,17 +273,21 @@ impl<'a> Exchange<'a> {
                 .send(
                     self.method.clone(),
                     self.target.clone(),
-                    &self.headers,
+                    self.headers.clone(),
                     self.body.clone(),
                     timeout,
                 )
                 .await;
-            let outcome = match &sent {
-                Ok(resp) => resp.status().as_u16().to_string(),
-                Err(e) => e.kind().to_owned(),
+            let status;
+            let outcome: &str = match &sent {
+                Ok(resp) => {
+                    status = resp.status();
+                    status.as_str()
+                }
+                Err(e) => e.kind(),
             };
             tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = began.elapsed().as_secs_f64() * 1000.0, "upstream attempt");
-            crate::metrics::upstream_attempt(outcome.clone());
+            crate::metrics::upstream_attempt(outcome);
             let (retryable, asked, last) = match sent {
                 Ok(resp) if is_pass_through(resp.status()) => {
                     self.upstream_time += began.elapsed();
@@ -321,7 +325,7 @@ impl<'a> Exchange<'a> {
                 return last;
             }
             tracing::info!(attempt = self.attempts, %outcome, "retrying");
-            crate::metrics::retry(outcome);
+            crate::metrics::retry(outcome.to_owned());
             if limited {
                 // The quota is shared: everyone pauses, and the limiter spaces the restart.
                 self.state.limiter().pause(self.pause_for(asked)).await;

@@ -127,10 +127,10 @@ impl Upstream {
     }
 
     /// Scrubs the configured key out of `text` (a no-op without a key).
-    pub fn scrub(&self, text: &str) -> String {
+    pub fn scrub<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
         match &self.key {
-            Some(k) => k.scrub(text).into_owned(),
-            None => text.to_owned(),
+            Some(k) => k.scrub(text),
+            None => std::borrow::Cow::Borrowed(text),
         }
     }
 
@@ -199,7 +199,7 @@ impl Upstream {
         &self,
         method: Method,
         uri: Uri,
-        headers: &HeaderMap,
+        headers: HeaderMap,
         body: Bytes,
         timeout: Duration,
     ) -> Result<Response<Incoming>, AttemptError> {
@@ -208,7 +208,7 @@ impl Upstream {
             .uri(uri)
             .body(Full::new(body))
             .map_err(|e| AttemptError::Invalid(e.to_string()))?;
-        *req.headers_mut() = headers.clone();
+        *req.headers_mut() = headers;
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(AttemptError::Timeout(timeout)),
             Ok(Ok(resp)) => Ok(resp),
@@ -217,7 +217,7 @@ impl Upstream {
     }
 
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> AttemptError {
-        let chain = self.scrub(&error_chain(e));
+        let chain = self.scrub(&error_chain(e)).into_owned();
         if e.is_connect() {
             return AttemptError::Connect(chain);
         }
@@ -293,8 +293,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The client's headers as they should reach SmartLead.
-pub fn request_headers(client: &HeaderMap) -> HeaderMap {
-    let mut headers = client.clone();
+pub fn request_headers(mut headers: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     // Host comes from the target URI; length is recomputed from the buffered body.
     headers.remove(header::HOST);
@@ -387,7 +386,7 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::HOST, "evil.example".parse().unwrap());
         h.insert("x-custom", "kept".parse().unwrap());
-        let out = request_headers(&h);
+        let out = request_headers(h);
         assert_eq!(out.len(), 1);
         assert_eq!(out["x-custom"], "kept");
     }

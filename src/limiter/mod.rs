@@ -204,7 +204,6 @@ impl Limiter {
 
     fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
-        crate::metrics::queue_depth(before + 1);
         let seat = QueueSeat(&self.waiting);
         if before >= self.max_queue {
             // An honest estimate: the time the queue ahead needs to drain.
@@ -222,8 +221,7 @@ struct QueueSeat<'a>(&'a AtomicUsize);
 
 impl Drop for QueueSeat<'_> {
     fn drop(&mut self) {
-        let after = self.0.fetch_sub(1, Ordering::AcqRel) - 1;
-        crate::metrics::queue_depth(after);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
