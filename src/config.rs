@@ -63,6 +63,9 @@ pub struct ServerSettings {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub access_tokens: Vec<SecretString>,
+    /// A client must send its request head, and each part of its body, within this.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -72,6 +75,7 @@ impl Default for ServerSettings {
             max_body_bytes: 10 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             access_tokens: Vec::new(),
+            client_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -331,6 +335,7 @@ impl Settings {
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be at least 1"));
         }
+        positive("server.client_timeout", s.client_timeout)?;
         if s.access_tokens.iter().any(|t| t.expose_secret().is_empty()) {
             return Err(invalid("server.access_tokens", "tokens must not be empty"));
         }

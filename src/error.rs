@@ -388,4 +388,28 @@ mod tests {
         assert!(is_envelope(&e.body()));
         assert_eq!(e.body()["error"]["details"]["max_body_bytes"], 10);
     }
+
+    proptest::proptest! {
+        /// Any bytes with any content type and status come out as a valid envelope
+        /// (or pass through because they already are one).
+        #[test]
+        fn any_upstream_body_becomes_an_envelope(
+            status in 300u16..600,
+            ct in proptest::option::of("[a-z/+;= -]{0,30}"),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
+        ) {
+            let status = StatusCode::from_u16(status).unwrap();
+            let out = normalize_upstream(status, ct.as_deref(), &body, Map::new()).into_bytes();
+            let v: Value = serde_json::from_slice(&out).expect("always JSON");
+            proptest::prop_assert!(is_envelope(&v));
+        }
+
+        #[test]
+        fn json_shaped_bodies_become_envelopes(msg in ".{0,100}", key in "[a-z]{1,8}") {
+            let body = serde_json::json!({ key: msg }).to_string();
+            let out = normalize_upstream(StatusCode::BAD_GATEWAY, Some("application/json"), body.as_bytes(), Map::new()).into_bytes();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert!(is_envelope(&v));
+        }
+    }
 }

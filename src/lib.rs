@@ -11,6 +11,7 @@
 //! - [`app`]: router and the middleware stack.
 //! - [`server`]: the accept loop (header-read timeout, graceful drain).
 //! - [`auth`]: bearer-token access control.
+//! - [`body`]: bodies that end when the other side stalls.
 //! - [`telemetry`]: tracing subscriber set-up.
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
@@ -22,6 +23,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -63,6 +65,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let grace = settings.server.shutdown_grace;
+    let client_timeout = settings.server.client_timeout;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && settings.server.access_tokens.is_empty() {
         tracing::warn!(%addr, "listening beyond loopback without server.access_tokens: anyone who can reach this port can spend the API quota");
@@ -77,7 +80,7 @@ pub async fn run(
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
         state.begin_shutdown();
     };
-    let graceful = server::accept(listener, router, signal).await;
+    let graceful = server::accept(listener, router, client_timeout, signal).await;
     let drain = graceful.shutdown();
     tokio::pin!(drain);
     tokio::select! {

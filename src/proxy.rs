@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use std::time::Duration;
 
 use crate::app::AppState;
+use crate::body::{IdleTimeout, Stalled};
 use crate::error::{ApiError, normalize_upstream};
 use crate::retry::{self, Failed, Outcome, Safety};
 use crate::upstream::{API_PREFIX, request_headers, strip_hop_by_hop};
@@ -72,7 +73,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     let prepared = async {
         let target = upstream.target(parts.uri.path(), parts.uri.query())?;
         let timeout = request_timeout(&parts.headers)?;
-        let body = read_body(body, &parts.headers, settings.server.max_body_bytes).await?;
+        let body = read_body(body, &parts.headers, &settings.server).await?;
         Ok::<_, ApiError>((target, timeout, body))
     };
     let (target, timeout, body) = match prepared.await {
@@ -105,6 +106,9 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
         Outcome::Success(resp) => {
             let (mut head, body) = resp.into_parts();
             strip_hop_by_hop(&mut head.headers);
+            // A body that stalls is cut (the client sees a broken response, never a
+            // truncated one passed off as complete).
+            let body = IdleTimeout::new(body, settings.upstream.timeout);
             Response::from_parts(head, Body::new(body))
         }
         Outcome::Failed(failed) => {
@@ -175,7 +179,12 @@ fn add_ratelimit_headers(state: &AppState, headers: &mut HeaderMap) {
 }
 
 /// Reads the client's body, refusing it as soon as it passes `max_body_bytes`.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    server: &crate::config::ServerSettings,
+) -> Result<Bytes, ApiError> {
+    let limit = server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -183,11 +192,20 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
+    let body = IdleTimeout::new(body, server.client_timeout);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             Err(ApiError::payload_too_large(limit))
         }
+        Err(e) if e.downcast_ref::<Stalled>().is_some() => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "REQUEST_TIMEOUT",
+            format!(
+                "the request body stalled for {} (server.client_timeout)",
+                humantime::format_duration(server.client_timeout)
+            ),
+        )),
         Err(_) => Err(ApiError::bad_request("the request body could not be read")),
     }
 }
@@ -239,19 +257,4 @@ fn error_response(
     let mut resp = (status, out).into_response();
     resp.headers_mut().extend(headers);
     resp
-}
-
-#[cfg(test)]
-mod size_probe {
-    #[tokio::test]
-    async fn future_sizes() {
-        let mut s = crate::Settings::default();
-        s.upstream.api_key = Some(crate::key::ApiKey::new("k"));
-        let state = crate::app::AppState::new(s).unwrap();
-        let req = axum::extract::Request::new(axum::body::Body::empty());
-        let f = super::forward(axum::extract::State(state.clone()), req);
-        eprintln!("forward future: {} bytes", std::mem::size_of_val(&f));
-        let l = state.limiter().acquire(tokio::time::Instant::now());
-        eprintln!("acquire future: {} bytes", std::mem::size_of_val(&l));
-    }
 }

@@ -12,16 +12,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// A client must finish sending its request head within this long.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most request headers accepted (hyper's default, stated here).
 pub const MAX_HEADERS: usize = 100;
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .max_headers(MAX_HEADERS);
     b.http2().timer(TokioTimer::new());
     b
@@ -31,10 +29,11 @@ fn builder() -> auto::Builder<TokioExecutor> {
 pub async fn accept(
     listener: TcpListener,
     router: Router,
+    header_read_timeout: Duration,
     stop: impl Future<Output = ()>,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder());
+    let builder = Arc::new(builder(header_read_timeout));
     tokio::pin!(stop);
     loop {
         tokio::select! {

@@ -390,4 +390,30 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(out["x-custom"], "kept");
     }
+
+    proptest::proptest! {
+        /// Whatever path and query a client sends, the target stays on the upstream host,
+        /// under its base path, and carries the configured key exactly once.
+        #[test]
+        fn any_uri_stays_on_the_upstream_with_one_key(
+            path in "(/[a-zA-Z0-9._~%@:!$&'()*+,;=-]{0,12}){1,5}",
+            query in proptest::option::of("[a-zA-Z0-9_%=&+.-]{0,60}"),
+        ) {
+            let u = upstream(false);
+            let client_path = format!("{API_PREFIX}{path}");
+            if let Ok(uri) = u.target(&client_path, query.as_deref()) {
+                proptest::prop_assert_eq!(uri.host(), Some("server.smartlead.ai"));
+                proptest::prop_assert_eq!(uri.scheme_str(), Some("https"));
+                proptest::prop_assert!(uri.path().starts_with("/api/v1/"));
+                let keys: Vec<String> = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("api_key"))
+                    .map(|(_, v)| v.into_owned())
+                    .collect();
+                proptest::prop_assert_eq!(keys, vec!["K3Y".to_string()]);
+                for seg in uri.path().split('/') {
+                    proptest::prop_assert!(seg != ".." && seg != ".");
+                }
+            }
+        }
+    }
 }

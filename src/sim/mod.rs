@@ -83,6 +83,13 @@ pub enum FaultAction {
     Reset,
     /// Wait this long, then answer normally.
     Delay { ms: u64 },
+    /// Answer 200 promising a longer body, send `first`, then hang (or reset the
+    /// connection when `reset`).
+    Truncated {
+        first: String,
+        #[serde(default)]
+        reset: bool,
+    },
 }
 
 impl Fault {
@@ -129,6 +136,13 @@ impl Fault {
 
     pub fn reset() -> Self {
         Self::new(FaultAction::Reset)
+    }
+
+    pub fn truncated(first: &str, reset: bool) -> Self {
+        Self::new(FaultAction::Truncated {
+            first: first.into(),
+            reset,
+        })
     }
 
     pub fn delay(d: Duration) -> Self {

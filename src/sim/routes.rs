@@ -104,6 +104,10 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
     let api_path = parts.uri.path().trim_start_matches("/api/v1");
     let mut resp = match state.take_fault(api_path) {
         Some(FaultAction::Hang) => std::future::pending().await,
+        Some(FaultAction::Truncated { first, reset }) => {
+            let kill = parts.extensions.get::<ConnKill>().cloned();
+            truncated(first, reset, kill)
+        }
         Some(FaultAction::Reset) => {
             if let Some(kill) = parts.extensions.get::<ConnKill>() {
                 kill.kill();
@@ -167,6 +171,33 @@ fn scripted(
             h.append(n, v);
         }
     }
+    resp
+}
+
+/// A 200 whose body breaks off after `first`: it then hangs, or the connection resets.
+fn truncated(first: String, reset: bool, kill: Option<ConnKill>) -> Response {
+    use futures_util::StreamExt;
+    let promised = first.len() + 1000;
+    let head =
+        futures_util::stream::once(
+            async move { Ok::<_, std::io::Error>(bytes::Bytes::from(first)) },
+        );
+    let tail = futures_util::stream::once(async move {
+        if reset {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(k) = kill {
+                k.kill();
+            }
+        }
+        std::future::pending::<Result<bytes::Bytes, std::io::Error>>().await
+    });
+    let mut resp = Response::new(Body::from_stream(head.chain(tail)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(promised));
     resp
 }
 

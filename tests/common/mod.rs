@@ -176,12 +176,21 @@ pub fn max_in_window(sim: &Sim, period: Duration, since: Option<tokio::time::Ins
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<std::process::Child>,
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra: &[&str]) -> Self {
         let port = closed_port().await;
-        let mut r = Self { port, child: None };
+        let mut r = Self {
+            port,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
         r.restart().await;
         r
     }

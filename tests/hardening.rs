@@ -1,0 +1,293 @@
+//! Faults and hostile input: broken or stalled upstream bodies, slow or malformed clients,
+//! odd headers, Redis that misbehaves. Every case ends in an envelope or a closed
+//! connection within its deadline, and the proxy keeps serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
+    let sim = Sim::start(SimConfig {
+        requests: 10_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut s = settings(&sim.base_url());
+    tweak(&mut s);
+    s.validate().unwrap();
+    let proxy = spawn_proxy(s).await;
+    (sim, proxy)
+}
+
+async fn still_serves(proxy: &Proxy) {
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the proxy kept serving");
+}
+
+/// Reads until the server closes the connection; panics if it stays open past `limit`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "connection still open after {limit:?}; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_reset_mid_stream_is_cut_not_passed_off_as_complete() {
+    let (sim, proxy) = setup(|_| {}).await;
+    sim.push_fault(Fault::truncated(r#"[{"id":1"#, true));
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the status had already been sent");
+    assert!(
+        resp.bytes().await.is_err(),
+        "the client must see a broken body"
+    );
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_hangs_mid_stream_is_cut_after_the_upstream_timeout() {
+    let (sim, proxy) = setup(|s| s.upstream.timeout = Duration::from_millis(500)).await;
+    sim.push_fault(Fault::truncated(r#"[{"id":1"#, false));
+    let started = Instant::now();
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.bytes().await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn slowloris_headers_are_dropped() {
+    let (sim, proxy) = setup(|s| s.server.client_timeout = Duration::from_millis(500)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /api/v1/campaigns HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(sim.stats().requests, 0);
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let (sim, proxy) = setup(|s| s.server.client_timeout = Duration::from_millis(500)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"POST /api/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains(r#""code":"REQUEST_TIMEOUT""#), "{reply}");
+    assert_eq!(sim.stats().requests, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_never_reach_upstream() {
+    let (sim, proxy) = setup(|_| {}).await;
+    let cases: Vec<Vec<u8>> = vec![
+        b"GET /api/v1/echo HTTP/1.1\r\nHost: x\r\nX-Evil: a\rb\r\n\r\n".to_vec(),
+        b"GET /api/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+            .to_vec(),
+        [
+            b"GET /api/v1/echo HTTP/1.1\r\nHost: x\r\nX-Huge: ".to_vec(),
+            vec![b'a'; 512 * 1024],
+            b"\r\n\r\n".to_vec(),
+        ]
+        .concat(),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n".to_vec(),
+    ];
+    for raw in cases {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = s.write_all(&raw).await;
+        let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert!(
+            reply.is_empty() || reply.starts_with("HTTP/1.1 4"),
+            "{reply}"
+        );
+    }
+    assert_eq!(sim.stats().requests, 0);
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
+/// RFC 9112: with both, Transfer-Encoding wins and the connection closes afterwards. The
+/// proxy re-frames what it forwards, so no smuggled second request can reach SmartLead.
+#[tokio::test]
+async fn content_length_and_chunked_together_cannot_smuggle() {
+    let (sim, proxy) = setup(|_| {}).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /api/v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/v1/campaigns/1001 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let got = sim.requests();
+    assert_eq!(got.len(), 1, "the smuggled GET was not forwarded: {got:?}");
+    assert_eq!(got[0].method, "POST");
+    assert!(got[0].body.is_empty());
+    assert!(!got[0].headers.contains_key("transfer-encoding"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn huge_upstream_headers_are_a_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let mut reply = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
+            reply.extend(vec![b'a'; 1024 * 1024]);
+            reply.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
+            let _ = s.write_all(&reply).await;
+        }
+    });
+    let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .send()
+        .await
+        .unwrap();
+    expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
+    proxy.stop().await;
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn thousands_of_idle_connections_leak_nothing() {
+    let (_sim, proxy) = setup(|_| {}).await;
+    still_serves(&proxy).await;
+    let before = open_fds();
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(tokio::net::TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    still_serves(&proxy).await;
+    drop(idle);
+    // The proxy notices the closed connections; its descriptors come back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds() > before + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "fds: {} before, {} after",
+            before,
+            open_fds()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn redis_with_a_wrong_password_falls_back_and_says_so() {
+    let mut redis = PrivateRedis::start_with(&["--requirepass", "right"]).await;
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let url = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let proxy = spawn_proxy(quota_settings(
+        &sim.base_url(),
+        10,
+        Duration::from_secs(1),
+        Some((&url, "k")),
+    ))
+    .await;
+    let started = Instant::now();
+    still_serves(&proxy).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let ready: Value = client()
+        .get(proxy.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["limiter"]["state"], "fallback", "{ready}");
+    assert!(
+        !ready.to_string().contains("wrong"),
+        "the password is not shown: {ready}"
+    );
+    proxy.stop().await;
+    redis.kill();
+}
+
+#[tokio::test]
+async fn a_paused_redis_does_not_hang_requests() {
+    let redis = PrivateRedis::start().await;
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let mut s = quota_settings(
+        &sim.base_url(),
+        100,
+        Duration::from_secs(1),
+        Some((&redis.url(), "k")),
+    );
+    s.limit.max_wait = Duration::from_secs(2);
+    let proxy = spawn_proxy(s).await;
+    still_serves(&proxy).await;
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CLIENT",
+            "PAUSE",
+            "3000",
+            "ALL",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let started = Instant::now();
+    still_serves(&proxy).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        started.elapsed()
+    );
+    proxy.stop().await;
+}
