@@ -115,7 +115,7 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
     };
     telemetry::init(&settings.log);
     let addr = settings.server.listen;
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match bind(addr) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("smartlead-proxy: cannot listen on {addr} (server.listen): {e}");
@@ -144,6 +144,19 @@ async fn simulate(addr: std::net::SocketAddr, config: sim::SimConfig) -> ExitCod
             ExitCode::from(1)
         }
     }
+}
+
+/// Binds with a deep accept backlog, so a burst of thousands of clients queues in the
+/// kernel instead of having its SYNs dropped.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -16,6 +16,10 @@ use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::key::ApiKey;
 
+/// Idle upstream connections kept for reuse; a burst beyond this opens more, which close
+/// once idle.
+pub const POOL_MAX_IDLE: usize = 64;
+
 /// The client-facing prefix that maps onto `upstream.base_url`.
 pub const API_PREFIX: &str = "/api/v1";
 
@@ -113,6 +117,7 @@ impl Upstream {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
             .build(https);
         Ok(Self {
             base,
