@@ -291,3 +291,61 @@ async fn a_paused_redis_does_not_hang_requests() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_redis_falls_back_then_rejoins() {
+    let redis = PrivateRedis::start().await;
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let proxy = spawn_proxy(quota_settings(
+        &sim.base_url(),
+        100,
+        Duration::from_secs(1),
+        Some((&redis.url(), "k")),
+    ))
+    .await;
+    still_serves(&proxy).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(redis.port.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+    let state = || async {
+        let v: Value = client()
+            .get(proxy.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["limiter"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    // Redis notices it is over its limit on its next writes; the heartbeat or the next
+    // decision then fails and the instance falls back, serving all along.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state().await != "fallback" {
+        assert!(Instant::now() < deadline, "did not fall back");
+        let started = Instant::now();
+        still_serves(&proxy).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_serves(&proxy).await;
+    cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state().await != "shared" {
+        assert!(Instant::now() < deadline, "did not rejoin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}

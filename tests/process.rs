@@ -134,6 +134,7 @@ fn start(base_url: &str, extra: &[(&str, &str)]) -> Running {
         ("SMARTLEAD_PROXY__SERVER__LISTEN", "127.0.0.1:0"),
         ("SMARTLEAD_PROXY__LOG__LEVEL", "debug"),
         ("SMARTLEAD_PROXY__RETRY__BASE_DELAY", "10ms"),
+        ("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", "1024"),
     ];
     envs.extend_from_slice(extra);
     let mut child = command(&envs).spawn().unwrap();
@@ -259,6 +260,28 @@ async fn the_key_never_appears_in_logs_or_bodies() {
     bodies.push(resp.text().await.unwrap());
     // Six reach upstream; the reset GET is retried once.
     assert_eq!(sim.stats().requests, 7);
+    // Proxy-made errors too: a body over the limit, a stalled upstream, and the metrics.
+    let resp = check(
+        c.post(proxy.url("/api/v1/echo"))
+            .body(vec![b'x'; 2048])
+            .send()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(resp.status(), 413);
+    bodies.push(resp.text().await.unwrap());
+    sim.push_fault(Fault::hang());
+    let resp = check(
+        c.get(proxy.url("/api/v1/campaigns"))
+            .header("x-request-timeout", "300ms")
+            .send()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(resp.status(), 504);
+    bodies.push(resp.text().await.unwrap());
+    let resp = check(c.get(proxy.url("/metrics")).send().await.unwrap());
+    bodies.push(resp.text().await.unwrap());
 
     let status = proxy.terminate();
     assert!(status.success(), "exit status {status:?}");
@@ -268,7 +291,7 @@ async fn the_key_never_appears_in_logs_or_bodies() {
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["message"] == "request")
         .collect();
-    assert_eq!(access.len(), 8, "one access line per request: {output:#?}");
+    assert_eq!(access.len(), 11, "one access line per request: {output:#?}");
     for line in &access {
         for field in [
             "request_id",
