@@ -30,11 +30,7 @@ async fn conforming_upstream_envelopes_pass_through_unchanged() {
             Some("application/json"),
             body.clone(),
         ));
-        let resp = client()
-            .get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap();
+        let resp = proxy.get("/api/v1/campaigns").await;
         assert_eq!(resp.status().as_u16(), status);
         assert_eq!(resp.headers()["content-type"], "application/json");
         assert_eq!(
@@ -100,11 +96,7 @@ async fn upstream_details_and_rate_headers_are_kept() {
         422,
         json!({"message": "bad lead", "details": {"field": "lead_list[0].email"}}),
     ));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.headers()["x-ratelimit-limit"], "10000");
     let v = expect_envelope(resp, 422, "VALIDATION_ERROR").await;
     assert_eq!(
@@ -131,11 +123,7 @@ async fn the_key_is_scrubbed_from_upstream_error_bodies() {
         &format!("https://elsewhere.example/x?api_key={KEY}"),
     ));
     for _ in 0..3 {
-        let resp = client()
-            .get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap();
+        let resp = proxy.get("/api/v1/campaigns").await;
         assert!(resp.headers().get("location").is_none());
         let text = resp.text().await.unwrap();
         assert!(!text.contains(KEY), "{text}");
@@ -156,11 +144,7 @@ async fn gzip_error_bodies_are_decoded_before_wrapping() {
         Fault::respond_bytes(500, Some("application/json"), body)
             .header("content-encoding", "gzip"),
     );
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     let v = expect_envelope(resp, 500, "UPSTREAM_ERROR").await;
     assert_eq!(v["error"]["message"], "compressed trouble");
     proxy.stop().await;
@@ -170,11 +154,7 @@ async fn gzip_error_bodies_are_decoded_before_wrapping() {
 async fn unreachable_upstream_is_502_upstream_unavailable() {
     let port = closed_port().await;
     let proxy = spawn_proxy(settings(&format!("http://127.0.0.1:{port}/api/v1"))).await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     let v = expect_envelope(resp, 502, "UPSTREAM_UNAVAILABLE").await;
     assert_eq!(v["error"]["details"]["attempts"], 1);
     proxy.stop().await;
@@ -184,18 +164,10 @@ async fn unreachable_upstream_is_502_upstream_unavailable() {
 async fn connection_reset_is_502_upstream_unavailable() {
     let (sim, proxy) = sim_and_proxy().await;
     sim.push_fault(Fault::reset());
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 502, "UPSTREAM_UNAVAILABLE").await;
     // The next request works on a fresh connection.
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     proxy.stop().await;
 }
@@ -213,11 +185,7 @@ async fn garbage_from_upstream_is_502_upstream_error() {
         }
     });
     let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
     proxy.stop().await;
 }
@@ -232,11 +200,7 @@ async fn slow_upstream_is_504_upstream_timeout_in_time() {
     let proxy = spawn_proxy(s).await;
     sim.push_fault(Fault::delay(Duration::from_secs(3)));
     let started = Instant::now();
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     let v = expect_envelope(resp, 504, "UPSTREAM_TIMEOUT").await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -248,11 +212,7 @@ async fn slow_upstream_is_504_upstream_timeout_in_time() {
         "{v}"
     );
     sim.push_fault(Fault::hang());
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 504, "UPSTREAM_TIMEOUT").await;
     proxy.stop().await;
 }
@@ -321,11 +281,7 @@ async fn unknown_paths_and_methods_get_envelopes() {
 #[tokio::test]
 async fn upstream_404_route_is_wrapped_or_passed() {
     let (_sim, proxy) = sim_and_proxy().await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns/424242"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns/424242").await;
     let v: Value = {
         assert_eq!(resp.status(), 404);
         resp.json().await.unwrap()

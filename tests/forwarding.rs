@@ -96,11 +96,9 @@ async fn real_routes_work_unchanged() {
 #[tokio::test]
 async fn client_key_is_replaced_by_the_configured_one() {
     let (sim, proxy) = sim_and_proxy().await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns?api_key=client-secret&API_KEY=other&limit=1"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy
+        .get("/api/v1/campaigns?api_key=client-secret&API_KEY=other&limit=1")
+        .await;
     assert_eq!(resp.status(), 200);
     let r = &sim.requests()[0];
     assert_eq!(r.api_keys(), vec![KEY.to_string()]);
@@ -123,11 +121,7 @@ async fn client_key_kept_when_allowed_and_no_key_configured() {
     s.upstream.allow_client_key = true;
     s.validate().unwrap();
     let proxy = spawn_proxy(s).await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns?api_key=client-own"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns?api_key=client-own").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.requests()[0].api_keys(), vec!["client-own".to_string()]);
     proxy.stop().await;
@@ -257,11 +251,7 @@ async fn successful_responses_stream_without_buffering() {
         s.write_all(b"2\r\n3]\r\n0\r\n\r\n").await.unwrap();
     });
     let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
-    let mut resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     let first = tokio::time::timeout(std::time::Duration::from_secs(5), resp.chunk())
         .await

@@ -12,25 +12,11 @@ use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
-    let sim = Sim::start(SimConfig {
-        requests: 10_000,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let mut s = settings(&sim.base_url());
-    tweak(&mut s);
-    s.validate().unwrap();
-    let proxy = spawn_proxy(s).await;
-    (sim, proxy)
+    sim_and_proxy_with(tweak).await
 }
 
 async fn still_serves(proxy: &Proxy) {
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200, "the proxy kept serving");
 }
 
@@ -55,11 +41,7 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) 
 async fn a_body_reset_mid_stream_is_cut_not_passed_off_as_complete() {
     let (sim, proxy) = setup(|_| {}).await;
     sim.push_fault(Fault::truncated(r#"[{"id":1"#, true));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200, "the status had already been sent");
     assert!(
         resp.bytes().await.is_err(),
@@ -74,11 +56,7 @@ async fn a_body_that_hangs_mid_stream_is_cut_after_the_upstream_timeout() {
     let (sim, proxy) = setup(|s| s.upstream.timeout = Duration::from_millis(500)).await;
     sim.push_fault(Fault::truncated(r#"[{"id":1"#, false));
     let started = Instant::now();
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert!(resp.bytes().await.is_err());
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -185,11 +163,7 @@ async fn huge_upstream_headers_are_a_502() {
         }
     });
     let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
     proxy.stop().await;
 }
@@ -240,14 +214,7 @@ async fn redis_with_a_wrong_password_falls_back_and_says_so() {
     let started = Instant::now();
     still_serves(&proxy).await;
     assert!(started.elapsed() < Duration::from_secs(2));
-    let ready: Value = client()
-        .get(proxy.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
     assert_eq!(ready["limiter"]["state"], "fallback", "{ready}");
     assert!(
         !ready.to_string().contains("wrong"),
@@ -314,14 +281,7 @@ async fn a_full_redis_falls_back_then_rejoins() {
         assert!(out.status.success());
     };
     let state = || async {
-        let v: Value = client()
-            .get(proxy.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = proxy.get("/readyz").await.json().await.unwrap();
         v["limiter"]["state"]
             .as_str()
             .unwrap_or_default()

@@ -44,6 +44,16 @@ fn start_error(envs: &[(&str, &str)], args: &[&str]) -> String {
     stderr
 }
 
+/// A simulator that accepts only [`SECRET`].
+async fn secret_sim() -> Sim {
+    Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("slp-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -174,6 +184,10 @@ impl Running {
         format!("http://{}{}", self.addr, path)
     }
 
+    async fn get(&self, path: &str) -> reqwest::Response {
+        client().get(self.url(path)).send().await.unwrap()
+    }
+
     fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM")
     }
@@ -208,12 +222,7 @@ impl Running {
 
 #[tokio::test]
 async fn the_key_never_appears_in_logs_or_bodies() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = secret_sim().await;
     let mut proxy = start(&sim.base_url(), &[]);
     let c = client();
     let mut bodies = Vec::new();
@@ -315,12 +324,7 @@ async fn the_key_never_appears_in_logs_or_bodies() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = secret_sim().await;
     let mut proxy = start(
         &sim.base_url(),
         &[("SMARTLEAD_PROXY__SERVER__SHUTDOWN_GRACE", "5s")],
@@ -358,22 +362,9 @@ fn default_config_file_matches_the_built_in_defaults() {
 
 #[tokio::test]
 async fn sigint_stops_it_cleanly() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = secret_sim().await;
     let mut proxy = start(&sim.base_url(), &[]);
-    assert_eq!(
-        client()
-            .get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
     let status = tokio::task::spawn_blocking(move || proxy.signal("-INT"))
         .await
         .unwrap();
@@ -382,12 +373,7 @@ async fn sigint_stops_it_cleanly() {
 
 #[tokio::test]
 async fn sigterm_answers_queued_requests_with_503_at_the_grace_deadline() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = secret_sim().await;
     let mut proxy = start(
         &sim.base_url(),
         &[
@@ -438,12 +424,7 @@ async fn sigterm_answers_queued_requests_with_503_at_the_grace_deadline() {
 
 #[tokio::test]
 async fn healthcheck_subcommand_reports_liveness() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = secret_sim().await;
     let mut proxy = start(&sim.base_url(), &[]);
     let url = proxy.url("/healthz");
     let ok = command(&[])

@@ -376,14 +376,7 @@ async fn metrics_show_the_quota_at_work() {
         3,
         "{statuses:?}"
     );
-    let text = client()
-        .get(proxy.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.get("/metrics").await.text().await.unwrap();
     for needle in [
         "smartlead_proxy_quota_rejected_total{reason=\"max_wait\"}",
         "smartlead_proxy_limiter_wait_seconds_bucket",

@@ -7,23 +7,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use serde_json::json;
-use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+use smartlead_proxy::sim::{Fault, Sim};
 
 async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
-    let sim = Sim::start(SimConfig {
-        requests: 10_000,
-        ..SimConfig::default()
+    sim_and_proxy_with(|s| {
+        s.retry.max_retries = 3;
+        s.retry.base_delay = Duration::from_millis(20);
+        s.retry.max_delay = Duration::from_secs(5);
+        tweak(s);
     })
     .await
-    .unwrap();
-    let mut s = settings(&sim.base_url());
-    s.retry.max_retries = 3;
-    s.retry.base_delay = Duration::from_millis(20);
-    s.retry.max_delay = Duration::from_secs(5);
-    tweak(&mut s);
-    s.validate().unwrap();
-    let proxy = spawn_proxy(s).await;
-    (sim, proxy)
 }
 
 fn gaps(sim: &Sim) -> Vec<Duration> {
@@ -39,11 +32,7 @@ async fn transient_errors_are_retried_until_success() {
     sim.push_fault(Fault::html(500));
     sim.push_fault(Fault::respond(502, Some("text/plain"), "bad gateway"));
     sim.push_fault(Fault::json(503, json!({"message": "maintenance"})));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.stats().requests, 4);
     proxy.stop().await;
@@ -53,11 +42,7 @@ async fn transient_errors_are_retried_until_success() {
 async fn retry_after_seconds_is_honoured() {
     let (sim, proxy) = setup(|_| {}).await;
     sim.push_fault(Fault::json(503, json!({"message": "busy"})).header("retry-after", "2"));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     let g = gaps(&sim);
     assert_eq!(g.len(), 1);
@@ -79,11 +64,7 @@ async fn retry_after_http_date_is_honoured() {
     let (sim, proxy) = setup(|_| {}).await;
     let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
     sim.push_fault(Fault::respond(503, None, "").header("retry-after", &at));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     // An HTTP-date has whole seconds: the wait is between 2 and 3 s.
     let g = gaps(&sim)[0];
@@ -162,11 +143,7 @@ async fn lead_imports_and_idempotency_keys_are_retried_after_a_500() {
 async fn exhausted_retries_say_how_many_attempts() {
     let (sim, proxy) = setup(|_| {}).await;
     sim.push_fault(Fault::json(502, json!({"message": "down"})).times(10));
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     let v = expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
     assert_eq!(v["error"]["details"]["attempts"], 4);
     assert_eq!(v["error"]["details"]["upstream_status"], 502);
@@ -204,11 +181,7 @@ async fn a_deadline_shorter_than_retry_after_answers_now() {
     let (sim, proxy) = setup(|s| s.limit.max_wait = Duration::from_secs(1)).await;
     sim.push_fault(Fault::json(503, json!({"message": "busy"})).header("retry-after", "4"));
     let started = Instant::now();
-    let resp = client()
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(resp.status(), 503);
     proxy.stop().await;

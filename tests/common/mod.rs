@@ -25,6 +25,11 @@ impl Proxy {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A GET through the proxy.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        client().get(self.url(path)).send().await.unwrap()
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -70,13 +75,21 @@ pub async fn spawn_proxy(settings: Settings) -> Proxy {
 
 /// A simulator with a generous limit, and a proxy in front of it.
 pub async fn sim_and_proxy() -> (Sim, Proxy) {
+    sim_and_proxy_with(|_| {}).await
+}
+
+/// The same, with the proxy's settings adjusted by `tweak`.
+pub async fn sim_and_proxy_with(tweak: impl FnOnce(&mut Settings)) -> (Sim, Proxy) {
     let sim = Sim::start(SimConfig {
         requests: 10_000,
         ..SimConfig::default()
     })
     .await
     .unwrap();
-    let proxy = spawn_proxy(settings(&sim.base_url())).await;
+    let mut s = settings(&sim.base_url());
+    tweak(&mut s);
+    s.validate().expect("tweaked settings are valid");
+    let proxy = spawn_proxy(s).await;
     (sim, proxy)
 }
 
