@@ -446,3 +446,24 @@ async fn healthcheck_subcommand_reports_liveness() {
     assert!(String::from_utf8_lossy(&down.stderr).contains(&port.to_string()));
     let _ = tokio::task::spawn_blocking(move || proxy.terminate()).await;
 }
+
+#[tokio::test]
+async fn listening_beyond_loopback_without_tokens_warns() {
+    let sim = secret_sim().await;
+    let mut proxy = start(
+        &sim.base_url(),
+        &[("SMARTLEAD_PROXY__SERVER__LISTEN", "0.0.0.0:0")],
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        assert!(proxy.terminate().success());
+        proxy.output()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("server.access_tokens")),
+        "{output:#?}"
+    );
+}
