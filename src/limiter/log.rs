@@ -31,10 +31,6 @@ impl SlotLog {
         }
     }
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Forgets slots that can no longer share a window with any slot at or after `now`.
     fn trim(&mut self, now: Micros) {
         while self
@@ -110,21 +106,12 @@ impl SlotLog {
         true
     }
 
-    pub fn paused_until(&self) -> Micros {
-        self.paused_until
-    }
-
     /// Slots (with ids) that are not older than one window before `now`.
     pub fn recent(&self, now: Micros) -> impl Iterator<Item = (Micros, u64)> + '_ {
         self.entries
             .iter()
             .copied()
             .filter(move |(s, _)| s.saturating_add(self.window) > now)
-    }
-
-    /// How many reservations have not started yet at `now`.
-    pub fn waiting(&self, now: Micros) -> usize {
-        self.entries.iter().filter(|(s, _)| *s > now).count()
     }
 }
 
