@@ -39,6 +39,8 @@ impl Proxy {
             .expect("proxy did not stop within 10s")
             .expect("proxy task panicked");
         res.expect("proxy returned an error");
+        // Every test's traffic is also a key-safety test of the logs.
+        assert_key_not_logged();
     }
 }
 
@@ -59,7 +61,46 @@ pub fn settings(base_url: &str) -> Settings {
     s
 }
 
+/// Every log line any in-process proxy of this test binary wrote (debug level and up).
+fn captured_logs() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOGS: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| LogSink)
+            .try_init();
+        Default::default()
+    })
+}
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        captured_logs().lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Fails if the simulator's key (raw or URL-encoded) is in any captured log line.
+pub fn assert_key_not_logged() {
+    let logs = captured_logs().lock().unwrap();
+    let text = String::from_utf8_lossy(&logs);
+    for form in [KEY, "sim%2Dkey"] {
+        assert!(
+            !text.contains(form),
+            "the key was logged: {}",
+            text.lines().find(|l| l.contains(form)).unwrap_or("")
+        );
+    }
+}
+
 pub async fn spawn_proxy(settings: Settings) -> Proxy {
+    captured_logs();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel();
