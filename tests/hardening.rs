@@ -309,3 +309,91 @@ async fn a_full_redis_falls_back_then_rejoins() {
     still_serves(&proxy).await;
     proxy.stop().await;
 }
+
+/// A one-shot raw upstream that answers every connection with `reply` (then resets it
+/// when `reset`).
+async fn raw_upstream(reply: Vec<u8>, reset: bool) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(&reply).await;
+            if reset {
+                let _ = s.set_zero_linger();
+                drop(s);
+            } else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_reset_in_the_middle_of_the_headers_is_a_502() {
+    let addr = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: appl".to_vec(), true).await;
+    let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
+    expect_envelope(
+        proxy.get("/api/v1/campaigns").await,
+        502,
+        "UPSTREAM_UNAVAILABLE",
+    )
+    .await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_gzip_success_passes_through_compressed() {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(br#"[{"id":1}]"#).unwrap();
+    let body = gz.finish().unwrap();
+    let mut reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    reply.extend_from_slice(&body);
+    let addr = raw_upstream(reply, false).await;
+    let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "gzip");
+    assert_eq!(
+        resp.bytes().await.unwrap().to_vec(),
+        body,
+        "bytes untouched"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_api_key_in_the_body_is_just_data() {
+    let (sim, proxy) = setup(|_| {}).await;
+    let resp = client()
+        .post(proxy.url("/api/v1/echo?api_key=mine"))
+        .json(&serde_json::json!({"api_key": "mine", "name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = &sim.requests()[0];
+    assert_eq!(
+        r.api_keys(),
+        vec![KEY.to_string()],
+        "the configured key, once, in the query"
+    );
+    assert_eq!(
+        r.body.as_ref(),
+        br#"{"api_key":"mine","name":"x"}"#,
+        "the body is forwarded as sent"
+    );
+    proxy.stop().await;
+}
