@@ -18,9 +18,6 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     let tokens = &state.settings().server.access_tokens;
-    if tokens.is_empty() {
-        return next.run(req).await;
-    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
