@@ -1,11 +1,13 @@
-//! Bodies that give up when the other side stops sending: an upstream that stalls
-//! mid-response, or a client that stalls mid-upload, is cut instead of held forever.
+//! Body helpers: bodies that give up when the other side stops sending (an upstream
+//! that stalls mid-response, or a client mid-upload, is cut instead of held forever), and
+//! decoding of compressed error bodies.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -65,5 +67,28 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Undoes a gzip/deflate `Content-Encoding` (at most `cap` bytes out); an encoding we
+/// cannot read, or a broken stream, gives an empty body: the status alone still answers.
+pub fn decode_body(headers: &HeaderMap, raw: Bytes, cap: usize) -> Bytes {
+    use std::io::Read;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let decoded = |reader: &mut dyn Read| {
+        let mut out = Vec::new();
+        match reader.take(cap as u64).read_to_end(&mut out) {
+            Ok(_) => Bytes::from(out),
+            Err(_) => Bytes::new(),
+        }
+    };
+    match encoding.as_deref() {
+        None | Some("identity") | Some("") => raw,
+        Some("gzip") | Some("x-gzip") => decoded(&mut flate2::read::GzDecoder::new(&raw[..])),
+        Some("deflate") => decoded(&mut flate2::read::ZlibDecoder::new(&raw[..])),
+        Some(_) => Bytes::new(),
     }
 }

@@ -136,29 +136,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Undoes a gzip/deflate `Content-Encoding` (at most `cap` bytes out); an encoding we
-/// cannot read, or a broken stream, gives an empty body: the status alone still answers.
-pub fn decode_body(headers: &HeaderMap, raw: Bytes, cap: usize) -> Bytes {
-    use std::io::Read;
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    let decoded = |reader: &mut dyn Read| {
-        let mut out = Vec::new();
-        match reader.take(cap as u64).read_to_end(&mut out) {
-            Ok(_) => Bytes::from(out),
-            Err(_) => Bytes::new(),
-        }
-    };
-    match encoding.as_deref() {
-        None | Some("identity") | Some("") => raw,
-        Some("gzip") | Some("x-gzip") => decoded(&mut flate2::read::GzDecoder::new(&raw[..])),
-        Some("deflate") => decoded(&mut flate2::read::ZlibDecoder::new(&raw[..])),
-        Some(_) => Bytes::new(),
-    }
-}
-
 /// The envelope code for an upstream status that is being wrapped.
 pub fn code_for_status(status: StatusCode) -> &'static str {
     match status.as_u16() {

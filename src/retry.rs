@@ -389,7 +389,7 @@ async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Faile
             Ok(Ok(c)) => c.to_bytes(),
             _ => Bytes::new(),
         };
-    let body = crate::error::decode_body(&head.headers, raw, ERROR_BODY_CAP);
+    let body = crate::body::decode_body(&head.headers, raw, ERROR_BODY_CAP);
     Failed {
         status: head.status,
         headers: head.headers,

@@ -174,16 +174,7 @@ async fn connection_reset_is_502_upstream_unavailable() {
 
 #[tokio::test]
 async fn garbage_from_upstream_is_502_upstream_error() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"THIS IS NOT HTTP\r\n\r\n").await;
-        }
-    });
+    let addr = raw_upstream(b"THIS IS NOT HTTP\r\n\r\n".to_vec(), false).await;
     let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
     let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
@@ -268,7 +259,7 @@ async fn unknown_paths_and_methods_get_envelopes() {
         "/api/v1/",
         "/apiv1/campaigns",
     ] {
-        let resp = c.get(proxy.url(path)).send().await.unwrap();
+        let resp = proxy.get(path).await;
         let v = expect_envelope(resp, 404, "NOT_FOUND").await;
         assert!(v["error"]["details"]["request_id"].is_string());
     }

@@ -56,14 +56,7 @@ async fn forwards_every_method_with_query_body_and_headers() {
 async fn real_routes_work_unchanged() {
     let (sim, proxy) = sim_and_proxy().await;
     let c = client();
-    let campaigns: Value = c
-        .get(proxy.url("/api/v1/campaigns"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let campaigns: Value = proxy.get("/api/v1/campaigns").await.json().await.unwrap();
     assert_eq!(campaigns.as_array().unwrap().len(), 3);
 
     let leads = json!({"lead_list": [{"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io"}]});
@@ -131,7 +124,7 @@ async fn client_key_kept_when_allowed_and_no_key_configured() {
 async fn request_id_is_generated_or_kept_and_forwarded() {
     let (sim, proxy) = sim_and_proxy().await;
     let c = client();
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     let generated = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(generated.len(), 36, "a UUID: {generated}");
     let resp = c
@@ -144,7 +137,7 @@ async fn request_id_is_generated_or_kept_and_forwarded() {
     let got = sim.requests();
     assert_eq!(got[0].headers["x-request-id"], generated.as_str());
     assert_eq!(got[1].headers["x-request-id"], "mine-123");
-    let resp = c.get(proxy.url("/healthz")).send().await.unwrap();
+    let resp = proxy.get("/healthz").await;
     assert!(resp.headers().contains_key("x-request-id"));
     proxy.stop().await;
 }
@@ -219,17 +212,9 @@ async fn traversal_is_refused_before_any_upstream_call() {
 #[tokio::test]
 async fn health_and_readiness() {
     let (_sim, proxy) = sim_and_proxy().await;
-    let c = client();
-    let h: Value = c
-        .get(proxy.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h: Value = proxy.get("/healthz").await.json().await.unwrap();
     assert_eq!(h["status"], "ok");
-    let resp = c.get(proxy.url("/readyz")).send().await.unwrap();
+    let resp = proxy.get("/readyz").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap()["status"], "ready");
     proxy.stop().await;

@@ -150,18 +150,10 @@ async fn content_length_and_chunked_together_cannot_smuggle() {
 
 #[tokio::test]
 async fn huge_upstream_headers_are_a_502() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let mut reply = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
-            reply.extend(vec![b'a'; 1024 * 1024]);
-            reply.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
-            let _ = s.write_all(&reply).await;
-        }
-    });
+    let mut reply = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
+    reply.extend(vec![b'a'; 1024 * 1024]);
+    reply.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
+    let addr = raw_upstream(reply, false).await;
     let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
     let resp = proxy.get("/api/v1/campaigns").await;
     expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
@@ -308,27 +300,6 @@ async fn a_full_redis_falls_back_then_rejoins() {
     }
     still_serves(&proxy).await;
     proxy.stop().await;
-}
-
-/// A one-shot raw upstream that answers every connection with `reply` (then resets it
-/// when `reset`).
-async fn raw_upstream(reply: Vec<u8>, reset: bool) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(&reply).await;
-            if reset {
-                let _ = s.set_zero_linger();
-                drop(s);
-            } else {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
-    addr
 }
 
 #[tokio::test]

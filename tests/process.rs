@@ -256,7 +256,7 @@ async fn the_key_never_appears_in_logs_or_bodies() {
         "/api/v1/../etc",
         "/nope",
     ] {
-        let resp = check(c.get(proxy.url(path)).send().await.unwrap());
+        let resp = check(proxy.get(path).await);
         bodies.push(resp.text().await.unwrap());
     }
     let resp = check(
@@ -289,7 +289,7 @@ async fn the_key_never_appears_in_logs_or_bodies() {
     );
     assert_eq!(resp.status(), 504);
     bodies.push(resp.text().await.unwrap());
-    let resp = check(c.get(proxy.url("/metrics")).send().await.unwrap());
+    let resp = check(proxy.get("/metrics").await);
     bodies.push(resp.text().await.unwrap());
 
     let status = proxy.terminate();

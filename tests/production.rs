@@ -62,11 +62,7 @@ async fn access_tokens_guard_the_api_but_not_the_probes() {
         );
     }
     for open in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(
-            c.get(proxy.url(open)).send().await.unwrap().status(),
-            200,
-            "{open}"
-        );
+        assert_eq!(proxy.get(open).await.status(), 200, "{open}");
     }
     proxy.stop().await;
 }
@@ -116,40 +112,14 @@ async fn metrics_move_with_traffic() {
     let mut s = settings(&sim.base_url());
     s.retry.max_retries = 2;
     let proxy = spawn_proxy(s).await;
-    let c = client();
-    let scrape = || async {
-        c.get(proxy.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || async { proxy.get("/metrics").await.text().await.unwrap() };
     let before = scrape().await;
 
     sim.push_fault(Fault::json(502, json!({"message": "x"})));
     sim.push_fault(Fault::json(429, json!({"message": "slow"})).header("retry-after", "1"));
-    assert_eq!(
-        c.get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(proxy.url("/api/v1/campaigns/1001"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        c.get(proxy.url("/nope")).send().await.unwrap().status(),
-        404
-    );
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    assert_eq!(proxy.get("/api/v1/campaigns/1001").await.status(), 200);
+    assert_eq!(proxy.get("/nope").await.status(), 404);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let after = scrape().await;
 

@@ -86,19 +86,11 @@ async fn a_wait_past_max_wait_is_refused_at_once() {
     let mut s = quota_settings(&sim.base_url(), 2, Duration::from_secs(10), None);
     s.limit.max_wait = Duration::from_secs(1);
     let proxy = spawn_proxy(s).await;
-    let c = client();
     for _ in 0..2 {
-        assert_eq!(
-            c.get(proxy.url("/api/v1/campaigns"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
     }
     let started = Instant::now();
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "answered at once"
@@ -128,15 +120,7 @@ async fn a_full_queue_is_refused_at_once_and_a_gone_client_leaves_it() {
     let mut s = quota_settings(&sim.base_url(), 1, Duration::from_secs(2), None);
     s.limit.max_queue = 1;
     let proxy = spawn_proxy(s).await;
-    let c = client();
-    assert_eq!(
-        c.get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
     // This one would wait ~2 s for its slot; its client gives up after 300 ms.
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(300))
@@ -146,7 +130,7 @@ async fn a_full_queue_is_refused_at_once_and_a_gone_client_leaves_it() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The queue (size 1) is held: the next caller is refused at once.
     let started = Instant::now();
-    let refused = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let refused = proxy.get("/api/v1/campaigns").await;
     assert!(started.elapsed() < Duration::from_millis(500));
     let v = expect_envelope(refused, 429, "RATE_LIMITED").await;
     assert!(
@@ -162,7 +146,7 @@ async fn a_full_queue_is_refused_at_once_and_a_gone_client_leaves_it() {
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
     // Its seat and its slot are free again: the next caller waits and gets through.
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.stats().requests, 2);
     proxy.stop().await;
@@ -178,15 +162,7 @@ async fn a_client_that_disconnects_gives_its_slot_back() {
         None,
     ))
     .await;
-    let c = client();
-    assert_eq!(
-        c.get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
     let t0 = Instant::now();
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(200))
@@ -201,14 +177,7 @@ async fn a_client_that_disconnects_gives_its_slot_back() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Had the slot stayed taken, this would wait ~4 s instead of ~2 s.
-    assert_eq!(
-        c.get(proxy.url("/api/v1/campaigns"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
     let waited = t0.elapsed();
     assert!(waited < Duration::from_millis(3000), "waited {waited:?}");
     assert_eq!(
@@ -286,15 +255,14 @@ async fn redis_down_with_reject_answers_503_and_readyz_says_why() {
     );
     s.redis.on_error = smartlead_proxy::config::OnRedisError::Reject;
     let proxy = spawn_proxy(s).await;
-    let c = client();
     let started = Instant::now();
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "no hang on a dead Redis"
     );
     expect_envelope(resp, 503, "UNAVAILABLE").await;
-    let ready = c.get(proxy.url("/readyz")).send().await.unwrap();
+    let ready = proxy.get("/readyz").await;
     let v = expect_envelope(ready, 503, "UNAVAILABLE").await;
     assert_eq!(v["error"]["details"]["limiter"]["state"], "unavailable");
     assert_eq!(sim.stats().requests, 0);

@@ -235,14 +235,14 @@ async fn resets_and_hangs_are_retried_for_safe_methods() {
     let (sim, proxy) = setup(|s| s.upstream.timeout = Duration::from_millis(300)).await;
     let c = client();
     sim.push_fault(Fault::reset());
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(sim.stats().requests, 2);
 
     sim.reset();
     sim.push_fault(Fault::hang());
     let started = Instant::now();
-    let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    let resp = proxy.get("/api/v1/campaigns").await;
     assert_eq!(
         resp.status(),
         200,
@@ -294,11 +294,10 @@ async fn the_retry_budget_stops_a_retry_storm() {
     })
     .await;
     sim.push_fault(Fault::json(500, json!({"message": "down"})).times(1000));
-    let c = client();
     let mut attempts = Vec::new();
     let mut exhausted = 0;
     for _ in 0..10 {
-        let resp = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+        let resp = proxy.get("/api/v1/campaigns").await;
         let v = expect_envelope(resp, 500, "UPSTREAM_ERROR").await;
         attempts.push(v["error"]["details"]["attempts"].as_u64().unwrap());
         if v["error"]["details"]["retry_budget_exhausted"] == true {

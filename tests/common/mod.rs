@@ -295,3 +295,27 @@ impl Drop for PrivateRedis {
         self.kill();
     }
 }
+
+/// A raw upstream that answers every connection with `reply` after reading the request,
+/// then resets the connection (`reset`) or keeps it open a moment.
+pub async fn raw_upstream(reply: Vec<u8>, reset: bool) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&reply).await;
+                if reset {
+                    let _ = s.set_zero_linger();
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
+    });
+    addr
+}
