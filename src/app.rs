@@ -1,27 +1,29 @@
-//! The router and the one place that builds the middleware stack.
+//! Shared state, the routes, and [`handle`]: the one place every request is wrapped.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderName;
-use axum::middleware::{self, Next};
+use std::panic::AssertUnwindSafe;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::{Json, Router};
+use futures_util::FutureExt;
+use hyper::body::Incoming;
 use serde_json::json;
 use tokio::sync::watch;
-use tower::ServiceBuilder;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower::ServiceExt;
 
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::limiter::Limiter;
 use crate::proxy::{self, Served};
 use crate::retry::RetryBudget;
-use crate::upstream::Upstream;
+use crate::upstream::{API_PREFIX, POOL_MAX_IDLE, Upstream};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -29,35 +31,62 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 #[derive(Clone, Debug)]
 pub struct AppState {
     inner: Arc<Inner>,
+    /// Each serving thread has its own pool: a request and its upstream connection are
+    /// then driven by the same event loop, with no hand-over between threads.
+    upstream: Arc<Upstream>,
+    /// This thread's copy of the abort signal: waiting on a per-thread channel keeps the
+    /// per-request registration off a lock shared by all threads.
+    abort: watch::Sender<bool>,
 }
 
 #[derive(Debug)]
 struct Inner {
     settings: Settings,
-    upstream: Upstream,
     limiter: Limiter,
     retry_budget: RetryBudget,
     shutting_down: AtomicBool,
-    /// Set when the shutdown grace runs out: whatever is still waiting answers 503.
-    abort: watch::Sender<bool>,
+    /// Every thread's abort signal, set when the shutdown grace runs out: whatever is
+    /// still waiting answers 503.
+    aborts: std::sync::Mutex<Vec<watch::Sender<bool>>>,
 }
 
 impl AppState {
     pub fn new(settings: Settings) -> Result<Self, String> {
         // Installs the recorder before the first sample.
         crate::metrics::handle();
-        let upstream = Upstream::new(&settings.upstream)?;
+        let upstream = Arc::new(Upstream::new(&settings.upstream, pool_share(&settings))?);
         let limiter = Limiter::from_settings(&settings)?;
         let retry_budget = RetryBudget::new(&settings.retry);
+        let abort = watch::channel(false).0;
         Ok(Self {
+            upstream,
+            abort: abort.clone(),
             inner: Arc::new(Inner {
                 settings,
-                upstream,
                 limiter,
                 retry_budget,
                 shutting_down: AtomicBool::new(false),
-                abort: watch::channel(false).0,
+                aborts: std::sync::Mutex::new(vec![abort.clone()]),
             }),
+        })
+    }
+
+    /// The same instance with its own upstream connection pool, for another serving
+    /// thread.
+    pub fn for_worker(&self) -> Result<Self, String> {
+        let abort = watch::channel(*self.abort.borrow()).0;
+        self.inner
+            .aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(abort.clone());
+        Ok(Self {
+            inner: self.inner.clone(),
+            upstream: Arc::new(Upstream::new(
+                &self.inner.settings.upstream,
+                pool_share(&self.inner.settings),
+            )?),
+            abort,
         })
     }
 
@@ -66,7 +95,7 @@ impl AppState {
     }
 
     pub fn upstream(&self) -> &Upstream {
-        &self.inner.upstream
+        &self.upstream
     }
 
     pub fn limiter(&self) -> &Limiter {
@@ -84,12 +113,14 @@ impl AppState {
 
     /// The grace period is over: requests still waiting are answered 503 now.
     pub fn abort_remaining(&self) {
-        self.inner.abort.send_replace(true);
+        for abort in self.inner.aborts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            abort.send_replace(true);
+        }
     }
 
     /// Resolves once [`AppState::abort_remaining`] was called.
     pub async fn aborted(&self) {
-        let mut rx = self.inner.abort.subscribe();
+        let mut rx = self.abort.subscribe();
         let _ = rx.wait_for(|a| *a).await;
     }
 
@@ -98,33 +129,73 @@ impl AppState {
     }
 }
 
+/// The routes other than `/api/v1/*` (which [`handle`] sends straight to the proxy).
+/// Each serving thread's part of [`POOL_MAX_IDLE`].
+fn pool_share(settings: &Settings) -> usize {
+    POOL_MAX_IDLE.div_ceil(settings.server.worker_count())
+}
+
 pub fn router(state: AppState) -> Router {
-    let stack = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
-        .layer(middleware::from_fn_with_state(state.clone(), access_log))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::internal().into_response()
-        }));
-    // The token check costs a boxed future per request: only installed when configured.
-    let mut api = any(proxy::forward);
-    if !state.settings().server.access_tokens.is_empty() {
-        api = api.layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::require_token,
-        ));
-    }
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/v1/{*rest}", api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Bodies are limited (with an envelope) where they are read, in `proxy`.
-        .layer(DefaultBodyLimit::disable())
-        .layer(stack)
         .with_state(state)
+}
+
+/// Every request goes through here: the one place that wraps requests with what every
+/// answer gets (a request id, a panic turned into a 500 envelope, the access log and
+/// metrics, and for `/api/v1/*` the access-token check).
+///
+/// Written as one function rather than a tower stack: the layers (each boxing its future,
+/// cloning boxed services and inserting extensions) cost more than the proxying itself
+/// (bench/RESULTS.md, overhead).
+pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> Response {
+    let _in_flight = crate::metrics::InFlight::enter();
+    let start = Instant::now();
+    let mut req = req.map(Body::new);
+    let request_id = ensure_request_id(req.headers_mut());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let api = is_api(&path);
+    let answer = async {
+        if !api {
+            let resp = router.oneshot(req).await.unwrap_or_else(|e| match e {});
+            return (resp, Served::default());
+        }
+        if let Err(refused) = crate::auth::check(&state, req.headers_mut()) {
+            return (refused, Served::default());
+        }
+        proxy::forward(&state, req).await
+    };
+    let (mut resp, served) = AssertUnwindSafe(answer)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| (ApiError::internal().into_response(), Served::default()));
+    resp.headers_mut().insert(REQUEST_ID_HEADER, request_id.clone());
+    access_log(&state, &method, &path, &request_id, &resp, served, start.elapsed());
+    resp
+}
+
+/// Paths the proxy forwards: `/api/v1/` and at least one more character.
+fn is_api(path: &str) -> bool {
+    path.len() > API_PREFIX.len() + 1
+        && path.starts_with(API_PREFIX)
+        && path.as_bytes()[API_PREFIX.len()] == b'/'
+}
+
+/// Keeps the caller's `x-request-id`, or assigns a fresh UUID.
+fn ensure_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(REQUEST_ID_HEADER) {
+        return id.clone();
+    }
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    let id = HeaderValue::from_str(text).expect("a UUID is a valid header value");
+    headers.insert(REQUEST_ID_HEADER, id.clone());
+    id
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -176,32 +247,23 @@ async fn method_not_allowed(req: Request) -> Response {
 
 /// One log line and one metrics sample per request. Only the path is logged: the query
 /// may hold a client's key.
-async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let _in_flight = crate::metrics::InFlight::enter();
-    let start = Instant::now();
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let logging = tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO);
-    let request_id = if logging {
-        proxy::request_id(req.headers())
-    } else {
-        String::new()
-    };
-    let resp = next.run(req).await;
-    let served = resp
-        .extensions()
-        .get::<Served>()
-        .copied()
-        .unwrap_or_default();
-    let elapsed = start.elapsed();
+fn access_log(
+    state: &AppState,
+    method: &http::Method,
+    path: &str,
+    request_id: &HeaderValue,
+    resp: &Response,
+    served: Served,
+    elapsed: std::time::Duration,
+) {
     let status = resp.status().as_u16();
-    let route = crate::metrics::route_label(&path);
-    if logging {
+    let route = crate::metrics::route_label(path);
+    if tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO) {
         tracing::info!(
             target: "smartlead_proxy::access",
-            request_id,
+            request_id = request_id.to_str().unwrap_or(""),
             method = %method,
-            path = %state.upstream().scrub(&path),
+            path = %state.upstream().scrub(path),
             route,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
@@ -212,6 +274,5 @@ async fn access_log(State(state): State<AppState>, req: Request, next: Next) -> 
         );
     }
     let source = if served.upstream { "upstream" } else { "proxy" };
-    crate::metrics::request_done(&route, status, source, elapsed);
-    resp
+    crate::metrics::request_done(route, status, source, elapsed);
 }

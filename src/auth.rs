@@ -1,25 +1,22 @@
 //! Bearer-token access control for `/api/v1/*` when `server.access_tokens` is set.
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, header};
+use http::{HeaderMap, HeaderValue, header};
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
 use crate::error::ApiError;
 
-/// Lets a request through only with `Authorization: Bearer <one of the tokens>`; the
-/// header is the proxy's, so it is removed before forwarding.
-pub async fn require_token(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+/// Lets a request through only with `Authorization: Bearer <one of the tokens>` (when
+/// `server.access_tokens` is set); the header is the proxy's, so it is removed before
+/// forwarding. `Err` is the 401 answer.
+pub fn check(state: &AppState, headers: &mut HeaderMap) -> Result<(), Response> {
     let tokens = &state.settings().server.access_tokens;
-    let presented = req
-        .headers()
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer);
@@ -35,16 +32,16 @@ pub async fn require_token(
             "UNAUTHORIZED",
             "missing or wrong access token: send Authorization: Bearer <token> (server.access_tokens)",
         )
-        .detail("request_id", crate::proxy::request_id(req.headers()))
+        .detail("request_id", crate::proxy::request_id(headers))
         .into_response();
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"smartlead-proxy\""),
         );
-        return resp;
+        return Err(resp);
     }
-    req.headers_mut().remove(header::AUTHORIZATION);
-    next.run(req).await
+    headers.remove(header::AUTHORIZATION);
+    Ok(())
 }
 
 /// The token from `Bearer <token>` (scheme case-insensitive).

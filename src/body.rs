@@ -22,7 +22,9 @@ pub struct Stalled(pub Duration);
 pub struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Started the first time the inner body has nothing ready: a small body that arrives
+    /// in one piece never touches the timer.
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> IdleTimeout<B> {
@@ -30,7 +32,7 @@ impl<B> IdleTimeout<B> {
         Self {
             inner,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
+            sleep: None,
         }
     }
 }
@@ -50,14 +52,21 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
+                if let Some(sleep) = this.sleep.as_mut() {
+                    sleep.as_mut().reset(Instant::now() + this.idle);
+                }
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled(this.idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

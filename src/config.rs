@@ -66,6 +66,19 @@ pub struct ServerSettings {
     /// A client must send its request head, and each part of its body, within this.
     #[serde(with = "humantime_serde")]
     pub client_timeout: Duration,
+    /// Threads serving connections, each with its own event loop and upstream pool;
+    /// 0 means one per CPU core.
+    pub workers: usize,
+}
+
+impl ServerSettings {
+    /// `workers`, with 0 resolved to the number of CPU cores.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -76,6 +89,7 @@ impl Default for ServerSettings {
             shutdown_grace: Duration::from_secs(30),
             access_tokens: Vec::new(),
             client_timeout: Duration::from_secs(10),
+            workers: 0,
         }
     }
 }
@@ -336,6 +350,12 @@ impl Settings {
             return Err(invalid("server.max_body_bytes", "must be at least 1"));
         }
         positive("server.client_timeout", s.client_timeout)?;
+        if s.workers > 1024 {
+            return Err(invalid(
+                "server.workers",
+                "at most 1024 (0 means one per CPU core)",
+            ));
+        }
         if s.access_tokens.iter().any(|t| t.expose_secret().is_empty()) {
             return Err(invalid("server.access_tokens", "tokens must not be empty"));
         }

@@ -45,6 +45,7 @@ use std::time::Duration;
 const ABORT_FLUSH: Duration = Duration::from_secs(2);
 
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 
 pub use config::Settings;
 
@@ -59,41 +60,84 @@ pub enum RunError {
 
 /// Serves the proxy on `listener` until `shutdown` resolves; then stops accepting, lets
 /// in-flight requests finish within `server.shutdown_grace` and returns.
+///
+/// The calling task serves too; `server.workers - 1` more threads each run their own
+/// single-threaded event loop on the same listening socket (thread-per-core: a request
+/// never changes threads, which is what keeps the added latency low).
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let grace = settings.server.shutdown_grace;
-    let client_timeout = settings.server.client_timeout;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() && settings.server.access_tokens.is_empty() {
         tracing::warn!(%addr, "listening beyond loopback without server.access_tokens: anyone who can reach this port can spend the API quota");
     }
+    let workers = settings.server.worker_count();
     let state = app::AppState::new(settings).map_err(RunError::Setup)?;
-    let router = app::router(state.clone());
-    tracing::info!(%addr, "listening");
-    let draining = state.clone();
-
-    let signal = async move {
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
+    let mine = receivers.remove(0);
+    let mut finished = Vec::with_capacity(workers);
+    for (n, incoming) in receivers.into_iter().enumerate() {
+        let state = state.for_worker().map_err(RunError::Setup)?;
+        finished.push(spawn_worker(n + 1, incoming, state)?);
+    }
+    tracing::info!(%addr, workers, "listening");
+    let signal_state = state.clone();
+    let stop = async move {
         shutdown.await;
+        let grace = signal_state.settings().server.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-        state.begin_shutdown();
+        signal_state.begin_shutdown();
     };
-    let graceful = server::accept(listener, router, client_timeout, signal).await;
+    tokio::join!(server::accept(listener, senders, stop), serve(mine, state));
+    for done in finished {
+        let _ = done.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+type Incoming = mpsc::UnboundedReceiver<std::net::TcpStream>;
+
+/// One more serving thread with its own event loop; the receiver resolves when it ends.
+fn spawn_worker(
+    n: usize,
+    incoming: Incoming,
+    state: app::AppState,
+) -> std::io::Result<oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done, finished) = oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("worker-{n}"))
+        .spawn(move || {
+            runtime.block_on(serve(incoming, state));
+            let _ = done.send(());
+        })?;
+    Ok(finished)
+}
+
+/// Serves this thread's connections until the acceptor stops, then drains them within
+/// the grace period; whatever still waits after it is answered 503.
+async fn serve(incoming: Incoming, state: app::AppState) {
+    let grace = state.settings().server.shutdown_grace;
+    let client_timeout = state.settings().server.client_timeout;
+    let router = app::router(state.clone());
+    let graceful = server::serve_connections(incoming, state.clone(), router, client_timeout).await;
     let drain = graceful.shutdown();
     tokio::pin!(drain);
     tokio::select! {
         _ = &mut drain => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace expired: answering requests still waiting with 503");
-            draining.abort_remaining();
+            state.abort_remaining();
             // Give those answers a moment to be written, then stop regardless.
             if tokio::time::timeout(ABORT_FLUSH, &mut drain).await.is_err() {
                 tracing::warn!("closing connections still streaming after the grace period");
             }
         }
     }
-    tracing::info!("stopped");
-    Ok(())
 }

@@ -56,9 +56,29 @@ enum Command {
     Demo,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Serving is thread-per-core: this thread is the first worker and `run` starts the
+    // rest, each with its own single-threaded event loop. The other commands use the
+    // usual multi-threaded runtime.
+    let runtime = match cli.command {
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(_) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(rt) => rt.block_on(dispatch(cli)),
+        Err(e) => {
+            eprintln!("smartlead-proxy: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::Simulate {
             host,

@@ -53,46 +53,61 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// A low-cardinality route label: ids become `{id}`, unknown shapes past a cap `other`.
-pub fn route_label(path: &str) -> String {
+/// Labels are interned (at most [`MAX_ROUTES`] of them), so the hot path allocates
+/// nothing once a route has been seen.
+pub fn route_label(path: &str) -> &'static str {
     let Some(rest) = path.strip_prefix(crate::upstream::API_PREFIX) else {
         return match path {
-            "/healthz" | "/readyz" | "/metrics" => path.to_owned(),
-            _ => "other".to_owned(),
+            "/healthz" => "/healthz",
+            "/readyz" => "/readyz",
+            "/metrics" => "/metrics",
+            _ => "other",
         };
     };
-    let mut label = String::from(crate::upstream::API_PREFIX);
-    for seg in rest.split('/').filter(|s| !s.is_empty()).take(6) {
-        label.push('/');
-        let id_like = seg.len() > 24 || seg.bytes().any(|b| b.is_ascii_digit());
-        label.push_str(if id_like { "{id}" } else { seg });
+    thread_local! {
+        static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
-    static SEEN: OnceLock<RwLock<HashSet<String>>> = OnceLock::new();
+    BUF.with_borrow_mut(|label| {
+        label.clear();
+        label.push_str(crate::upstream::API_PREFIX);
+        for seg in rest.split('/').filter(|s| !s.is_empty()).take(6) {
+            label.push('/');
+            let id_like = seg.len() > 24 || seg.bytes().any(|b| b.is_ascii_digit());
+            label.push_str(if id_like { "{id}" } else { seg });
+        }
+        intern(label)
+    })
+}
+
+fn intern(label: &str) -> &'static str {
+    static SEEN: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
-    if seen
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&label)
-    {
-        return label;
+    if let Some(l) = seen.read().unwrap_or_else(|e| e.into_inner()).get(label) {
+        return l;
     }
     let mut seen = seen.write().unwrap_or_else(|e| e.into_inner());
-    if seen.len() < MAX_ROUTES {
-        seen.insert(label.clone());
-        label
-    } else {
-        "other".to_owned()
+    if let Some(l) = seen.get(label) {
+        return l;
     }
+    if seen.len() >= MAX_ROUTES {
+        return "other";
+    }
+    // Bounded by MAX_ROUTES, so leaking is a fixed cost, not a leak that grows.
+    let l: &'static str = Box::leak(label.to_owned().into_boxed_str());
+    seen.insert(l);
+    l
 }
 
 /// Counter and histogram handles per (route, status, source), so the hot path skips the
 /// registry's hashing and label allocation after the first request of a kind.
 type RequestHandles = (metrics::Counter, metrics::Histogram);
-type RequestCache = RwLock<std::collections::HashMap<(String, u16, &'static str), RequestHandles>>;
+type RequestKey = (&'static str, u16, &'static str);
+type RequestCache = RwLock<std::collections::HashMap<RequestKey, RequestHandles>>;
 
-pub fn request_done(route: &str, status: u16, source: &'static str, elapsed: Duration) {
+pub fn request_done(route: &'static str, status: u16, source: &'static str, elapsed: Duration) {
     static CACHE: OnceLock<RequestCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (route.to_owned(), status, source);
+    let key = (route, status, source);
     let cached = cache
         .read()
         .unwrap_or_else(|e| e.into_inner())
@@ -100,8 +115,8 @@ pub fn request_done(route: &str, status: u16, source: &'static str, elapsed: Dur
         .cloned();
     let (count, duration) = cached.unwrap_or_else(|| {
         let handles = (
-            counter!(REQUESTS, "route" => route.to_owned(), "status" => status.to_string(), "source" => source),
-            histogram!(REQUEST_DURATION, "route" => route.to_owned()),
+            counter!(REQUESTS, "route" => route, "status" => status.to_string(), "source" => source),
+            histogram!(REQUEST_DURATION, "route" => route),
         );
         cache.write().unwrap_or_else(|e| e.into_inner()).insert(key, handles.clone());
         handles

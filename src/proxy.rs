@@ -2,7 +2,7 @@
 //! retry loop, then stream a success back or turn an error into the envelope.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -65,8 +65,8 @@ fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     })
 }
 
-pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
-    let request_id = request_id(req.headers());
+/// Forwards one `/api/v1/*` request; also says how it was served, for the access log.
+pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
     let (parts, body) = req.into_parts();
     let upstream = state.upstream();
     let settings = state.settings();
@@ -78,7 +78,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     };
     let (target, timeout, body) = match prepared.await {
         Ok(p) => p,
-        Err(e) => return finish(&state, e, &request_id, &Served::default()),
+        Err(e) => return finish(state, e, &request_id(&parts.headers), Served::default()),
     };
     state.retry_budget().record_request();
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
@@ -86,7 +86,7 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     let mut headers = request_headers(parts.headers);
     headers.remove(REQUEST_TIMEOUT_HEADER);
     let mut exchange =
-        retry::Exchange::new(&state, parts.method.clone(), target, headers, body, safety);
+        retry::Exchange::new(state, parts.method, target, headers, body, safety);
     if let Some(t) = timeout {
         exchange = exchange.with_deadline(t);
     }
@@ -116,7 +116,8 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
             if exchange.budget_exhausted {
                 extra.insert("retry_budget_exhausted".into(), true.into());
             }
-            error_response(&state, failed, &request_id, served.attempts, extra)
+            let request_id = request_id(&exchange.headers);
+            error_response(state, failed, &request_id, served.attempts, extra)
         }
         Outcome::Error(mut e) => {
             if let Some(s) = exchange.last_status {
@@ -125,32 +126,35 @@ pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
             if exchange.budget_exhausted {
                 e = e.detail("retry_budget_exhausted", true);
             }
-            return finish(
-                &state,
-                e,
-                &request_id,
-                &Served {
-                    upstream: false,
-                    ..served
-                },
-            );
+            let served = Served {
+                upstream: false,
+                ..served
+            };
+            return finish(state, e, &request_id(&exchange.headers), served);
         }
     };
-    mark(&mut resp, served);
-    resp
+    mark(&mut resp, served.attempts);
+    (resp, served)
 }
 
-/// Attaches how the request was served: for the access log, and `x-proxy-attempts` for
-/// the caller (conforming upstream envelopes pass through unchanged, so the count
-/// travels in a header).
-fn mark(resp: &mut Response, served: Served) {
-    resp.headers_mut()
-        .insert(ATTEMPTS_HEADER, HeaderValue::from(served.attempts));
-    resp.extensions_mut().insert(served);
+/// `x-proxy-attempts` for the caller (conforming upstream envelopes pass through
+/// unchanged, so the count travels in a header).
+fn mark(resp: &mut Response, attempts: u32) {
+    const SMALL: [HeaderValue; 4] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+    ];
+    let value = SMALL
+        .get(attempts as usize)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(attempts));
+    resp.headers_mut().insert(ATTEMPTS_HEADER, value);
 }
 
 /// The envelope for one of the proxy's own errors.
-fn finish(state: &AppState, err: ApiError, request_id: &str, served: &Served) -> Response {
+fn finish(state: &AppState, err: ApiError, request_id: &str, served: Served) -> (Response, Served) {
     let limited = err.status == StatusCode::TOO_MANY_REQUESTS;
     let mut resp = err
         .detail("request_id", request_id)
@@ -159,8 +163,8 @@ fn finish(state: &AppState, err: ApiError, request_id: &str, served: &Served) ->
     if limited {
         add_ratelimit_headers(state, resp.headers_mut());
     }
-    mark(&mut resp, *served);
-    resp
+    mark(&mut resp, served.attempts);
+    (resp, served)
 }
 
 /// `RateLimit-*` headers (draft-ietf-httpapi-ratelimit-headers) on the proxy's own 429s.
@@ -191,6 +195,9 @@ async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
+    }
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(Bytes::new());
     }
     let body = IdleTimeout::new(body, server.client_timeout);
     match Limited::new(body, limit).collect().await {

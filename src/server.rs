@@ -1,7 +1,8 @@
-//! The accept loop: HTTP/1.1 connections (what SmartLead clients speak) with a
+//! The accept loop and the per-thread connection loops: HTTP/1.1 connections (what SmartLead clients speak) with a
 //! header-read timeout against slowloris clients, the router shared rather than rebuilt
 //! per connection, request heads copied out of hyper's buffers, graceful draining.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,10 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
+use tokio::sync::mpsc;
+use futures_util::FutureExt;
+
+use crate::app::{AppState, handle};
 
 /// Most request headers accepted (hyper's default, stated here).
 pub const MAX_HEADERS: usize = 100;
@@ -26,31 +30,24 @@ fn builder(header_read_timeout: Duration) -> http1::Builder {
     b
 }
 
-/// Serves connections until `stop` resolves, then returns the handle that drains them.
+/// Accepts connections until `stop` resolves and deals them round-robin to the serving
+/// threads (one listening socket; each connection then stays on one thread). Dropping
+/// the senders on return tells the threads to stop serving new connections.
 pub async fn accept(
     listener: TcpListener,
-    router: Router,
-    header_read_timeout: Duration,
+    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
     stop: impl Future<Output = ()>,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder(header_read_timeout));
+) {
     tokio::pin!(stop);
+    let mut next = 0;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            accepted = listener.accept() => match accepted.and_then(|(s, _)| s.into_std()) {
+                Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    let (builder, watcher) = (builder.clone(), graceful.watcher());
-                    let router = router.clone();
-                    let service = hyper::service::service_fn(move |req| {
-                        router.clone().oneshot(detach_head(req))
-                    });
-                    tokio::spawn(async move {
-                        let conn = builder.serve_connection(TokioIo::new(stream), service);
-                        // Client resets and timeouts end here; nothing to report.
-                        let _ = watcher.watch(conn).await;
-                    });
+                    // A worker that is gone has stopped; its connection is just closed.
+                    let _ = workers[next].send(stream);
+                    next = (next + 1) % workers.len();
                 }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -60,6 +57,38 @@ pub async fn accept(
             },
             _ = &mut stop => break,
         }
+    }
+}
+
+/// Serves the connections this thread is dealt until the acceptor stops, then returns
+/// the handle that drains them.
+pub async fn serve_connections(
+    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    state: AppState,
+    router: Router,
+    header_read_timeout: Duration,
+) -> GracefulShutdown {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder(header_read_timeout));
+    while let Some(stream) = incoming.recv().await {
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take over a connection");
+                continue;
+            }
+        };
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (state, router) = (state.clone(), router.clone());
+        let service = hyper::service::service_fn(move |req| {
+            let answer = handle(state.clone(), router.clone(), detach_head(req));
+            answer.map(Ok::<_, Infallible>)
+        });
+        tokio::spawn(async move {
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            // Client resets and timeouts end here; nothing to report.
+            let _ = watcher.watch(conn).await;
+        });
     }
     graceful
 }

@@ -16,8 +16,8 @@ use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::key::ApiKey;
 
-/// Idle upstream connections kept for reuse; a burst beyond this opens more, which close
-/// once idle.
+/// Idle upstream connections kept for reuse (in all, shared out between the serving
+/// threads' pools); a burst beyond this opens more, which close once idle.
 pub const POOL_MAX_IDLE: usize = 64;
 
 /// The client-facing prefix that maps onto `upstream.base_url`.
@@ -102,7 +102,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, String> {
+    /// A client whose pool keeps at most `max_idle` idle connections.
+    pub fn new(settings: &UpstreamSettings, max_idle: usize) -> Result<Self, String> {
         let base = BaseUrl::parse(&settings.base_url)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -117,7 +118,7 @@ impl Upstream {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_max_idle_per_host(max_idle)
             .build(https);
         Ok(Self {
             base,
@@ -150,17 +151,21 @@ impl Upstream {
             .filter(|r| r.starts_with('/'))
             .ok_or_else(ApiError::not_found)?;
         check_path(rest)?;
-        let query = self.rewrite_query(query);
-        let mut target = format!(
-            "{}://{}{}{}",
-            self.base.scheme, self.base.authority, self.base.path, rest
+        let mut target = String::with_capacity(
+            self.base.scheme.len()
+                + self.base.authority.len()
+                + self.base.path.len()
+                + rest.len()
+                + query.map_or(0, str::len)
+                + 64,
         );
-        if !query.is_empty() {
-            target.push('?');
-            target.push_str(&query);
-        }
-        let uri: Uri = target
-            .parse()
+        target.push_str(&self.base.scheme);
+        target.push_str("://");
+        target.push_str(&self.base.authority);
+        target.push_str(&self.base.path);
+        target.push_str(rest);
+        self.push_query(&mut target, query);
+        let uri = Uri::from_maybe_shared(Bytes::from(target))
             .map_err(|_| ApiError::bad_request("the request path or query is not valid"))?;
         // Defence in depth: nothing a client sends may change where we connect.
         if uri.authority().map(|a| a.as_str()) != Some(self.base.authority.as_str()) {
@@ -171,32 +176,27 @@ impl Upstream {
         Ok(uri)
     }
 
-    fn rewrite_query(&self, query: Option<&str>) -> String {
+    /// Appends `?query` without any client `api_key` and with the configured one.
+    fn push_query(&self, out: &mut String, query: Option<&str>) {
         let mut client_key = false;
-        let mut parts: Vec<&str> = Vec::new();
+        let mut sep = '?';
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let name = pair.split('=').next().unwrap_or("");
-            let decoded = percent_decode_str(&name.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned();
-            if decoded.eq_ignore_ascii_case("api_key") {
-                if self.allow_client_key {
-                    client_key = true;
-                    parts.push(pair);
+            if is_api_key_name(name) {
+                if !self.allow_client_key {
+                    continue;
                 }
-                continue;
+                client_key = true;
             }
-            parts.push(pair);
+            out.push(sep);
+            out.push_str(pair);
+            sep = '&';
         }
-        let mut out = parts.join("&");
         if let (Some(key), false) = (&self.key, client_key) {
-            if !out.is_empty() {
-                out.push('&');
-            }
+            out.push(sep);
             out.push_str("api_key=");
             out.push_str(key.query_value());
         }
-        out
     }
 
     /// Sends one attempt and waits for the response headers within `timeout`.
@@ -234,29 +234,48 @@ impl Upstream {
     }
 }
 
+/// `api_key` in any case, also percent- or plus-encoded.
+fn is_api_key_name(name: &str) -> bool {
+    if !name.contains(['%', '+']) {
+        return name.eq_ignore_ascii_case("api_key");
+    }
+    percent_decode_str(&name.replace('+', " "))
+        .decode_utf8_lossy()
+        .eq_ignore_ascii_case("api_key")
+}
+
 /// Refuses dot-segments and encoded separators anywhere in the path.
 fn check_path(path: &str) -> Result<(), ApiError> {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || path.contains('\\') {
+    let encoded_slash = path.as_bytes().windows(3).any(|w| {
+        w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
+    });
+    if encoded_slash || path.contains('\\') {
         return Err(ApiError::bad_request(
             "encoded slashes are not allowed in the path",
         ));
     }
     for segment in path.split('/') {
-        let mut decoded = segment.to_owned();
-        // Decode a few times so double-encoded dots are caught too.
-        for _ in 0..3 {
-            decoded = percent_decode_str(&decoded)
-                .decode_utf8_lossy()
-                .into_owned();
-        }
-        if decoded == "." || decoded == ".." {
+        if is_dot_segment(segment) {
             return Err(ApiError::bad_request(
                 "dot-segments are not allowed in the path",
             ));
         }
     }
     Ok(())
+}
+
+/// `.` or `..`, also percent-encoded (up to three times, so double encoding is caught).
+fn is_dot_segment(segment: &str) -> bool {
+    if !segment.contains('%') {
+        return segment == "." || segment == "..";
+    }
+    let mut decoded = segment.to_owned();
+    for _ in 0..3 {
+        decoded = percent_decode_str(&decoded)
+            .decode_utf8_lossy()
+            .into_owned();
+    }
+    decoded == "." || decoded == ".."
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -283,6 +302,13 @@ const HOP_BY_HOP: &[HeaderName] = &[
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    let any = headers.keys().any(|n| {
+        HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection"
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -318,7 +344,7 @@ mod tests {
             allow_client_key,
             ..UpstreamSettings::default()
         };
-        Upstream::new(&settings).unwrap()
+        Upstream::new(&settings, POOL_MAX_IDLE).unwrap()
     }
 
     #[test]

@@ -90,6 +90,8 @@ fn bad_env_values_name_the_key() {
         &[],
     );
     assert!(err.contains("upstream.base_url"), "{err}");
+    let err = start_error(&[key, ("SMARTLEAD_PROXY__SERVER__WORKERS", "5000")], &[]);
+    assert!(err.contains("server.workers"), "{err}");
     let err = start_error(&[key, ("SMARTLEAD_PROXY__LIMT__REQUESTS", "5")], &[]);
     assert!(err.contains("limt"), "unknown section named: {err}");
 }
@@ -381,6 +383,8 @@ async fn sigterm_answers_queued_requests_with_503_at_the_grace_deadline() {
             ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "1"),
             ("SMARTLEAD_PROXY__LIMIT__PERIOD", "60s"),
             ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "300s"),
+            // Connections are dealt round-robin: every thread holds some of the requests.
+            ("SMARTLEAD_PROXY__SERVER__WORKERS", "3"),
         ],
     );
     // The one slot goes to a slow request still running when SIGTERM comes ...
