@@ -113,7 +113,13 @@ impl AppState {
 
     /// The grace period is over: requests still waiting are answered 503 now.
     pub fn abort_remaining(&self) {
-        for abort in self.inner.aborts.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for abort in self
+            .inner
+            .aborts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             abort.send_replace(true);
         }
     }
@@ -165,7 +171,7 @@ pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> 
             let resp = router.oneshot(req).await.unwrap_or_else(|e| match e {});
             return (resp, Served::default());
         }
-        if let Err(refused) = crate::auth::check(&state, req.headers_mut()) {
+        if let Some(refused) = crate::auth::refusal(&state, req.headers_mut()) {
             return (refused, Served::default());
         }
         proxy::forward(&state, req).await
@@ -174,8 +180,17 @@ pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> 
         .catch_unwind()
         .await
         .unwrap_or_else(|_| (ApiError::internal().into_response(), Served::default()));
-    resp.headers_mut().insert(REQUEST_ID_HEADER, request_id.clone());
-    access_log(&state, &method, &path, &request_id, &resp, served, start.elapsed());
+    resp.headers_mut()
+        .insert(REQUEST_ID_HEADER, request_id.clone());
+    access_log(
+        &state,
+        &method,
+        &path,
+        &request_id,
+        &resp,
+        served,
+        start.elapsed(),
+    );
     resp
 }
 

@@ -10,11 +10,11 @@ use crate::error::ApiError;
 
 /// Lets a request through only with `Authorization: Bearer <one of the tokens>` (when
 /// `server.access_tokens` is set); the header is the proxy's, so it is removed before
-/// forwarding. `Err` is the 401 answer.
-pub fn check(state: &AppState, headers: &mut HeaderMap) -> Result<(), Response> {
+/// forwarding. Returns the 401 answer when the request is refused.
+pub fn refusal(state: &AppState, headers: &mut HeaderMap) -> Option<Response> {
     let tokens = &state.settings().server.access_tokens;
     if tokens.is_empty() {
-        return Ok(());
+        return None;
     }
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -38,10 +38,10 @@ pub fn check(state: &AppState, headers: &mut HeaderMap) -> Result<(), Response> 
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"smartlead-proxy\""),
         );
-        return Err(resp);
+        return Some(resp);
     }
     headers.remove(header::AUTHORIZATION);
-    Ok(())
+    None
 }
 
 /// The token from `Bearer <token>` (scheme case-insensitive).

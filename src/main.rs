@@ -1,6 +1,9 @@
 //! The `smartlead-proxy` binary: parse the command line and hand over to the library.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -85,8 +85,7 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
     let safety = Safety::of(&parts.method, api_path, &parts.headers, &settings.retry);
     let mut headers = request_headers(parts.headers);
     headers.remove(REQUEST_TIMEOUT_HEADER);
-    let mut exchange =
-        retry::Exchange::new(state, parts.method, target, headers, body, safety);
+    let mut exchange = retry::Exchange::new(state, parts.method, target, headers, body, safety);
     if let Some(t) = timeout {
         exchange = exchange.with_deadline(t);
     }

@@ -267,17 +267,16 @@ impl<'a> Exchange<'a> {
             self.attempts += 1;
             let timeout = self.attempt_timeout();
             let began = Instant::now();
-            let sent = self
-                .state
-                .upstream()
-                .send(
-                    self.method.clone(),
-                    self.target.clone(),
-                    self.headers.clone(),
-                    self.body.clone(),
-                    timeout,
-                )
-                .await;
+            // Boxed: the sending state is large, and a request waiting for a slot
+            // should not carry it (10,000 waiting requests are the memory budget).
+            let sent = Box::pin(self.state.upstream().send(
+                self.method.clone(),
+                self.target.clone(),
+                self.headers.clone(),
+                self.body.clone(),
+                timeout,
+            ))
+            .await;
             let status;
             let outcome: &str = match &sent {
                 Ok(resp) => {
@@ -294,7 +293,7 @@ impl<'a> Exchange<'a> {
                     return Outcome::Success(resp);
                 }
                 Ok(resp) => {
-                    let failed = read_failed(resp, timeout).await;
+                    let failed = Box::pin(read_failed(resp, timeout)).await;
                     self.last_status = Some(failed.status);
                     let asked =
                         upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());

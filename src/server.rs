@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -15,7 +16,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use futures_util::FutureExt;
 
 use crate::app::{AppState, handle};
 

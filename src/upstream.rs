@@ -303,9 +303,9 @@ const HOP_BY_HOP: &[HeaderName] = &[
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a lookup per name.
-    let any = headers.keys().any(|n| {
-        HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection"
-    });
+    let any = headers
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection");
     if !any {
         return;
     }
