@@ -149,6 +149,8 @@ pub struct LimitSettings {
     #[serde(with = "humantime_serde")]
     pub margin: Duration,
     pub backend: LimitBackend,
+    /// Adopt SmartLead's `x-ratelimit-limit` when it is smaller than `requests`.
+    pub follow_upstream: bool,
 }
 
 impl Default for LimitSettings {
@@ -160,6 +162,7 @@ impl Default for LimitSettings {
             max_queue: 10_000,
             margin: Duration::from_millis(50),
             backend: LimitBackend::Local,
+            follow_upstream: false,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`error`]: the only module that knows the JSON error envelope.
 //! - [`upstream`]: the HTTPS client, target URI building, one attempt.
 //! - [`proxy`]: the `/api/v1/*` handler.
+//! - [`leads`]: the lead-import guard (validation, batching, merged answers).
 //! - [`limiter`]: the shared quota (reservation log; local or Redis backend).
 //! - [`retry`]: retry policy (pure functions) and the attempt loop.
 //! - [`app`]: router and the middleware stack.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod error;
 pub mod healthcheck;
 pub mod key;
+pub mod leads;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;

@@ -1,18 +1,21 @@
 //! The `/api/v1/*` handler: read the client's request, run it through the quota and the
 //! retry loop, then stream a success back or turn an error into the envelope.
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::body::{IdleTimeout, Stalled};
-use crate::error::{ApiError, normalize_upstream};
+use crate::error::{ApiError, code_for_status, normalize_upstream};
+use crate::leads::{self, Plan};
 use crate::retry::{self, Failed, Outcome, Safety};
 use crate::upstream::{API_PREFIX, request_headers, strip_hop_by_hop};
 
@@ -28,6 +31,15 @@ pub struct Served {
     pub upstream_time: Duration,
 }
 
+impl Served {
+    /// Adds another exchange of the same request (auto-batched imports).
+    fn add(&mut self, other: Served) {
+        self.attempts += other.attempts;
+        self.waited += other.waited;
+        self.upstream_time += other.upstream_time;
+    }
+}
+
 /// The request id the request-id layer assigned (or the client's own).
 pub fn request_id(headers: &HeaderMap) -> String {
     headers
@@ -40,6 +52,8 @@ pub fn request_id(headers: &HeaderMap) -> String {
 /// A caller's own deadline for the whole request: `X-Request-Timeout: 10` (seconds, may
 /// be fractional) or a duration such as `2500ms`, `1m`.
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+/// How many batches an auto-batched lead import was sent in.
+pub const BATCHES_HEADER: &str = "x-lead-batches";
 /// How many upstream attempts the proxy made for this request.
 pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 
@@ -83,24 +97,25 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
     state.retry_budget().record_request();
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
     let safety = Safety::of(&parts.method, api_path, &parts.headers, &settings.retry);
+    let import = leads::is_import(&parts.method, api_path);
     let mut headers = request_headers(parts.headers);
     headers.remove(REQUEST_TIMEOUT_HEADER);
-    let mut exchange = retry::Exchange::new(state, parts.method, target, headers, body, safety);
-    if let Some(t) = timeout {
-        exchange = exchange.with_deadline(t);
+    let call = Call {
+        target,
+        headers,
+        safety,
+        deadline: timeout.map(|t| Instant::now() + t),
+    };
+    if import {
+        // Checked before any quota is spent.
+        match leads::plan(&settings.leads, &body) {
+            Err(e) => return finish(state, e, &request_id(&call.headers), Served::default()),
+            Ok(Plan::Batches(batches)) => return import_in_batches(state, &call, batches).await,
+            Ok(Plan::Forward) => {}
+        }
     }
-    let outcome = tokio::select! {
-        outcome = exchange.run() => outcome,
-        _ = state.aborted() => Outcome::Error(ApiError::unavailable(
-            "the proxy is shutting down and its grace period ran out before this request could finish",
-        )),
-    };
-    let served = Served {
-        attempts: exchange.attempts,
-        upstream: true,
-        waited: exchange.waited,
-        upstream_time: exchange.upstream_time,
-    };
+    let (outcome, exchange) = exchange(state, &call, parts.method, body).await;
+    let served = exchange.served();
     let mut resp = match outcome {
         Outcome::Success(resp) => {
             let (mut head, body) = resp.into_parts();
@@ -115,25 +130,144 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
             if exchange.budget_exhausted {
                 extra.insert("retry_budget_exhausted".into(), true.into());
             }
-            let request_id = request_id(&exchange.headers);
+            let request_id = request_id(&call.headers);
             error_response(state, failed, &request_id, served.attempts, extra)
         }
-        Outcome::Error(mut e) => {
-            if let Some(s) = exchange.last_status {
-                e = e.detail("upstream_status", s.as_u16());
-            }
-            if exchange.budget_exhausted {
-                e = e.detail("retry_budget_exhausted", true);
-            }
+        Outcome::Error(e) => {
+            let e = exchange.explain(e);
             let served = Served {
                 upstream: false,
                 ..served
             };
-            return finish(state, e, &request_id(&exchange.headers), served);
+            return finish(state, e, &request_id(&call.headers), served);
         }
     };
     mark(&mut resp, served.attempts);
     (resp, served)
+}
+
+/// Where and how a request goes upstream, for each of its exchanges.
+struct Call {
+    target: Uri,
+    headers: HeaderMap,
+    safety: Safety,
+    /// The caller's own deadline (`X-Request-Timeout`) for everything.
+    deadline: Option<Instant>,
+}
+
+/// One request body through the quota and the retry loop (ended early if the shutdown
+/// grace runs out).
+async fn exchange<'a>(
+    state: &'a AppState,
+    call: &Call,
+    method: Method,
+    body: Bytes,
+) -> (Outcome, retry::Exchange<'a>) {
+    let headers = call.headers.clone();
+    let mut exchange = retry::Exchange::new(
+        state,
+        method,
+        call.target.clone(),
+        headers,
+        body,
+        call.safety,
+    );
+    if let Some(at) = call.deadline {
+        exchange = exchange.with_deadline(at.saturating_duration_since(Instant::now()));
+    }
+    let outcome = tokio::select! {
+        outcome = exchange.run() => outcome,
+        _ = state.aborted() => Outcome::Error(ApiError::unavailable(
+            "the proxy is shutting down and its grace period ran out before this request could finish",
+        )),
+    };
+    (outcome, exchange)
+}
+
+/// `leads.auto_batch`: the batches in order, each through the quota and retries, then
+/// one merged answer; the first failure stops the import and says what was sent.
+async fn import_in_batches(
+    state: &AppState,
+    call: &Call,
+    batches: Vec<leads::Batch>,
+) -> (Response, Served) {
+    let total_leads: usize = batches.iter().map(|b| b.count).sum();
+    let mut merged = leads::Merged::default();
+    let mut served = Served {
+        upstream: true,
+        ..Served::default()
+    };
+    for (n, batch) in batches.iter().enumerate() {
+        let (outcome, exchange) = exchange(state, call, Method::POST, batch.body.clone()).await;
+        served.add(exchange.served());
+        let failure = match outcome {
+            Outcome::Success(resp) => {
+                let status = resp.status();
+                let timeout = state.settings().upstream.timeout;
+                let failed = retry::read_failed(resp, timeout).await;
+                let answer = serde_json::from_slice(&failed.body).unwrap_or_else(|_| {
+                    Value::String(String::from_utf8_lossy(&failed.body).into_owned())
+                });
+                merged.add(batch, status, answer);
+                continue;
+            }
+            Outcome::Failed(failed) => batch_failure(state, failed),
+            Outcome::Error(e) => exchange.explain(e),
+        };
+        let sent = merged.leads();
+        let message = format!(
+            "lead import stopped at batch {} of {} ({}): {}. {} were imported; {} were not              (SmartLead skips duplicates, so sending the whole import again is safe)",
+            n + 1,
+            batches.len(),
+            leads::range(batch.first, batch.count),
+            failure.message,
+            if sent == 0 {
+                "no leads".to_owned()
+            } else {
+                leads::range(0, sent)
+            },
+            leads::range(batch.first, total_leads - batch.first),
+        );
+        let mut err = ApiError { message, ..failure };
+        err = err
+            .detail("failed_batch", n + 1)
+            .detail("batches", batches.len())
+            .detail("imported", (sent > 0).then(|| leads::range(0, sent)))
+            .detail(
+                "not_imported",
+                leads::range(batch.first, total_leads - batch.first),
+            )
+            .detail("completed", merged.into_answer());
+        return finish(state, err, &request_id(&call.headers), served);
+    }
+    let mut resp = Json(merged.into_answer()).into_response();
+    resp.headers_mut()
+        .insert(BATCHES_HEADER, HeaderValue::from(batches.len()));
+    mark(&mut resp, served.attempts);
+    (resp, served)
+}
+
+/// A batch's upstream error as the proxy's own error, keeping SmartLead's message and
+/// its error object.
+fn batch_failure(state: &AppState, failed: Failed) -> ApiError {
+    let scrubbed = state
+        .upstream()
+        .key()
+        .and_then(|k| k.scrub_bytes(&failed.body));
+    let body = scrubbed.as_deref().unwrap_or(&failed.body);
+    let content_type = failed
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let envelope = normalize_upstream(failed.status, content_type, body, Map::new()).into_bytes();
+    let envelope: Value = serde_json::from_slice(&envelope).unwrap_or_default();
+    let message = envelope["error"]["message"]
+        .as_str()
+        .unwrap_or("SmartLead refused the batch")
+        .to_owned();
+    ApiError::new(failed.status, code_for_status(failed.status), message)
+        .detail("upstream_status", failed.status.as_u16())
+        .detail("upstream_error", envelope["error"].clone())
 }
 
 /// `x-proxy-attempts` for the caller (conforming upstream envelopes pass through

@@ -249,6 +249,27 @@ impl<'a> Exchange<'a> {
         }
     }
 
+    /// How this exchange was served, for the access log.
+    pub fn served(&self) -> crate::proxy::Served {
+        crate::proxy::Served {
+            attempts: self.attempts,
+            upstream: true,
+            waited: self.waited,
+            upstream_time: self.upstream_time,
+        }
+    }
+
+    /// Adds what the attempts learnt to one of the proxy's own errors.
+    pub fn explain(&self, mut e: ApiError) -> ApiError {
+        if let Some(s) = self.last_status {
+            e = e.detail("upstream_status", s.as_u16());
+        }
+        if self.budget_exhausted {
+            e = e.detail("retry_budget_exhausted", true);
+        }
+        e
+    }
+
     /// The caller's own deadline: nothing starts, waits or runs past it.
     pub fn with_deadline(mut self, timeout: Duration) -> Self {
         let at = Instant::now() + timeout;
@@ -277,6 +298,9 @@ impl<'a> Exchange<'a> {
                 timeout,
             ))
             .await;
+            if let Ok(resp) = &sent {
+                self.state.limiter().observe(resp.headers()).await;
+            }
             let status;
             let outcome: &str = match &sent {
                 Ok(resp) => {
@@ -379,9 +403,9 @@ fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
     }
 }
 
-/// Reads at most [`ERROR_BODY_CAP`] of an error body, decoded; a body that breaks off or
+/// Reads at most [`ERROR_BODY_CAP`] of a body (error answers, lead-import batch answers), decoded; a body that breaks off or
 /// stalls yields what arrived, since the status alone is enough to answer.
-async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Failed {
+pub async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Failed {
     let (head, body) = resp.into_parts();
     let raw =
         match tokio::time::timeout(timeout, Limited::new(body, ERROR_BODY_CAP).collect()).await {

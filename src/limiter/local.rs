@@ -74,6 +74,13 @@ impl LocalBackend {
             .map(|s| Duration::from_micros(s.saturating_sub(now)))
     }
 
+    pub fn set_limit_now(&self, limit: usize) {
+        let now = self.now();
+        if self.log().set_limit(limit, now) {
+            self.moved.send_modify(|v| *v += 1);
+        }
+    }
+
     pub fn cancel_now(&self, id: u64) {
         let now = self.now();
         self.log().cancel(id, now);
@@ -117,6 +124,11 @@ impl Backend for LocalBackend {
 
     fn pause(&self, pause: Duration) -> BoxFuture<'_, ()> {
         self.pause_now(pause);
+        std::future::ready(()).boxed()
+    }
+
+    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()> {
+        self.set_limit_now(limit);
         std::future::ready(()).boxed()
     }
 

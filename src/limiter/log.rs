@@ -87,6 +87,24 @@ impl SlotLog {
         self.entries.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
     }
 
+    /// A new limit: slots not yet started are spaced out again so every window keeps to
+    /// it (order kept). True if any slot moved.
+    pub fn set_limit(&mut self, limit: usize, now: Micros) -> bool {
+        self.limit = limit.max(1);
+        let mut moved = false;
+        for i in self.limit..self.entries.len() {
+            if self.entries[i].0 <= now {
+                continue;
+            }
+            let want = (self.entries[i - self.limit].0 + self.window).max(self.entries[i - 1].0);
+            if want > self.entries[i].0 {
+                self.entries[i].0 = want;
+                moved = true;
+            }
+        }
+        moved
+    }
+
     /// Nothing starts before `until`; slots not yet started move later together, which
     /// keeps their order and spacing (so every window stays within the limit).
     pub fn pause(&mut self, until: Micros, now: Micros) -> bool {

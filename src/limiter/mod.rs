@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use http::HeaderMap;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -86,6 +87,8 @@ pub trait Backend: Send + Sync + 'static {
     fn cancel(&self, id: u64) -> BoxFuture<'_, ()>;
     /// Nothing starts for `pause`; waiting slots move later together.
     fn pause(&self, pause: Duration) -> BoxFuture<'_, ()>;
+    /// The limit for reservations from now on (`limit.follow_upstream`).
+    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()>;
     /// Changes whenever waiting slots may have moved.
     fn moved(&self) -> watch::Receiver<u64>;
     fn status(&self) -> Status;
@@ -98,6 +101,18 @@ pub struct Limiter {
     max_queue: usize,
     per_request: Duration,
     ids: AtomicU64,
+    follow: Follow,
+}
+
+/// What SmartLead's `x-ratelimit-*` headers have told us so far.
+struct Follow {
+    configured: usize,
+    enabled: bool,
+    in_force: AtomicUsize,
+    warned: std::sync::atomic::AtomicBool,
+    /// The end of the latest pause asked for by `x-ratelimit-remaining: 0`.
+    paused_until: std::sync::Mutex<Option<Instant>>,
+    longest_pause: Duration,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -119,6 +134,14 @@ impl Limiter {
             per_request: l.period / l.requests,
             // Random high bits keep ids unique across instances sharing one Redis log.
             ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
+            follow: Follow {
+                configured: l.requests as usize,
+                enabled: l.follow_upstream,
+                in_force: AtomicUsize::new(l.requests as usize),
+                warned: Default::default(),
+                paused_until: Default::default(),
+                longest_pause: l.period.max(settings.retry.max_delay),
+            },
         }
     }
 
@@ -145,6 +168,76 @@ impl Limiter {
     pub async fn pause(&self, pause: Duration) {
         crate::metrics::upstream_pause();
         self.backend.pause(pause).await;
+    }
+
+    /// Applies what SmartLead's `x-ratelimit-*` headers say: at `remaining: 0` every
+    /// instance pauses until the reset; a limit different from `limit.requests` is logged
+    /// once and, with `limit.follow_upstream`, the smaller of the two is used.
+    pub async fn observe(&self, headers: &HeaderMap) {
+        if let Some(upstream) = header_number(headers, "x-ratelimit-limit") {
+            self.follow_limit(upstream.max(1.0) as usize).await;
+        }
+        if header_number(headers, "x-ratelimit-remaining") != Some(0.0) {
+            return;
+        }
+        let Some(reset) = reset_after(headers, std::time::SystemTime::now()) else {
+            return;
+        };
+        // Whole seconds are taken as rounded up: the quota may free up to a second
+        // sooner, and pausing too short is safe (an early request meets a 429 whose
+        // Retry-After pauses everyone), while too long wastes quota.
+        let reset = if reset.subsec_nanos() == 0 {
+            reset.saturating_sub(Duration::from_secs(1))
+        } else {
+            reset
+        };
+        if reset.is_zero() {
+            return;
+        }
+        let pause = reset.min(self.follow.longest_pause);
+        let until = Instant::now() + pause;
+        {
+            let mut paused = self
+                .follow
+                .paused_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Concurrent answers all report the same reset: pause once.
+            if paused.is_some_and(|p| p + Duration::from_millis(100) >= until) {
+                return;
+            }
+            *paused = Some(until);
+        }
+        tracing::debug!(
+            pause_ms = pause.as_millis() as u64,
+            "SmartLead reports no requests left: pausing until its reset"
+        );
+        self.pause(pause).await;
+    }
+
+    async fn follow_limit(&self, upstream: usize) {
+        let f = &self.follow;
+        if upstream != f.configured && !f.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                configured = f.configured,
+                upstream,
+                follow_upstream = f.enabled,
+                "SmartLead reports a rate limit different from limit.requests{}",
+                if f.enabled && upstream < f.configured {
+                    ": using SmartLead's"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !f.enabled {
+            return;
+        }
+        let want = upstream.min(f.configured);
+        if f.in_force.swap(want, Ordering::Relaxed) != want {
+            tracing::info!(limit = want, "quota limit now in force");
+            self.backend.set_limit(want).await;
+        }
     }
 
     /// Waits for a slot that starts no later than `deadline`; returns how long it waited.
@@ -243,6 +336,34 @@ impl Drop for Reservation {
             rt.spawn(async move { backend.cancel(id).await });
         }
     }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
+    headers
+        .get(name)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+}
+
+/// `x-ratelimit-reset` as a wait: seconds from now, or (for values that can only be
+/// one) a Unix time in seconds.
+fn reset_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let v = header_number(headers, "x-ratelimit-reset")?;
+    const UNIX_TIME_FROM: f64 = 1_000_000_000.0;
+    let secs = if v >= UNIX_TIME_FROM {
+        let now = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+        v - now
+    } else {
+        v
+    };
+    (secs > 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs))
 }
 
 /// Whole seconds for a `Retry-After` header: rounded up, at least 1.

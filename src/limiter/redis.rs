@@ -42,6 +42,8 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
 const RESERVE: &str = r#"
 local limit = tonumber(ARGV[2])
+local adopted = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
+if adopted < limit then limit = adopted end
 local window = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - window))
 local slot = now
@@ -60,6 +62,34 @@ if slot > now + tonumber(ARGV[4]) then return {0, s(slot - now)} end
 redis.call('ZADD', KEYS[1], s(slot), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], s(math.ceil((slot - now + window) / 1000) + 1000))
 return {1, s(slot - now)}
+"#;
+
+/// A new limit for everyone: stored for the reserve script, and slots not yet started
+/// spaced out again under it.
+const SET_LIMIT: &str = r#"
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', 86400)
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local ids, slots = {}, {}
+for i = 1, #all, 2 do
+  ids[#ids + 1] = all[i]
+  slots[#slots + 1] = tonumber(all[i + 1])
+end
+local moved = 0
+for i = limit + 1, #slots do
+  if slots[i] > now then
+    local want = slots[i - limit] + window
+    if slots[i - 1] > want then want = slots[i - 1] end
+    if want > slots[i] then
+      slots[i] = want
+      redis.call('ZADD', KEYS[1], s(want), ids[i])
+      moved = 1
+    end
+  end
+end
+if moved == 1 then redis.call('PUBLISH', ARGV[3], 'moved') end
+return moved
 "#;
 
 const WAIT_OF: &str = r#"
@@ -119,6 +149,7 @@ struct Scripts {
     wait_of: Script,
     cancel: Script,
     pause: Script,
+    set_limit: Script,
     merge: Script,
     heartbeat: Script,
 }
@@ -126,6 +157,8 @@ struct Scripts {
 struct Keys {
     log: String,
     pause: String,
+    /// The limit adopted from SmartLead's headers (`limit.follow_upstream`).
+    limit: String,
     instances: String,
     channel: String,
 }
@@ -136,7 +169,8 @@ pub struct RedisBackend {
     scripts: Scripts,
     keys: Keys,
     instance: String,
-    limit: usize,
+    /// The limit in force (`limit.requests`, or SmartLead's smaller one when followed).
+    limit: AtomicUsize,
     window: Duration,
     on_error: OnRedisError,
     healthy: AtomicBool,
@@ -174,17 +208,19 @@ impl RedisBackend {
                 wait_of: script(WAIT_OF),
                 cancel: script(CANCEL),
                 pause: script(PAUSE),
+                set_limit: script(SET_LIMIT),
                 merge: script(MERGE),
                 heartbeat: script(HEARTBEAT_SCRIPT),
             },
             keys: Keys {
                 log: format!("{{{base}}}:log"),
                 pause: format!("{{{base}}}:pause"),
+                limit: format!("{{{base}}}:limit"),
                 instances: format!("{{{base}}}:instances"),
                 channel: format!("{{{base}}}:moved"),
             },
             instance: format!("{:016x}", rand::random::<u64>()),
-            limit: settings.limit.requests as usize,
+            limit: AtomicUsize::new(settings.limit.requests as usize),
             window: settings.limit.period + settings.limit.margin,
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
@@ -231,7 +267,7 @@ impl RedisBackend {
         }
         crate::metrics::limiter_degraded(true);
         let live = self.live.load(Ordering::Relaxed).max(1);
-        let share = (self.limit / live).max(1);
+        let share = (self.limit.load(Ordering::Relaxed) / live).max(1);
         match self.on_error {
             OnRedisError::Local => {
                 let fb = LocalBackend::with_limit(share, self.window, "fallback");
@@ -302,8 +338,9 @@ impl RedisBackend {
     async fn reserve_shared(&self, id: u64, max_wait: Duration) -> Result<Duration, Refusal> {
         let mut inv = self.scripts.reserve.key(&self.keys.log);
         inv.key(&self.keys.pause)
+            .key(&self.keys.limit)
             .arg(id.to_string())
-            .arg(self.limit)
+            .arg(self.limit.load(Ordering::Relaxed))
             .arg(micros(self.window))
             .arg(micros(max_wait));
         match self.call::<(i64, i64)>(inv).await {
@@ -393,6 +430,29 @@ impl Backend for RedisBackend {
                     if let Some(fb) = self.fallback() {
                         fb.pause_now(pause);
                     }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()> {
+        async move {
+            self.limit.store(limit, Ordering::Relaxed);
+            if let Some(fb) = self.fallback() {
+                let live = self.live.load(Ordering::Relaxed).max(1);
+                fb.set_limit_now((limit / live).max(1));
+            }
+            if self.is_healthy() {
+                // The stored limit is kept a day: longer than any window, and rewritten by
+                // whoever next sees SmartLead report a different one.
+                let mut inv = self.scripts.set_limit.key(&self.keys.log);
+                inv.key(&self.keys.limit)
+                    .arg(limit)
+                    .arg(micros(self.window))
+                    .arg(&self.keys.channel);
+                if let Err(e) = self.call::<i64>(inv).await {
+                    self.degrade(e);
                 }
             }
         }
