@@ -204,10 +204,15 @@ async fn import_in_batches(
             Outcome::Success(resp) => {
                 let status = resp.status();
                 let timeout = state.settings().upstream.timeout;
-                let failed = retry::read_failed(resp, timeout).await;
-                let answer = serde_json::from_slice(&failed.body).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&failed.body).into_owned())
-                });
+                let read = retry::read_failed(resp, timeout).await;
+                // The merged answer is the proxy's own body: the key never goes in it.
+                let scrubbed = state
+                    .upstream()
+                    .key()
+                    .and_then(|k| k.scrub_bytes(&read.body));
+                let body = scrubbed.as_deref().unwrap_or(&read.body);
+                let answer = serde_json::from_slice(body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
                 merged.add(batch, status, answer);
                 continue;
             }
