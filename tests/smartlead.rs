@@ -179,15 +179,6 @@ async fn converge(follow: bool, proxies: usize) -> (usize, usize, usize) {
     let late = started + Duration::from_millis(1500);
     let records = sim.requests();
     let limited = records.iter().filter(|r| r.rate_limited).count();
-    if std::env::var("SHOW").is_ok() {
-        for r in &records {
-            eprintln!(
-                "{:>6} ms {}",
-                (r.at - started).as_millis(),
-                if r.rate_limited { "429" } else { "200" }
-            );
-        }
-    }
     let limited_late = records
         .iter()
         .filter(|r| r.rate_limited && r.at > late)

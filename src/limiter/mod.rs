@@ -217,7 +217,11 @@ impl Limiter {
 
     async fn follow_limit(&self, upstream: usize) {
         let f = &self.follow;
-        if upstream != f.configured && !f.warned.swap(true, Ordering::Relaxed) {
+        // Plain loads first: this runs on every answer, from every serving thread.
+        if upstream != f.configured
+            && !f.warned.load(Ordering::Relaxed)
+            && !f.warned.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 configured = f.configured,
                 upstream,
@@ -234,7 +238,9 @@ impl Limiter {
             return;
         }
         let want = upstream.min(f.configured);
-        if f.in_force.swap(want, Ordering::Relaxed) != want {
+        if f.in_force.load(Ordering::Relaxed) != want
+            && f.in_force.swap(want, Ordering::Relaxed) != want
+        {
             tracing::info!(limit = want, "quota limit now in force");
             self.backend.set_limit(want).await;
         }
