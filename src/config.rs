@@ -25,6 +25,7 @@ const LIST_KEYS: &[&str] = &[
     "server.access_tokens",
     "retry.statuses",
     "retry.idempotent_posts",
+    "leads.warn_missing",
 ];
 
 /// A start-up configuration problem, always printed as one line naming the key.
@@ -243,6 +244,8 @@ pub struct LeadsSettings {
     pub validate: bool,
     pub max_per_request: usize,
     pub auto_batch: bool,
+    /// Personalisation fields whose absence is reported in `X-Lead-Warnings`.
+    pub warn_missing: Vec<String>,
 }
 
 impl Default for LeadsSettings {
@@ -251,6 +254,7 @@ impl Default for LeadsSettings {
             validate: true,
             max_per_request: 400,
             auto_batch: false,
+            warn_missing: vec!["first_name".into(), "company_name".into()],
         }
     }
 }
@@ -280,6 +284,8 @@ pub struct LogSettings {
     pub level: String,
     pub bodies: bool,
     pub body_bytes: usize,
+    /// Lets a request turn the traffic log on for itself with `X-Debug-Log: 1`.
+    pub allow_debug_header: bool,
 }
 
 impl Default for LogSettings {
@@ -289,6 +295,7 @@ impl Default for LogSettings {
             level: "info".into(),
             bodies: false,
             body_bytes: 500,
+            allow_debug_header: false,
         }
     }
 }
@@ -440,7 +447,9 @@ impl Settings {
                 "must be between 1 and 400",
             ));
         }
-
+        if self.log.body_bytes > 1024 * 1024 {
+            return Err(invalid("log.body_bytes", "must be at most 1048576 (1 MiB)"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", one_line(&e.to_string())))?;
         Ok(())

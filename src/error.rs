@@ -87,13 +87,15 @@ impl ApiError {
         )
     }
 
-    /// 429 from the proxy's own quota, with an integer `Retry-After`.
-    pub fn rate_limited(reason: &str, retry_after_secs: u64, attempts: u32) -> Self {
+    /// 429 from the proxy's own quota, with an integer `Retry-After`. `reason` is a
+    /// short label (`queue_full`, `max_wait`, `paused`) that picks the hint.
+    pub fn rate_limited(message: &str, reason: &str, retry_after_secs: u64, attempts: u32) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "RATE_LIMITED",
-            format!("rate limited: {reason}; retry after {retry_after_secs}s"),
+            format!("rate limited: {message}; retry after {retry_after_secs}s"),
         )
+        .detail("reason", reason)
         .detail("retry_after", retry_after_secs)
         .detail("attempts", attempts);
         e.headers
@@ -118,8 +120,14 @@ impl ApiError {
         self
     }
 
+    /// The envelope, with `details.hint` added unless the error set its own.
     pub fn body(&self) -> Value {
-        json!({"error": {"code": self.code, "message": self.message, "details": self.details}})
+        let mut details = self.details.clone();
+        if !details.contains_key("hint") {
+            let hint = hint(self.status, self.code, &details);
+            details.insert("hint".into(), hint.into());
+        }
+        json!({"error": {"code": self.code, "message": self.message, "details": details}})
     }
 }
 
@@ -150,6 +158,138 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
         300..=399 => "UPSTREAM_REDIRECT",
         400..=499 => "BAD_REQUEST",
         _ => "UPSTREAM_ERROR",
+    }
+}
+
+/// What the caller should do about an error, phrased for someone behind the proxy
+/// (SmartLead's status table, plus the proxy's own cases). `details` says where the
+/// error came from: `upstream_status` is there when SmartLead's answer is being wrapped.
+pub fn hint(status: StatusCode, code: &str, details: &Map<String, Value>) -> String {
+    let attempts = details.get("attempts").and_then(Value::as_u64).unwrap_or(1);
+    let from_smartlead = details.contains_key("upstream_status");
+    let tried = match attempts {
+        0 => "before any attempt".to_owned(),
+        1 => "after 1 attempt (not retried)".to_owned(),
+        n => format!("after {n} attempts (retried {} times)", n - 1),
+    };
+    match code {
+        "RATE_LIMITED" if !from_smartlead || details.contains_key("reason") => {
+            rate_limit_hint(details)
+        }
+        "UPSTREAM_UNAVAILABLE" => format!(
+            "SmartLead could not be reached {tried}: check the network and DNS from the \
+             proxy's host and upstream.base_url, then SmartLead's status page"
+        ),
+        "UPSTREAM_TIMEOUT" => format!(
+            "SmartLead did not answer in time {tried}: check SmartLead's status page and retry \
+             later; raise upstream.timeout (or X-Request-Timeout) if slow answers are expected"
+        ),
+        "UNAVAILABLE" => "the proxy is shutting down or cannot reach its shared limiter \
+             (Redis, with redis.on_error = \"reject\"): retry in a moment; GET /readyz says which"
+            .into(),
+        "INTERNAL_ERROR" => "a bug in the proxy: retry, and report it with this request_id".into(),
+        "PAYLOAD_TOO_LARGE" if !from_smartlead => "send a smaller body (at most 400 leads per \
+             import, or set leads.auto_batch = true), or raise server.max_body_bytes"
+            .into(),
+        "REQUEST_TIMEOUT" => "the client stopped sending its request for longer than \
+             server.client_timeout: check the client and the network between it and the proxy"
+            .into(),
+        "METHOD_NOT_ALLOWED" if !from_smartlead => {
+            "the proxy's own routes take GET only; SmartLead's API is under /api/v1/".into()
+        }
+        _ => status_hint(status, from_smartlead, &tried, details),
+    }
+}
+
+/// The proxy's own 429, by why no slot was found.
+fn rate_limit_hint(details: &Map<String, Value>) -> String {
+    let after = details
+        .get("retry_after")
+        .and_then(Value::as_u64)
+        .map_or("later".to_owned(), |s| format!("after {s}s (Retry-After)"));
+    match details.get("reason").and_then(Value::as_str) {
+        Some("queue_full") => format!(
+            "the proxy's queue was full (limit.max_queue requests already waiting): retry \
+             {after}, or spread the callers out"
+        ),
+        Some("paused") => format!(
+            "SmartLead asked the proxy to pause for longer than this request may wait \
+             (limit.max_wait); retry {after}. If this repeats, SmartLead's quota for the key \
+             is smaller than limit.requests: lower it or set limit.follow_upstream = true"
+        ),
+        _ => format!(
+            "no quota slot within limit.max_wait (or X-Request-Timeout): retry {after}, raise \
+             limit.max_wait, or send fewer requests; the quota itself is limit.requests per \
+             limit.period"
+        ),
+    }
+}
+
+/// Hints by status, for SmartLead's answers and the proxy's remaining own errors.
+fn status_hint(
+    status: StatusCode,
+    from_smartlead: bool,
+    tried: &str,
+    details: &Map<String, Value>,
+) -> String {
+    match status.as_u16() {
+        401 if from_smartlead => "SmartLead refused the proxy's API key: check \
+             SMARTLEAD_API_KEY where the proxy runs, not in the client (the proxy replaces \
+             clients' keys unless upstream.allow_client_key = true)"
+            .into(),
+        401 => "the proxy wants an access token: send Authorization: Bearer <token> with one of \
+             its server.access_tokens"
+            .into(),
+        403 => "the proxy's API key has no access to this resource: check that the id belongs \
+             to the key's SmartLead account and that the plan allows this endpoint"
+            .into(),
+        404 if from_smartlead => "SmartLead has no such resource: list campaigns \
+             (GET /api/v1/campaigns) to verify the id"
+            .into(),
+        404 => "not a route of the proxy: point the client's base URL at \
+             http://<proxy>/api/v1 (the proxy's own routes are /healthz, /readyz, /metrics)"
+            .into(),
+        409 => "a duplicate: SmartLead already has it; usually safe to ignore".into(),
+        400 | 422 => match field(details) {
+            Some(f) => format!("fix {f} in the payload, then send it again"),
+            None => "fix the request as the message says, then send it again".into(),
+        },
+        429 => format!(
+            "SmartLead still answered 429 {tried}: its quota for this key is smaller than \
+             limit.requests; lower limit.requests or set limit.follow_upstream = true"
+        ),
+        300..=399 => "SmartLead answered with a redirect, which the proxy does not follow: \
+             check upstream.base_url (details.location says where it pointed)"
+            .into(),
+        500..=599 => {
+            format!("SmartLead failed {tried}: check SmartLead's status page and retry later")
+        }
+        _ => "see the message; details.upstream_status is SmartLead's own status".into(),
+    }
+}
+
+/// The payload field an error names: the proxy's own `field`, or SmartLead's (in its
+/// details object or the first of a list of errors).
+fn field(details: &Map<String, Value>) -> Option<String> {
+    let named = |v: &Value| {
+        v.get("field")
+            .or_else(|| v.get("path"))
+            .or_else(|| v.get("param"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    if let Some(f) = details.get("field").and_then(Value::as_str) {
+        return Some(match details.get("constraint").and_then(Value::as_str) {
+            Some(c) => format!("{f} ({c})"),
+            None => f.to_owned(),
+        });
+    }
+    let upstream = details
+        .get("upstream_details")
+        .or_else(|| details.get("upstream_error").and_then(|e| e.get("details")))?;
+    match upstream {
+        Value::Array(items) => items.iter().find_map(named),
+        other => named(other),
     }
 }
 
@@ -211,8 +351,10 @@ pub fn normalize_upstream(
         details.insert("upstream_details".into(), d);
     }
     details.extend(extra);
-    let envelope =
-        json!({"error": {"code": code_for_status(status), "message": message, "details": details}});
+    let code = code_for_status(status);
+    let hint = hint(status, code, &details);
+    details.insert("hint".into(), hint.into());
+    let envelope = json!({"error": {"code": code, "message": message, "details": details}});
     Normalized::Wrapped(Bytes::from(envelope.to_string()))
 }
 
@@ -357,6 +499,117 @@ mod tests {
 
         let v = wrap(409, None, &"x".repeat(5000));
         assert!(v["error"]["message"].as_str().unwrap().chars().count() <= MAX_MESSAGE_CHARS + 1);
+    }
+
+    #[test]
+    fn hints_follow_smartleads_status_table() {
+        let from_smartlead = |attempts: u32| {
+            let mut d = Map::new();
+            d.insert("upstream_status".into(), 0.into());
+            d.insert("attempts".into(), attempts.into());
+            d
+        };
+        let cases: &[(u16, &str, Map<String, Value>, &str)] = &[
+            (
+                401,
+                "UNAUTHORIZED",
+                from_smartlead(1),
+                "SMARTLEAD_API_KEY where the proxy runs",
+            ),
+            (401, "UNAUTHORIZED", Map::new(), "Authorization: Bearer"),
+            (
+                403,
+                "FORBIDDEN",
+                from_smartlead(1),
+                "no access to this resource",
+            ),
+            (404, "NOT_FOUND", from_smartlead(1), "list campaigns"),
+            (404, "NOT_FOUND", Map::new(), "base URL"),
+            (409, "CONFLICT", from_smartlead(1), "safe to ignore"),
+            (
+                422,
+                "VALIDATION_ERROR",
+                from_smartlead(1),
+                "fix the request",
+            ),
+            (
+                429,
+                "RATE_LIMITED",
+                from_smartlead(4),
+                "smaller than limit.requests",
+            ),
+            (
+                500,
+                "UPSTREAM_ERROR",
+                from_smartlead(4),
+                "after 4 attempts (retried 3 times)",
+            ),
+            (
+                503,
+                "UPSTREAM_ERROR",
+                from_smartlead(1),
+                "after 1 attempt (not retried)",
+            ),
+            (
+                502,
+                "UPSTREAM_UNAVAILABLE",
+                from_smartlead(2),
+                "could not be reached after 2",
+            ),
+            (504, "UPSTREAM_TIMEOUT", Map::new(), "upstream.timeout"),
+            (503, "UNAVAILABLE", Map::new(), "/readyz"),
+            (500, "INTERNAL_ERROR", Map::new(), "bug"),
+            (
+                413,
+                "PAYLOAD_TOO_LARGE",
+                Map::new(),
+                "server.max_body_bytes",
+            ),
+            (408, "REQUEST_TIMEOUT", Map::new(), "server.client_timeout"),
+        ];
+        for (status, code, details, wanted) in cases {
+            let h = hint(StatusCode::from_u16(*status).unwrap(), code, details);
+            assert!(h.contains(wanted), "{status} {code}: {h}");
+        }
+        for (reason, wanted) in [
+            ("queue_full", "limit.max_queue"),
+            ("max_wait", "limit.max_wait"),
+            ("paused", "limit.follow_upstream"),
+        ] {
+            let e = ApiError::rate_limited("x", reason, 3, 0);
+            let h = e.body()["error"]["details"]["hint"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                h.contains(wanted) && h.contains("after 3s"),
+                "{reason}: {h}"
+            );
+        }
+        // A field SmartLead named, in its details or in a list of errors.
+        let mut d = from_smartlead(1);
+        d.insert(
+            "upstream_details".into(),
+            json!([{"field": "email", "msg": "bad"}]),
+        );
+        assert!(hint(StatusCode::BAD_REQUEST, "BAD_REQUEST", &d).contains("fix email"));
+        let e = ApiError::bad_request("x").detail("hint", "mine");
+        assert_eq!(
+            e.body()["error"]["details"]["hint"],
+            "mine",
+            "an own hint wins"
+        );
+    }
+
+    #[test]
+    fn wrapped_errors_carry_a_hint() {
+        let v = wrap(404, None, r#"{"message":"Campaign not found"}"#);
+        assert!(
+            v["error"]["details"]["hint"]
+                .as_str()
+                .unwrap()
+                .contains("list campaigns")
+        );
     }
 
     #[test]

@@ -58,6 +58,14 @@ impl ApiKey {
         self.encoded.expose_secret()
     }
 
+    /// The length of the longer form (raw or URL-encoded) the key can take in text.
+    pub fn max_len(&self) -> usize {
+        self.secret
+            .expose_secret()
+            .len()
+            .max(self.encoded.expose_secret().len())
+    }
+
     /// Replaces every occurrence of the key (raw or URL-encoded) with `***`.
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let raw = self.secret.expose_secret();

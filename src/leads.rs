@@ -41,10 +41,77 @@ pub fn is_import(method: &Method, api_path: &str) -> bool {
     )
 }
 
-/// Checks an import body and decides how to send it. `Err` is the 400 answer.
-pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<Plan, ApiError> {
+/// Leads that passed validation but will render blanks where a sequence personalises
+/// (`{{first_name}}`): reported, never refused.
+#[derive(Debug, Default, PartialEq)]
+pub struct Warnings {
+    /// Each field of `leads.warn_missing` some lead lacks, with those leads' positions.
+    pub missing: Vec<(String, Vec<usize>)>,
+}
+
+impl Warnings {
+    /// Finds leads without a field (absent, null or blank); `None` when all have them.
+    pub fn find(fields: &[String], leads: &[Value]) -> Option<Self> {
+        let missing: Vec<(String, Vec<usize>)> = fields
+            .iter()
+            .map(|f| f.trim())
+            .filter(|f| !f.is_empty())
+            .filter_map(|field| {
+                let without: Vec<usize> = leads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, lead)| lacks(lead, field))
+                    .map(|(i, _)| i)
+                    .collect();
+                (!without.is_empty()).then(|| (field.to_owned(), without))
+            })
+            .collect();
+        (!missing.is_empty()).then_some(Self { missing })
+    }
+
+    /// `3 leads without first_name, 1 lead without company_name`.
+    pub fn header(&self) -> String {
+        self.missing
+            .iter()
+            .map(|(field, leads)| {
+                let noun = if leads.len() == 1 { "lead" } else { "leads" };
+                format!("{} {noun} without {field}", leads.len())
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The first few positions per field, for the log: `first_name: lead_list[0], [4]`.
+    pub fn positions(&self) -> String {
+        const SHOWN: usize = 10;
+        self.missing
+            .iter()
+            .map(|(field, leads)| {
+                let mut shown: Vec<String> =
+                    leads.iter().take(SHOWN).map(|i| format!("[{i}]")).collect();
+                if leads.len() > SHOWN {
+                    shown.push(format!("and {} more", leads.len() - SHOWN));
+                }
+                format!("{field}: lead_list{}", shown.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn lacks(lead: &Value, field: &str) -> bool {
+    match lead.get(field) {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.trim().is_empty(),
+        Some(_) => false,
+    }
+}
+
+/// Checks an import body and decides how to send it, with warnings about leads that
+/// passed. `Err` is the 400 answer.
+pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<(Plan, Option<Warnings>), ApiError> {
     if !settings.validate && !settings.auto_batch {
-        return Ok(Plan::Forward);
+        return Ok((Plan::Forward, None));
     }
     let parsed: Option<Map<String, Value>> = serde_json::from_slice(body).ok();
     let Some(mut object) = parsed else {
@@ -55,23 +122,25 @@ pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<Plan, ApiError> {
                 "the body must be a JSON object with a lead_list array",
             ))
         } else {
-            Ok(Plan::Forward)
+            Ok((Plan::Forward, None))
         };
     };
     let leads = match object.remove("lead_list") {
         Some(Value::Array(leads)) => leads,
-        _ if !settings.validate => return Ok(Plan::Forward),
+        _ if !settings.validate => return Ok((Plan::Forward, None)),
         None | Some(Value::Null) => {
             return Err(invalid("lead_list", "required", "lead_list is required"));
         }
         Some(_) => return Err(invalid("lead_list", "type", "lead_list must be an array")),
     };
+    let mut warnings = None;
     if settings.validate {
         check_leads(&leads)?;
+        warnings = Warnings::find(&settings.warn_missing, &leads);
     }
     let max = settings.max_per_request;
     if leads.len() <= max {
-        return Ok(Plan::Forward);
+        return Ok((Plan::Forward, warnings));
     }
     if !settings.auto_batch {
         return Err(invalid(
@@ -86,7 +155,7 @@ pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<Plan, ApiError> {
         .detail("max_items", max)
         .detail("items", leads.len()));
     }
-    Ok(Plan::Batches(split(object, leads, max)))
+    Ok((Plan::Batches(split(object, leads, max)), warnings))
 }
 
 /// Every lead is an object with a syntactically valid `email`; the first failure is
@@ -216,6 +285,7 @@ mod tests {
             validate: true,
             max_per_request: 3,
             auto_batch,
+            ..LeadsSettings::default()
         }
     }
 
@@ -284,7 +354,7 @@ mod tests {
             let body = json!({"lead_list": [{"email": email}]});
             assert!(matches!(
                 plan(&settings(false), body.to_string().as_bytes()),
-                Ok(Plan::Forward)
+                Ok((Plan::Forward, _))
             ));
         }
         for email in [
@@ -300,7 +370,7 @@ mod tests {
 
     #[test]
     fn splits_big_imports_keeping_other_fields() {
-        let Plan::Batches(batches) =
+        let (Plan::Batches(batches), _) =
             plan(&settings(true), leads(7).to_string().as_bytes()).unwrap()
         else {
             panic!("expected batches");
@@ -310,6 +380,56 @@ mod tests {
         let second: Value = serde_json::from_slice(&batches[1].body).unwrap();
         assert_eq!(second["lead_list"][0]["email"], "p3@example.com");
         assert_eq!(second["settings"]["ignore_global_block_list"], true);
+    }
+
+    #[test]
+    fn warns_about_leads_without_personalisation_fields() {
+        let body = json!({"lead_list": [
+            {"email": "a@example.com", "first_name": "A", "company_name": "X"},
+            {"email": "b@example.com", "first_name": " ", "company_name": "X"},
+            {"email": "c@example.com", "company_name": null},
+        ]});
+        let (plan, warnings) = plan(&settings(false), body.to_string().as_bytes()).unwrap();
+        assert!(matches!(plan, Plan::Forward));
+        let w = warnings.expect("warnings");
+        assert_eq!(
+            w.missing,
+            vec![
+                ("first_name".to_owned(), vec![1, 2]),
+                ("company_name".to_owned(), vec![2]),
+            ]
+        );
+        assert_eq!(
+            w.header(),
+            "2 leads without first_name, 1 lead without company_name"
+        );
+        assert_eq!(
+            w.positions(),
+            "first_name: lead_list[1], [2]; company_name: lead_list[2]"
+        );
+        let complete = json!({"lead_list": [{"email": "a@example.com", "first_name": "A", "company_name": "X"}]});
+        assert!(
+            plan_warnings(&settings(false), &complete).is_none(),
+            "no header when every lead has the fields"
+        );
+        let off = LeadsSettings {
+            warn_missing: vec![],
+            ..settings(false)
+        };
+        assert!(plan_warnings(&off, &body).is_none());
+        let lots: Vec<Value> = (0..12)
+            .map(|i| json!({"email": format!("p{i}@x.io")}))
+            .collect();
+        let w = Warnings::find(&["first_name".into()], &lots).unwrap();
+        assert!(
+            w.positions().ends_with("[9], and 2 more"),
+            "{}",
+            w.positions()
+        );
+    }
+
+    fn plan_warnings(settings: &LeadsSettings, body: &Value) -> Option<Warnings> {
+        plan(settings, body.to_string().as_bytes()).unwrap().1
     }
 
     #[test]

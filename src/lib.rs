@@ -14,6 +14,7 @@
 //! - [`auth`]: bearer-token access control.
 //! - [`body`]: bodies that end when the other side stalls.
 //! - [`telemetry`]: tracing subscriber set-up.
+//! - [`traffic`]: the debug traffic log (bodies truncated, key redacted).
 //! - [`metrics`]: Prometheus metric names and the recorder.
 //! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
 //! - [`healthcheck`]: the `healthcheck` subcommand for container images.
@@ -38,6 +39,7 @@ pub mod retry;
 pub mod server;
 pub mod sim;
 pub mod telemetry;
+pub mod traffic;
 pub mod upstream;
 
 use std::future::Future;

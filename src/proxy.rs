@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -17,6 +18,7 @@ use crate::body::{IdleTimeout, Stalled};
 use crate::error::{ApiError, code_for_status, normalize_upstream};
 use crate::leads::{self, Plan};
 use crate::retry::{self, Failed, Outcome, Safety};
+use crate::traffic::{self, Traffic};
 use crate::upstream::{API_PREFIX, request_headers, strip_hop_by_hop};
 
 /// How a request was served, for the access log and metrics.
@@ -54,6 +56,8 @@ pub fn request_id(headers: &HeaderMap) -> String {
 pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
 /// How many batches an auto-batched lead import was sent in.
 pub const BATCHES_HEADER: &str = "x-lead-batches";
+/// What a lead import that was sent anyway lacks: `3 leads without first_name`.
+pub const LEAD_WARNINGS_HEADER: &str = "x-lead-warnings";
 /// How many upstream attempts the proxy made for this request.
 pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 
@@ -98,23 +102,47 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
     let api_path = parts.uri.path().strip_prefix(API_PREFIX).unwrap_or("");
     let safety = Safety::of(&parts.method, api_path, &parts.headers, &settings.retry);
     let import = leads::is_import(&parts.method, api_path);
+    let logged = traffic::wanted(&settings.log, &parts.headers);
     let mut headers = request_headers(parts.headers);
     headers.remove(REQUEST_TIMEOUT_HEADER);
+    headers.remove(traffic::DEBUG_HEADER);
     let call = Call {
         target,
         headers,
         safety,
         deadline: timeout.map(|t| Instant::now() + t),
+        logged,
     };
-    if import {
-        // Checked before any quota is spent.
-        match leads::plan(&settings.leads, &body) {
-            Err(e) => return finish(state, e, &request_id(&call.headers), Served::default()),
-            Ok(Plan::Batches(batches)) => return import_in_batches(state, &call, batches).await,
-            Ok(Plan::Forward) => {}
-        }
+    if !import {
+        return send(state, &call, parts.method, body).await;
     }
-    let (outcome, exchange) = exchange(state, &call, parts.method, body).await;
+    // Checked before any quota is spent.
+    let (plan, warnings) = match leads::plan(&settings.leads, &body) {
+        Ok(checked) => checked,
+        Err(e) => return finish(state, e, &request_id(&call.headers), Served::default()),
+    };
+    if let Some(w) = &warnings {
+        tracing::warn!(
+            request_id = %request_id(&call.headers),
+            path = api_path,
+            warnings = %w.header(),
+            leads = %w.positions(),
+            "lead import: leads without personalisation fields (sent anyway)"
+        );
+    }
+    let (mut resp, served) = match plan {
+        Plan::Batches(batches) => import_in_batches(state, &call, batches).await,
+        Plan::Forward => send(state, &call, parts.method, body).await,
+    };
+    if let Some(value) = warnings.and_then(|w| HeaderValue::from_str(&w.header()).ok()) {
+        resp.headers_mut().insert(LEAD_WARNINGS_HEADER, value);
+    }
+    (resp, served)
+}
+
+/// One request body sent as it is: a success streams back, an error becomes the envelope.
+async fn send(state: &AppState, call: &Call, method: Method, body: Bytes) -> (Response, Served) {
+    let (outcome, exchange) = exchange(state, call, method, body).await;
     let served = exchange.served();
     let mut resp = match outcome {
         Outcome::Success(resp) => {
@@ -122,8 +150,18 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
             strip_hop_by_hop(&mut head.headers);
             // A body that stalls is cut (the client sees a broken response, never a
             // truncated one passed off as complete).
-            let body = IdleTimeout::new(body, settings.upstream.timeout);
-            Response::from_parts(head, Body::new(body))
+            let body = IdleTimeout::new(body, state.settings().upstream.timeout);
+            let body = match &exchange.traffic {
+                Some(t) => Body::new(t.tap(
+                    exchange.attempts,
+                    head.status,
+                    &head.headers,
+                    exchange.last_attempt_time,
+                    body,
+                )),
+                None => Body::new(body),
+            };
+            Response::from_parts(head, body)
         }
         Outcome::Failed(failed) => {
             let mut extra = Map::new();
@@ -153,6 +191,8 @@ struct Call {
     safety: Safety,
     /// The caller's own deadline (`X-Request-Timeout`) for everything.
     deadline: Option<Instant>,
+    /// Each attempt goes in the traffic log.
+    logged: bool,
 }
 
 /// One request body through the quota and the retry loop (ended early if the shutdown
@@ -174,6 +214,17 @@ async fn exchange<'a>(
     );
     if let Some(at) = call.deadline {
         exchange = exchange.with_deadline(at.saturating_duration_since(Instant::now()));
+    }
+    if call.logged {
+        exchange.traffic = Some(Arc::new(Traffic::new(
+            &request_id(&call.headers),
+            &exchange.method,
+            &call.target,
+            &call.headers,
+            &exchange.body,
+            state.settings().log.body_bytes,
+            state.upstream().key(),
+        )));
     }
     let outcome = tokio::select! {
         outcome = exchange.run() => outcome,
@@ -205,6 +256,10 @@ async fn import_in_batches(
                 let status = resp.status();
                 let timeout = state.settings().upstream.timeout;
                 let read = retry::read_failed(resp, timeout).await;
+                if let Some(t) = &exchange.traffic {
+                    let took = exchange.last_attempt_time;
+                    t.answered(exchange.attempts, status, &read.headers, &read.body, took);
+                }
                 // The merged answer is the proxy's own body: the key never goes in it.
                 let scrubbed = state
                     .upstream()
@@ -221,7 +276,8 @@ async fn import_in_batches(
         };
         let sent = merged.leads();
         let message = format!(
-            "lead import stopped at batch {} of {} ({}): {}. {} were imported; {} were not              (SmartLead skips duplicates, so sending the whole import again is safe)",
+            "lead import stopped at batch {} of {} ({}): {}. {} were imported; {} were not \
+             (SmartLead skips duplicates, so sending the whole import again is safe)",
             n + 1,
             batches.len(),
             leads::range(batch.first, batch.count),

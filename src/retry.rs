@@ -2,6 +2,7 @@
 //! property-tested, no sleeping) plus the attempt loop that applies them inside the
 //! quota and the caller's deadline.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use crate::app::AppState;
 use crate::config::RetrySettings;
 use crate::error::ApiError;
 use crate::limiter::{Refusal, retry_after_secs};
+use crate::traffic::Traffic;
 use crate::upstream::AttemptError;
 
 /// Largest upstream error body read; SmartLead's are a few hundred bytes.
@@ -219,7 +221,11 @@ pub struct Exchange<'a> {
     /// Time spent in upstream attempts.
     pub upstream_time: Duration,
     pub last_status: Option<StatusCode>,
+    /// How long the last attempt took to answer (its head, for a streamed success).
+    pub last_attempt_time: Duration,
     pub budget_exhausted: bool,
+    /// Set when this request's attempts go in the traffic log.
+    pub traffic: Option<Arc<Traffic>>,
 }
 
 impl<'a> Exchange<'a> {
@@ -245,7 +251,9 @@ impl<'a> Exchange<'a> {
             waited: Duration::ZERO,
             upstream_time: Duration::ZERO,
             last_status: None,
+            last_attempt_time: Duration::ZERO,
             budget_exhausted: false,
+            traffic: None,
         }
     }
 
@@ -311,13 +319,25 @@ impl<'a> Exchange<'a> {
             };
             tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = began.elapsed().as_secs_f64() * 1000.0, "upstream attempt");
             crate::metrics::upstream_attempt(outcome);
+            self.last_attempt_time = began.elapsed();
             let (retryable, asked, last) = match sent {
                 Ok(resp) if is_pass_through(resp.status()) => {
+                    // Its traffic record is written when the body has streamed.
                     self.upstream_time += began.elapsed();
                     return Outcome::Success(resp);
                 }
                 Ok(resp) => {
                     let failed = Box::pin(read_failed(resp, timeout)).await;
+                    if let Some(t) = &self.traffic {
+                        let took = began.elapsed();
+                        t.answered(
+                            self.attempts,
+                            failed.status,
+                            &failed.headers,
+                            &failed.body,
+                            took,
+                        );
+                    }
                     self.last_status = Some(failed.status);
                     let asked =
                         upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
@@ -327,11 +347,16 @@ impl<'a> Exchange<'a> {
                         Outcome::Failed(failed),
                     )
                 }
-                Err(err) => (
-                    retry_error(&err, self.safety),
-                    None,
-                    Outcome::Error(err.into_api_error()),
-                ),
+                Err(err) => {
+                    if let Some(t) = &self.traffic {
+                        t.failed(self.attempts, err.kind(), began.elapsed());
+                    }
+                    (
+                        retry_error(&err, self.safety),
+                        None,
+                        Outcome::Error(err.into_api_error()),
+                    )
+                }
             };
             self.upstream_time += began.elapsed();
             if !retryable || self.attempts > retry.max_retries {
@@ -396,9 +421,12 @@ pub fn is_pass_through(status: StatusCode) -> bool {
 
 fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
     match refusal {
-        Refusal::RateLimited { retry_after, why } => {
-            ApiError::rate_limited(why.message(), retry_after_secs(retry_after), attempts)
-        }
+        Refusal::RateLimited { retry_after, why } => ApiError::rate_limited(
+            why.message(),
+            why.label(),
+            retry_after_secs(retry_after),
+            attempts,
+        ),
         Refusal::Unavailable(reason) => ApiError::unavailable(reason),
     }
 }

@@ -1,4 +1,5 @@
-//! Tracing set-up: JSON lines by default, `pretty` for humans; `RUST_LOG` wins over `log.level`.
+//! Tracing set-up: JSON lines by default, `pretty` for humans; `RUST_LOG` wins over
+//! `log.level`, and the traffic log is let through at debug level when it is switched on.
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,6 +10,15 @@ pub fn init(log: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Turning the traffic log on is asking to see it, whatever the general level.
+    let filter = if log.bodies || log.allow_debug_header {
+        match format!("{}=debug", crate::traffic::TARGET).parse() {
+            Ok(directive) => filter.add_directive(directive),
+            Err(_) => filter,
+        }
+    } else {
+        filter
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout);

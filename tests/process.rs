@@ -471,3 +471,59 @@ async fn listening_beyond_loopback_without_tokens_warns() {
         "{output:#?}"
     );
 }
+
+#[tokio::test]
+async fn log_bodies_shows_the_traffic_log_whatever_the_level() {
+    let sim = secret_sim().await;
+    let mut proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+            ("SMARTLEAD_PROXY__LOG__BODIES", "true"),
+            ("SMARTLEAD_PROXY__LOG__BODY_BYTES", "24"),
+        ],
+    );
+    let body = format!(r#"{{"note":"{SECRET} {}"}}"#, "x".repeat(100));
+    let resp = client()
+        .post(proxy.url("/api/v1/echo?api_key=client-own"))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    assert!(proxy.terminate().success());
+    let output = proxy.output();
+    let records: Vec<Value> = output
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "upstream traffic")
+        .collect();
+    assert_eq!(records.len(), 1, "{output:#?}");
+    let r = &records[0];
+    assert_eq!(r["level"], "DEBUG");
+    assert_eq!(r["path"], "/api/v1/echo?api_key=***");
+    assert_eq!(
+        r["request_body"],
+        format!(
+            r#"{{"note":"*** xxxxxxxxxxx… [{} bytes in all]"#,
+            body.len()
+        )
+    );
+    assert_eq!(r["status"], 200);
+    assert!(
+        !output
+            .iter()
+            .any(|l| l.contains("\"DEBUG\"") && !l.contains("upstream traffic")),
+        "only the traffic log is let through at debug level: {output:#?}"
+    );
+    for line in &output {
+        assert!(
+            !line.contains(SECRET)
+                && !line.contains(SECRET_ENCODED)
+                && !line.contains("client-own"),
+            "leaked: {line}"
+        );
+    }
+}

@@ -86,6 +86,30 @@ impl std::io::Write for LogSink {
     }
 }
 
+/// The captured log records (their fields, plus `target` and `level`) that carry
+/// `request_id`.
+pub fn logged(request_id: &str) -> Vec<Value> {
+    let logs = captured_logs().lock().unwrap();
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            let mut fields = v.get("fields")?.clone();
+            (fields["request_id"] == request_id).then(|| {
+                fields["target"] = v["target"].clone();
+                fields["level"] = v["level"].clone();
+                fields
+            })
+        })
+        .collect()
+}
+
+/// Whether any captured log line contains `text`.
+pub fn any_log_contains(text: &str) -> bool {
+    let logs = captured_logs().lock().unwrap();
+    String::from_utf8_lossy(&logs).contains(text)
+}
+
 /// Fails if the simulator's key (raw or URL-encoded) is in any captured log line.
 pub fn assert_key_not_logged() {
     let logs = captured_logs().lock().unwrap();
@@ -162,6 +186,15 @@ pub async fn expect_envelope(resp: reqwest::Response, status: u16, code: &str) -
         "{body}"
     );
     assert!(body["error"]["details"].is_object(), "{body}");
+    // The proxy's own and wrapped envelopes carry the request id, and then a hint too;
+    // only SmartLead's conforming envelopes pass through without either.
+    let details = &body["error"]["details"];
+    if details.get("request_id").is_some() {
+        assert!(
+            details["hint"].as_str().is_some_and(|h| !h.is_empty()),
+            "no hint: {body}"
+        );
+    }
     body
 }
 

@@ -1,0 +1,519 @@
+//! The debug traffic log: one record per upstream attempt (method, path, bodies cut to
+//! `log.body_bytes`, status, timing), with the API key redacted everywhere.
+
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use crate::config::LogSettings;
+use crate::key::{ApiKey, REDACTED};
+
+/// The per-request switch, honoured only with `log.allow_debug_header = true`; removed
+/// before forwarding.
+pub const DEBUG_HEADER: &str = "x-debug-log";
+/// The tracing target of the records; `log.bodies` or `log.allow_debug_header` turn it
+/// on at debug level whatever `log.level` says.
+pub const TARGET: &str = "smartlead_proxy::traffic";
+
+/// Whether this request's attempts are logged.
+pub fn wanted(log: &LogSettings, headers: &HeaderMap) -> bool {
+    log.bodies || (log.allow_debug_header && headers.get(DEBUG_HEADER).is_some_and(is_on))
+}
+
+fn is_on(value: &HeaderValue) -> bool {
+    let v = value.as_bytes().trim_ascii();
+    [b"1".as_slice(), b"true", b"yes", b"on"]
+        .iter()
+        .any(|w| v.eq_ignore_ascii_case(w))
+}
+
+/// What every attempt of one request logs about the request, worked out once.
+#[derive(Debug)]
+pub struct Traffic {
+    request_id: String,
+    method: Method,
+    path: String,
+    request_body: String,
+    request_bytes: usize,
+    limit: usize,
+    key: Option<ApiKey>,
+}
+
+impl Traffic {
+    pub fn new(
+        request_id: &str,
+        method: &Method,
+        target: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        limit: usize,
+        key: Option<&ApiKey>,
+    ) -> Self {
+        let path = target.path_and_query().map_or("/", |p| p.as_str());
+        let encoding = content_encoding(headers);
+        Self {
+            request_id: request_id.to_owned(),
+            method: method.clone(),
+            path: redact(path, key).into_owned(),
+            request_body: preview(
+                body,
+                body.len(),
+                content_type(headers),
+                encoding,
+                limit,
+                key,
+            ),
+            request_bytes: body.len(),
+            limit,
+            key: key.cloned(),
+        }
+    }
+
+    /// An attempt that ended without an answer (could not connect, timed out, ...).
+    pub fn failed(&self, attempt: u32, outcome: &str, took: Duration) {
+        self.emit(attempt, None, outcome, took, None, None);
+    }
+
+    /// An attempt whose answer was read whole (and decoded): errors, batch answers.
+    pub fn answered(
+        &self,
+        attempt: u32,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        took: Duration,
+    ) {
+        let shown = preview(
+            body,
+            body.len(),
+            content_type(headers),
+            None,
+            self.limit,
+            self.key.as_ref(),
+        );
+        self.emit(
+            attempt,
+            Some(status),
+            status.as_str(),
+            took,
+            Some((shown, body.len())),
+            None,
+        );
+    }
+
+    /// A streamed answer: the body passes through untouched while its start is kept; the
+    /// record is written when it ends (or the client goes away).
+    pub fn tap<B>(
+        self: &Arc<Self>,
+        attempt: u32,
+        status: StatusCode,
+        headers: &HeaderMap,
+        took: Duration,
+        body: B,
+    ) -> Tap<B>
+    where
+        B: Body,
+    {
+        // Enough beyond the cut that a key straddling it is still recognised whole.
+        let keep = self.limit + self.key.as_ref().map_or(0, ApiKey::max_len);
+        Tap {
+            expected: body.size_hint().exact(),
+            inner: body,
+            seen: Vec::new(),
+            keep,
+            total: 0,
+            finished: false,
+            record: Some(Pending {
+                traffic: self.clone(),
+                attempt,
+                status,
+                content_type: content_type(headers).map(str::to_owned),
+                encoding: content_encoding(headers).map(str::to_owned),
+                took,
+                began: Instant::now() - took,
+            }),
+        }
+    }
+
+    fn emit(
+        &self,
+        attempt: u32,
+        status: Option<StatusCode>,
+        outcome: &str,
+        took: Duration,
+        response: Option<(String, usize)>,
+        total: Option<Duration>,
+    ) {
+        let (response_body, response_bytes) = match response {
+            Some((shown, n)) => (Some(shown), Some(n)),
+            None => (None, None),
+        };
+        tracing::debug!(
+            target: TARGET,
+            request_id = %self.request_id,
+            attempt,
+            method = %self.method,
+            path = %self.path,
+            status = status.map(|s| s.as_u16()),
+            outcome,
+            upstream_ms = took.as_secs_f64() * 1000.0,
+            total_ms = total.map(|t| t.as_secs_f64() * 1000.0),
+            request_bytes = self.request_bytes,
+            request_body = %self.request_body,
+            response_bytes,
+            response_body = response_body.as_deref(),
+            "upstream traffic"
+        );
+    }
+}
+
+/// A streamed attempt's record, waiting for its body to end.
+struct Pending {
+    traffic: Arc<Traffic>,
+    attempt: u32,
+    status: StatusCode,
+    content_type: Option<String>,
+    encoding: Option<String>,
+    took: Duration,
+    began: Instant,
+}
+
+/// A body that keeps its first bytes for the traffic log and writes the record when it
+/// ends or is dropped.
+pub struct Tap<B> {
+    inner: B,
+    seen: Vec<u8>,
+    keep: usize,
+    total: usize,
+    /// The length the upstream declared: a server stops polling a body once it has
+    /// sent that much, so reaching it counts as the end.
+    expected: Option<u64>,
+    finished: bool,
+    record: Option<Pending>,
+}
+
+impl<B> Tap<B> {
+    fn write_record(&mut self) {
+        let Some(p) = self.record.take() else { return };
+        let t = &p.traffic;
+        let mut shown = preview(
+            &self.seen,
+            self.total,
+            p.content_type.as_deref(),
+            p.encoding.as_deref(),
+            t.limit,
+            t.key.as_ref(),
+        );
+        if !self.finished && self.expected != Some(self.total as u64) {
+            shown.push_str(" [body cut off: not read to the end]");
+        }
+        let outcome = p.status.as_str();
+        let response = Some((shown, self.total));
+        t.emit(
+            p.attempt,
+            Some(p.status),
+            outcome,
+            p.took,
+            response,
+            Some(p.began.elapsed()),
+        );
+    }
+}
+
+impl<B> Drop for Tap<B> {
+    fn drop(&mut self) {
+        self.write_record();
+    }
+}
+
+impl<B> Body for Tap<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.total += data.len();
+                    let room = this.keep.saturating_sub(this.seen.len());
+                    this.seen.extend_from_slice(&data[..room.min(data.len())]);
+                }
+            }
+            Poll::Ready(None) => {
+                this.finished = true;
+                this.write_record();
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn content_encoding(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
+}
+
+/// A body as the log shows it: text cut to `limit` bytes with the full size noted, key
+/// and `api_key` values redacted; compressed or binary bodies only summarised. `body`
+/// may be the first part of a body of `total` bytes.
+pub fn preview(
+    body: &[u8],
+    total: usize,
+    content_type: Option<&str>,
+    encoding: Option<&str>,
+    limit: usize,
+    key: Option<&ApiKey>,
+) -> String {
+    if total == 0 {
+        return String::new();
+    }
+    let kind = content_type.unwrap_or("no content type");
+    if let Some(enc) = encoding {
+        return format!("[{total} bytes, {enc}-encoded {kind}]");
+    }
+    // Redacting only what can be shown (plus room for a key cut in half) keeps a large
+    // body from costing more than a small one.
+    let slack = key.map_or(0, ApiKey::max_len);
+    let head = &body[..body.len().min(limit + slack)];
+    let Some(text) = as_text(head, content_type) else {
+        return format!("[binary: {total} bytes, {kind}]");
+    };
+    let text = redact(text, key);
+    if text.len() <= limit && head.len() == total {
+        return text.into_owned();
+    }
+    let mut cut = limit.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… [{total} bytes in all]", &text[..cut])
+}
+
+/// The bytes as text, unless the type says binary or they are not readable text (a
+/// character cut in half at the end is fine: the body was cut there).
+fn as_text<'a>(body: &'a [u8], content_type: Option<&str>) -> Option<&'a str> {
+    let binary_type = content_type.is_some_and(|c| {
+        let c = c.trim().to_ascii_lowercase();
+        ["image/", "audio/", "video/", "font/", "multipart/"]
+            .iter()
+            .any(|p| c.starts_with(p))
+            || ["octet-stream", "pdf", "zip", "gzip", "protobuf", "msgpack"]
+                .iter()
+                .any(|t| c.contains(t))
+    });
+    if binary_type {
+        return None;
+    }
+    let text = match std::str::from_utf8(body) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&body[..e.valid_up_to()]).ok()?,
+        Err(_) => return None,
+    };
+    let readable = text
+        .chars()
+        .all(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t'));
+    readable.then_some(text)
+}
+
+/// The configured key wherever it appears, and the value of any `api_key` field (query,
+/// form or JSON: a client's own key too), become `***`.
+pub fn redact<'a>(text: &'a str, key: Option<&ApiKey>) -> Cow<'a, str> {
+    let scrubbed = match key {
+        Some(k) => k.scrub(text),
+        None => Cow::Borrowed(text),
+    };
+    match redact_api_key_values(&scrubbed) {
+        Some(s) => Cow::Owned(s),
+        None => scrubbed,
+    }
+}
+
+/// `api_key=v`, `"api_key": "v"`, `api_key: v` (any case, also inside a JSON string
+/// where the quotes are escaped) with `v` replaced.
+fn redact_api_key_values(text: &str) -> Option<String> {
+    const NAME: &str = "api_key";
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let skip = |mut i: usize, also: &[u8]| {
+        while i < bytes.len() && (bytes[i].is_ascii_whitespace() || also.contains(&bytes[i])) {
+            i += 1;
+        }
+        i
+    };
+    let (mut out, mut copied, mut from) = (String::new(), 0, 0);
+    while let Some(found) = lower[from..].find(NAME) {
+        let name_end = from + found + NAME.len();
+        from = name_end;
+        let mut i = skip(name_end, b"\\\"");
+        if !matches!(bytes.get(i), Some(b'=' | b':')) {
+            continue;
+        }
+        i = skip(i + 1, b"");
+        // How the value is quoted decides where it ends.
+        let close: &[u8] = if bytes.get(i) == Some(&b'"') {
+            i += 1;
+            b"\""
+        } else if bytes[i..].starts_with(b"\\\"") {
+            i += 2;
+            b"\\"
+        } else {
+            b"&,}];\"\\"
+        };
+        let start = i;
+        while i < bytes.len() {
+            let b = bytes[i];
+            let escaped_quote = b == b'"' && close == b"\"" && bytes[i - 1] == b'\\';
+            if (close.contains(&b) && !escaped_quote)
+                || (close.len() > 2 && b.is_ascii_whitespace())
+            {
+                break;
+            }
+            i += 1;
+        }
+        if i > start {
+            out.push_str(&text[copied..start]);
+            out.push_str(REDACTED);
+            copied = i;
+        }
+        from = i;
+    }
+    (copied > 0).then(|| {
+        out.push_str(&text[copied..]);
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_key_values_are_redacted_in_every_shape() {
+        let k = ApiKey::new("s3cr3t/k");
+        for (text, want) in [
+            (
+                "/api/v1/campaigns?limit=5&api_key=abc",
+                "/api/v1/campaigns?limit=5&api_key=***",
+            ),
+            (
+                r#"{"api_key": "client-key", "x": 1}"#,
+                r#"{"api_key": "***", "x": 1}"#,
+            ),
+            (
+                r#"{"API_KEY":"a\"b","n":"s3cr3t/k"}"#,
+                r#"{"API_KEY":"***","n":"***"}"#,
+            ),
+            ("api_key=x&api_key=y", "api_key=***&api_key=***"),
+            ("the api_key is missing", "the api_key is missing"),
+            ("api_key=s3cr3t%2Fk", "api_key=***"),
+            ("cut: {\"api_key\":\"abc", "cut: {\"api_key\":\"***"),
+            (
+                r#"{"body":"{\"api_key\":\"c-key\",\"n\":1}"}"#,
+                r#"{"body":"{\"api_key\":\"***\",\"n\":1}"}"#,
+            ),
+            ("api_key: abc def", "api_key: *** def"),
+        ] {
+            assert_eq!(redact(text, Some(&k)), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn previews_cut_summarise_and_redact() {
+        let k = ApiKey::new("sekrit-key");
+        assert_eq!(preview(b"", 0, None, None, 10, None), "");
+        assert_eq!(preview(b"hello", 5, None, None, 10, None), "hello");
+        assert_eq!(
+            preview(b"hello world", 11, None, None, 5, None),
+            "hello… [11 bytes in all]"
+        );
+        // Only the start of a streamed body was kept.
+        assert_eq!(
+            preview(b"abcdef", 1000, None, None, 5, None),
+            "abcde… [1000 bytes in all]"
+        );
+        // A key straddling the cut is still redacted whole.
+        let shown = preview(b"0123sekrit-key tail", 19, None, None, 8, Some(&k));
+        assert_eq!(shown, "0123*** … [19 bytes in all]");
+        assert_eq!(
+            preview(
+                &[0, 159, 146, 150],
+                4,
+                Some("application/json"),
+                None,
+                10,
+                None
+            ),
+            "[binary: 4 bytes, application/json]"
+        );
+        assert_eq!(
+            preview(
+                b"\x1f\x8b...",
+                900,
+                Some("application/json"),
+                Some("gzip"),
+                10,
+                None
+            ),
+            "[900 bytes, gzip-encoded application/json]"
+        );
+        assert_eq!(
+            preview(b"%PDF-1.4", 8, Some("application/pdf"), None, 10, None),
+            "[binary: 8 bytes, application/pdf]"
+        );
+        // A multi-byte character cut at the end of what was kept.
+        let s = "ééé".as_bytes();
+        assert_eq!(
+            preview(&s[..5], 6, None, None, 3, None),
+            "é… [6 bytes in all]"
+        );
+    }
+
+    #[test]
+    fn the_header_switch() {
+        let mut log = LogSettings::default();
+        let mut h = HeaderMap::new();
+        h.insert(DEBUG_HEADER, HeaderValue::from_static("1"));
+        assert!(!wanted(&log, &h), "ignored unless allowed");
+        log.allow_debug_header = true;
+        assert!(wanted(&log, &h));
+        h.insert(DEBUG_HEADER, HeaderValue::from_static("0"));
+        assert!(!wanted(&log, &h));
+        h.insert(DEBUG_HEADER, HeaderValue::from_static(" TRUE "));
+        assert!(wanted(&log, &h));
+        log.bodies = true;
+        assert!(wanted(&log, &HeaderMap::new()));
+    }
+}
