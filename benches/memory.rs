@@ -1,7 +1,12 @@
 //! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue
-//! (target < 64 MiB). The baseline is its own idle RSS, measured in the same run.
+//! (target < 64 MiB). Two baselines measured in the same run: the proxy's own idle RSS,
+//! and the floor of the stack itself: a bare hyper HTTP/1 server (this bench binary run
+//! again, with the same allocator) holding the same 10,000 requests without answering.
 //!
 //! `cargo bench --bench memory` (raise `ulimit -n` above 20,000 first; bench/run does).
+
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -33,8 +38,105 @@ async fn queued(addr: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::main]
-async fn main() {
+/// The floor: hyper's HTTP/1 server on one thread, every request left pending.
+fn bare_hyper(addr: &str) {
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| {
+                    std::future::pending::<
+                        Result<
+                            hyper::Response<http_body_util::Empty<bytes::Bytes>>,
+                            std::convert::Infallible,
+                        >,
+                    >()
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Opens `n` connections to `addr`, each sending one request; returns them (open).
+async fn send_waiting(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(mut s) => {
+                let req = format!("GET /api/v1/campaigns?n={i} HTTP/1.1\r\nHost: x\r\n\r\n");
+                s.write_all(req.as_bytes()).await.unwrap();
+                conns.push(s);
+            }
+            Err(e) => {
+                eprintln!("stopped at {i} connections: {e} (raise ulimit -n)");
+                break;
+            }
+        }
+    }
+    conns
+}
+
+/// RSS of the bare hyper server: idle, then with `WAITING` pending requests.
+async fn floor() -> (u64, u64) {
+    let addr = free_addr();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--bare-hyper", &addr])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = rss_kib(pid);
+    let conns = send_waiting(&addr, WAITING).await;
+    // No queue to watch: wait until the RSS stops growing.
+    let mut last = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rss_kib(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    drop(conns);
+    let _ = child.kill();
+    let _ = child.wait();
+    (idle, last)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--bare-hyper") {
+        bare_hyper(&args[i + 1]);
+        return;
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(bench());
+}
+
+async fn bench() {
     if !std::env::args().any(|a| a == "--bench") {
         println!("memory bench: skipped (run it with `cargo bench --bench memory`)");
         return;
@@ -78,31 +180,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(pid);
 
-    let mut conns = Vec::with_capacity(WAITING);
-    for i in 0..WAITING {
-        match tokio::net::TcpStream::connect(&addr).await {
-            Ok(mut s) => {
-                if std::env::var("IDLE_ONLY").is_err() {
-                    let req = format!("GET /api/v1/campaigns?n={i} HTTP/1.1\r\nHost: x\r\n\r\n");
-                    s.write_all(req.as_bytes()).await.unwrap();
-                }
-                conns.push(s);
-            }
-            Err(e) => {
-                eprintln!("stopped at {i} connections: {e} (raise ulimit -n)");
-                break;
-            }
-        }
-    }
+    let conns = send_waiting(&addr, WAITING).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    if std::env::var("IDLE_ONLY").is_ok() {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        println!("idle conns rss {} MiB", rss_kib(pid) / 1024);
-    }
-    while std::env::var("IDLE_ONLY").is_err()
-        && queued(&addr).await < conns.len() as f64
-        && std::time::Instant::now() < deadline
-    {
+    while queued(&addr).await < conns.len() as f64 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let waiting = queued(&addr).await;
@@ -124,4 +204,17 @@ async fn main() {
     drop(conns);
     let _ = child.kill();
     let _ = child.wait();
+
+    let (bare_idle, bare_loaded) = floor().await;
+    let bare_per = (bare_loaded.saturating_sub(bare_idle) * 1024) as f64 / WAITING as f64;
+    println!(
+        "bare hyper, {WAITING} pending requests: {:>8.1} MiB (idle {:.1} MiB): the stack's floor",
+        bare_loaded as f64 / 1024.0,
+        bare_idle as f64 / 1024.0
+    );
+    println!("bare hyper per pending request:   {:>8.0} bytes", bare_per);
+    println!(
+        "ratio proxy/bare hyper (loaded):  {:>8.2}",
+        loaded as f64 / bare_loaded.max(1) as f64
+    );
 }
