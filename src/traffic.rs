@@ -137,7 +137,9 @@ impl Traffic {
                 content_type: content_type(headers).map(str::to_owned),
                 encoding: content_encoding(headers).map(str::to_owned),
                 took,
-                began: Instant::now() - took,
+                began: Instant::now()
+                    .checked_sub(took)
+                    .unwrap_or_else(Instant::now),
             }),
         }
     }
