@@ -188,8 +188,8 @@ pub fn hint(status: StatusCode, code: &str, details: &Map<String, Value>) -> Str
              (Redis, with redis.on_error = \"reject\"): retry in a moment; GET /readyz says which"
             .into(),
         "INTERNAL_ERROR" => "a bug in the proxy: retry, and report it with this request_id".into(),
-        "PAYLOAD_TOO_LARGE" if !from_smartlead => "send a smaller body (at most 400 leads per \
-             import, or set leads.auto_batch = true), or raise server.max_body_bytes"
+        "PAYLOAD_TOO_LARGE" if !from_smartlead => "send a smaller body (split a big lead import \
+             into several requests), or raise server.max_body_bytes"
             .into(),
         "REQUEST_TIMEOUT" => "the client stopped sending its request for longer than \
              server.client_timeout: check the client and the network between it and the proxy"
