@@ -66,6 +66,22 @@ impl ApiKey {
             .max(self.encoded.expose_secret().len())
     }
 
+    /// How many bytes at the end of `text` could be the start of the key (raw or
+    /// URL-encoded) cut off there: text that was cut must lose them before it is shown.
+    pub fn partial_len_at_end(&self, text: &[u8]) -> usize {
+        [self.secret.expose_secret(), self.encoded.expose_secret()]
+            .iter()
+            .map(|form| {
+                let form = form.as_bytes();
+                (1..form.len().min(text.len() + 1))
+                    .rev()
+                    .find(|&n| text.ends_with(&form[..n]))
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Replaces every occurrence of the key (raw or URL-encoded) with `***`.
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let raw = self.secret.expose_secret();
@@ -132,6 +148,20 @@ mod tests {
         );
         assert!(k.scrub_bytes(b"clean").is_none());
         assert!(matches!(k.scrub("clean"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn finds_a_key_cut_at_the_end() {
+        let k = ApiKey::new("s3cr3t/k");
+        assert_eq!(k.partial_len_at_end(b"abc s3cr"), 4);
+        assert_eq!(k.partial_len_at_end(b"abc s3cr3t%2"), 8, "encoded form");
+        assert_eq!(
+            k.partial_len_at_end(b"abc s3cr3t/k"),
+            0,
+            "whole: scrubbed, not cut"
+        );
+        assert_eq!(k.partial_len_at_end(b"abc"), 0);
+        assert_eq!(k.partial_len_at_end(b""), 0);
     }
 
     #[test]

@@ -309,7 +309,13 @@ pub fn preview(
     // Redacting only what can be shown (plus room for a key cut in half) keeps a large
     // body from costing more than a small one.
     let slack = key.map_or(0, ApiKey::max_len);
-    let head = &body[..body.len().min(limit + slack)];
+    let mut head = &body[..body.len().min(limit + slack)];
+    if head.len() < total
+        && let Some(k) = key
+    {
+        // The start of a key cut off where the kept part ends is dropped, not shown.
+        head = &head[..head.len() - k.partial_len_at_end(head)];
+    }
     let Some(text) = as_text(head, content_type) else {
         return format!("[binary: {total} bytes, {kind}]");
     };
@@ -469,6 +475,11 @@ mod tests {
         // A key straddling the cut is still redacted whole.
         let shown = preview(b"0123sekrit-key tail", 19, None, None, 8, Some(&k));
         assert_eq!(shown, "0123*** … [19 bytes in all]");
+        // Only part of a streamed body was kept, ending inside a key, after a whole one
+        // whose redaction pulled the cut-off part within the limit.
+        let kept = b"sekrit-key ab sekr";
+        let shown = preview(kept, 500, None, None, 16, Some(&k));
+        assert_eq!(shown, "*** ab … [500 bytes in all]");
         assert_eq!(
             preview(
                 &[0, 159, 146, 150],
@@ -501,6 +512,25 @@ mod tests {
             preview(&s[..5], 6, None, None, 3, None),
             "é… [6 bytes in all]"
         );
+    }
+
+    proptest::proptest! {
+        /// Any text, cut anywhere: no panic, and the key never survives.
+        #[test]
+        fn previews_never_panic_or_show_the_key(
+            before in ".{0,80}",
+            after in ".{0,80}",
+            limit in 0usize..120,
+            cut in 0usize..400,
+        ) {
+            let k = ApiKey::new("K3y-sekrit");
+            let text = format!("{before}K3y-sekrit{after} api_key={before}");
+            let bytes = text.as_bytes();
+            let kept = &bytes[..cut.min(bytes.len())];
+            let shown = preview(kept, bytes.len(), None, None, limit, Some(&k));
+            proptest::prop_assert!(!shown.contains("K3y-s"), "{}", shown);
+            let _ = redact(&text, None);
+        }
     }
 
     #[test]
