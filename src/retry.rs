@@ -317,13 +317,14 @@ impl<'a> Exchange<'a> {
                 }
                 Err(e) => e.kind(),
             };
-            tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = began.elapsed().as_secs_f64() * 1000.0, "upstream attempt");
+            let took = began.elapsed();
+            self.last_attempt_time = took;
+            tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = took.as_secs_f64() * 1000.0, "upstream attempt");
             crate::metrics::upstream_attempt(outcome);
-            self.last_attempt_time = began.elapsed();
             let (retryable, asked, last) = match sent {
                 Ok(resp) if is_pass_through(resp.status()) => {
                     // Its traffic record is written when the body has streamed.
-                    self.upstream_time += began.elapsed();
+                    self.upstream_time += took;
                     return Outcome::Success(resp);
                 }
                 Ok(resp) => {
