@@ -149,11 +149,7 @@ async fn bench() {
     })
     .await
     .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let mut child = Command::new(env!("CARGO_BIN_EXE_smartlead-proxy"))
         .env("SMARTLEAD_API_KEY", "bench")
         .env("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", sim.base_url())
