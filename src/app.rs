@@ -1,5 +1,6 @@
 //! Shared state, the routes, and [`handle`]: the one place every request is wrapped.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -18,6 +19,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use crate::body::BodyBudget;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::limiter::Limiter;
@@ -44,6 +46,8 @@ struct Inner {
     settings: Settings,
     limiter: Limiter,
     retry_budget: RetryBudget,
+    /// Request bodies held at once (`server.max_buffered_bytes`).
+    bodies: BodyBudget,
     shutting_down: AtomicBool,
     /// Every thread's abort signal, set when the shutdown grace runs out: whatever is
     /// still waiting answers 503.
@@ -54,9 +58,14 @@ impl AppState {
     pub fn new(settings: Settings) -> Result<Self, String> {
         // Installs the recorder before the first sample.
         crate::metrics::handle();
-        let upstream = Arc::new(Upstream::new(&settings.upstream, pool_share(&settings))?);
+        let upstream = Arc::new(Upstream::new(
+            &settings.upstream,
+            settings.secrets(),
+            pool_share(&settings),
+        )?);
         let limiter = Limiter::from_settings(&settings)?;
         let retry_budget = RetryBudget::new(&settings.retry);
+        let bodies = BodyBudget::new(settings.server.max_buffered_bytes);
         let abort = watch::channel(false).0;
         Ok(Self {
             upstream,
@@ -65,6 +74,7 @@ impl AppState {
                 settings,
                 limiter,
                 retry_budget,
+                bodies,
                 shutting_down: AtomicBool::new(false),
                 aborts: std::sync::Mutex::new(vec![abort.clone()]),
             }),
@@ -84,6 +94,7 @@ impl AppState {
             inner: self.inner.clone(),
             upstream: Arc::new(Upstream::new(
                 &self.inner.settings.upstream,
+                self.upstream.secrets().clone(),
                 pool_share(&self.inner.settings),
             )?),
             abort,
@@ -104,6 +115,10 @@ impl AppState {
 
     pub fn retry_budget(&self) -> &RetryBudget {
         &self.inner.retry_budget
+    }
+
+    pub fn bodies(&self) -> &BodyBudget {
+        &self.inner.bodies
     }
 
     /// From now on `/readyz` reports 503 so load balancers stop sending traffic.
@@ -135,12 +150,12 @@ impl AppState {
     }
 }
 
-/// The routes other than `/api/v1/*` (which [`handle`] sends straight to the proxy).
 /// Each serving thread's part of [`POOL_MAX_IDLE`].
 fn pool_share(settings: &Settings) -> usize {
     POOL_MAX_IDLE.div_ceil(settings.server.worker_count())
 }
 
+/// The routes other than `/api/v1/*` (which [`handle`] sends straight to the proxy).
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -167,6 +182,14 @@ pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> 
     let path = req.uri().path().to_owned();
     let api = is_api(&path);
     let answer = async {
+        // CONNECT would have the upstream client tunnel (and log the target, key and
+        // all); TRACE echoes the request back. Neither is for SmartLead.
+        if method == http::Method::CONNECT || method == http::Method::TRACE {
+            let refused = ApiError::method_not_allowed()
+                .detail("request_id", proxy::request_id(req.headers()))
+                .detail("method", method.as_str());
+            return (refused.into_response(), Served::default());
+        }
         if !api {
             let resp = router.oneshot(req).await.unwrap_or_else(|e| match e {});
             return (resp, Served::default());
@@ -176,10 +199,7 @@ pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> 
         }
         proxy::forward(&state, req).await
     };
-    let (mut resp, served) = AssertUnwindSafe(answer)
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|_| (ApiError::internal().into_response(), Served::default()));
+    let (mut resp, served) = rescue(answer, &request_id).await;
     resp.headers_mut()
         .insert(REQUEST_ID_HEADER, request_id.clone());
     access_log(
@@ -192,6 +212,22 @@ pub async fn handle(state: AppState, router: Router, req: Request<Incoming>) -> 
         start.elapsed(),
     );
     resp
+}
+
+/// Runs `answer`; a panic in it (a bug) becomes a 500 envelope carrying the request id,
+/// so the one log line the panic hook writes can be found from the caller's side.
+async fn rescue(
+    answer: impl Future<Output = (Response, Served)>,
+    request_id: &HeaderValue,
+) -> (Response, Served) {
+    match AssertUnwindSafe(answer).catch_unwind().await {
+        Ok(answered) => answered,
+        Err(_) => {
+            let id = request_id.to_str().unwrap_or("");
+            let err = ApiError::internal().detail("request_id", id);
+            (err.into_response(), Served::default())
+        }
+    }
 }
 
 /// Paths the proxy forwards: `/api/v1/` and at least one more character.
@@ -272,13 +308,15 @@ fn access_log(
     elapsed: std::time::Duration,
 ) {
     let status = resp.status().as_u16();
-    let route = crate::metrics::route_label(path);
+    // A key a client put in the path must not become a label or a log field.
+    let path = state.upstream().secrets().scrub(path);
+    let route = crate::metrics::route_label(&path);
     if tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO) {
         tracing::info!(
             target: "smartlead_proxy::access",
             request_id = request_id.to_str().unwrap_or(""),
             method = %method,
-            path = %state.upstream().scrub(path),
+            path = %path,
             route,
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
@@ -290,4 +328,29 @@ fn access_log(
     }
     let source = if served.upstream { "upstream" } else { "proxy" };
     crate::metrics::request_done(route, status, source, elapsed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_500_envelope_with_the_request_id() {
+        let id = HeaderValue::from_static("req-42");
+        let bug = async {
+            if id.len() > 1 {
+                panic!("a bug");
+            }
+            (Response::default(), Served::default())
+        };
+        let (resp, served) = rescue(bug, &id).await;
+        assert_eq!(resp.status(), 500);
+        assert_eq!(served.attempts, 0);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "INTERNAL_ERROR");
+        assert_eq!(v["error"]["details"]["request_id"], "req-42");
+    }
 }

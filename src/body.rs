@@ -3,6 +3,8 @@
 //! decoding of compressed error bodies.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -79,9 +81,74 @@ where
     }
 }
 
-/// Undoes a gzip/deflate `Content-Encoding` (at most `cap` bytes out); an encoding we
-/// cannot read, or a broken stream, gives an empty body: the status alone still answers.
-pub fn decode_body(headers: &HeaderMap, raw: Bytes, cap: usize) -> Bytes {
+/// The bytes of request bodies held at once, across every serving thread: requests wait
+/// for the quota with their bodies (to replay them on retries), so without a cap a crowd
+/// of large waiting requests could take all the memory there is.
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    held: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl BodyBudget {
+    pub fn new(max: usize) -> Self {
+        Self {
+            held: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A share of nothing yet, to grow as a body arrives.
+    pub fn share(&self) -> BodyShare {
+        BodyShare {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+}
+
+/// One request's part of the [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BodyShare {
+    budget: BodyBudget,
+    bytes: usize,
+}
+
+impl BodyShare {
+    /// Grows this share to `bytes`, if the budget has room.
+    pub fn grow_to(&mut self, bytes: usize) -> bool {
+        let more = bytes.saturating_sub(self.bytes);
+        if more == 0 {
+            return true;
+        }
+        let budget = &self.budget;
+        let taken = budget
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(more).filter(|h| *h <= budget.max)
+            });
+        if taken.is_ok() {
+            self.bytes = bytes;
+        }
+        taken.is_ok()
+    }
+}
+
+impl Drop for BodyShare {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Undoes a gzip/deflate `Content-Encoding`, keeping at most `cap` bytes; says whether
+/// the result was cut short (over `cap`, a broken stream, or `raw` itself cut). An
+/// encoding we cannot read gives an empty body: the status alone still answers.
+pub fn decode_body(headers: &HeaderMap, raw: Bytes, raw_cut: bool, cap: usize) -> (Bytes, bool) {
     use std::io::Read;
     let encoding = headers
         .get(header::CONTENT_ENCODING)
@@ -89,15 +156,37 @@ pub fn decode_body(headers: &HeaderMap, raw: Bytes, cap: usize) -> Bytes {
         .map(|v| v.trim().to_ascii_lowercase());
     let decoded = |reader: &mut dyn Read| {
         let mut out = Vec::new();
-        match reader.take(cap as u64).read_to_end(&mut out) {
-            Ok(_) => Bytes::from(out),
-            Err(_) => Bytes::new(),
-        }
+        // Whatever was decoded before an error stays in `out`.
+        let broken = reader.take(cap as u64 + 1).read_to_end(&mut out).is_err();
+        let cut = broken || raw_cut || out.len() > cap;
+        out.truncate(cap);
+        (Bytes::from(out), cut)
     };
     match encoding.as_deref() {
-        None | Some("identity") | Some("") => raw,
+        None | Some("identity") | Some("") => (raw, raw_cut),
         Some("gzip") | Some("x-gzip") => decoded(&mut flate2::read::GzDecoder::new(&raw[..])),
         Some("deflate") => decoded(&mut flate2::read::ZlibDecoder::new(&raw[..])),
-        Some(_) => Bytes::new(),
+        Some(_) => (Bytes::new(), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_shares_stay_within_the_budget_and_come_back() {
+        let budget = BodyBudget::new(100);
+        let mut a = budget.share();
+        assert!(a.grow_to(60));
+        let mut b = budget.share();
+        assert!(!b.grow_to(41), "over the budget");
+        assert!(b.grow_to(40));
+        assert_eq!(budget.held(), 100);
+        drop(a);
+        assert_eq!(budget.held(), 40);
+        assert!(b.grow_to(100));
+        drop(b);
+        assert_eq!(budget.held(), 0);
     }
 }

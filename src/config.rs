@@ -11,7 +11,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::key::ApiKey;
+use crate::key::{ApiKey, Secrets};
 
 /// The file read (when present) after the built-in defaults.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
@@ -70,6 +70,9 @@ pub struct ServerSettings {
     /// Threads serving connections, each with its own event loop and upstream pool;
     /// 0 means one per CPU core.
     pub workers: usize,
+    /// Request bodies held in memory at once (waiting ones included); past it, new
+    /// requests with bodies get 503.
+    pub max_buffered_bytes: usize,
 }
 
 impl ServerSettings {
@@ -91,6 +94,7 @@ impl Default for ServerSettings {
             access_tokens: Vec::new(),
             client_timeout: Duration::from_secs(10),
             workers: 0,
+            max_buffered_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -359,7 +363,15 @@ impl Settings {
         if s.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be at least 1"));
         }
+        if s.max_buffered_bytes < s.max_body_bytes {
+            return Err(invalid(
+                "server.max_buffered_bytes",
+                "must be at least server.max_body_bytes",
+            ));
+        }
         positive("server.client_timeout", s.client_timeout)?;
+        at_most("server.client_timeout", s.client_timeout, HOUR)?;
+        at_most("server.shutdown_grace", s.shutdown_grace, HOUR)?;
         if s.workers > 1024 {
             return Err(invalid(
                 "server.workers",
@@ -374,7 +386,9 @@ impl Settings {
         crate::upstream::BaseUrl::parse(&u.base_url)
             .map_err(|reason| invalid("upstream.base_url", reason))?;
         positive("upstream.timeout", u.timeout)?;
+        at_most("upstream.timeout", u.timeout, HOUR)?;
         positive("upstream.connect_timeout", u.connect_timeout)?;
+        at_most("upstream.connect_timeout", u.connect_timeout, 10 * MINUTE)?;
         match &u.api_key {
             Some(key) => key
                 .check()
@@ -395,6 +409,9 @@ impl Settings {
             return Err(invalid("limit.requests", "must be at least 1"));
         }
         positive("limit.period", l.period)?;
+        at_most("limit.period", l.period, DAY)?;
+        at_most("limit.max_wait", l.max_wait, DAY)?;
+        at_most("limit.margin", l.margin, MINUTE)?;
         if l.max_queue == 0 {
             return Err(invalid("limit.max_queue", "must be at least 1"));
         }
@@ -416,6 +433,8 @@ impl Settings {
         }
 
         let r = &self.retry;
+        at_most("retry.base_delay", r.base_delay, HOUR)?;
+        at_most("retry.max_delay", r.max_delay, HOUR)?;
         if r.base_delay > r.max_delay {
             return Err(invalid(
                 "retry.base_delay",
@@ -454,6 +473,46 @@ impl Settings {
             .map_err(|e| invalid("log.level", one_line(&e.to_string())))?;
         Ok(())
     }
+
+    /// Every secret in these settings, to keep out of answers and logs: the API key and
+    /// the Redis password.
+    pub fn secrets(&self) -> Secrets {
+        let secrets = Secrets::default().with_keys(self.upstream.api_key.iter());
+        match redis_password(self.redis.url.expose_secret()) {
+            // A very short password would blank out every word that happens to match it.
+            Some(p) if p.len() >= MIN_LOGGED_SECRET => secrets.with(&p),
+            _ => secrets,
+        }
+    }
+}
+
+/// Passwords shorter than this are not searched for in logs and answers.
+const MIN_LOGGED_SECRET: usize = 6;
+
+fn redis_password(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let raw = url.password()?;
+    Some(
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Durations past any sane value are refused at start: added to a clock they would
+/// overflow, or leave requests waiting for years.
+fn at_most(key: &'static str, d: Duration, max: Duration) -> Result<(), ConfigError> {
+    if d > max {
+        return Err(invalid(
+            key,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(())
 }
 
 fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Map, Value, json};
 
+use crate::key::Secrets;
+
 /// Longest upstream message kept when wrapping text or HTML.
 const MAX_MESSAGE_CHARS: usize = 300;
 
@@ -103,6 +105,17 @@ impl ApiError {
         e
     }
 
+    /// 503 for a request whose body would pass `server.max_buffered_bytes`.
+    pub fn out_of_body_memory() -> Self {
+        let mut e = Self::unavailable(
+            "the proxy is holding as many request bodies as server.max_buffered_bytes allows",
+        )
+        .detail("reason", "memory");
+        e.headers
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        e
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
     }
@@ -113,6 +126,17 @@ impl ApiError {
             "INTERNAL_ERROR",
             "the proxy hit an internal error; this is a bug",
         )
+    }
+
+    /// Scrubs secrets from the message and details, which may quote what SmartLead said.
+    pub fn scrubbed(mut self, secrets: &Secrets) -> Self {
+        if let std::borrow::Cow::Owned(clean) = secrets.scrub(&self.message) {
+            self.message = clean;
+        }
+        for value in self.details.values_mut() {
+            secrets.scrub_json(value);
+        }
+        self
     }
 
     pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -184,6 +208,11 @@ pub fn hint(status: StatusCode, code: &str, details: &Map<String, Value>) -> Str
             "SmartLead did not answer in time {tried}: check SmartLead's status page and retry \
              later; raise upstream.timeout (or X-Request-Timeout) if slow answers are expected"
         ),
+        "UNAVAILABLE" if details.get("reason").and_then(Value::as_str) == Some("memory") => {
+            "many large requests are waiting in the proxy (server.max_buffered_bytes of bodies \
+             held): retry after Retry-After, or raise server.max_buffered_bytes"
+                .into()
+        }
         "UNAVAILABLE" => "the proxy is shutting down or cannot reach its shared limiter \
              (Redis, with redis.on_error = \"reject\"): retry in a moment; GET /readyz says which"
             .into(),
@@ -319,22 +348,37 @@ impl Normalized {
 }
 
 /// Turns any upstream error body into the envelope. `extra` details (request id,
-/// attempts, ...) are added to wrapped bodies; conforming bodies pass through untouched.
+/// attempts, ...) are added to wrapped bodies; conforming bodies pass through untouched
+/// unless they carry a secret. Secrets are scrubbed from the raw bytes (also the start of
+/// one cut off at the end of a `cut` body), from every JSON string once its escapes are
+/// decoded, and from the answer written.
 pub fn normalize_upstream(
     status: StatusCode,
     content_type: Option<&str>,
     body: &[u8],
+    cut: bool,
+    secrets: &Secrets,
     extra: Map<String, Value>,
 ) -> Normalized {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let body = if cut {
+        secrets.scrub_cut(body)
+    } else {
+        secrets.scrub_bytes(body)
+    };
+    let mut parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let decoded_secret = parsed.as_mut().is_some_and(|v| secrets.scrub_json(v));
     if let Some(v) = &parsed
         && is_envelope(v)
     {
-        return Normalized::PassThrough(Bytes::copy_from_slice(body));
+        return Normalized::PassThrough(if decoded_secret {
+            Bytes::from(v.to_string())
+        } else {
+            Bytes::copy_from_slice(&body)
+        });
     }
     let (message, upstream_details) = match &parsed {
         Some(v) => json_message(v),
-        None => (text_message(body, content_type), None),
+        None => (text_message(&body, content_type), None),
     };
     let message = message.unwrap_or_else(|| {
         format!(
@@ -355,7 +399,8 @@ pub fn normalize_upstream(
     let hint = hint(status, code, &details);
     details.insert("hint".into(), hint.into());
     let envelope = json!({"error": {"code": code, "message": message, "details": details}});
-    Normalized::Wrapped(Bytes::from(envelope.to_string()))
+    let out = envelope.to_string().into_bytes();
+    Normalized::Wrapped(Bytes::from(secrets.scrub_bytes(&out).into_owned()))
 }
 
 /// Message and details from a JSON body that is not an envelope.
@@ -431,6 +476,8 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             ct,
             body.as_bytes(),
+            false,
+            &Secrets::default(),
             Map::new(),
         );
         assert!(
@@ -447,6 +494,8 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY,
             None,
             body.as_bytes(),
+            false,
+            &Secrets::default(),
             Map::new(),
         ) {
             Normalized::PassThrough(b) => assert_eq!(b, body.as_bytes()),
@@ -602,6 +651,69 @@ mod tests {
     }
 
     #[test]
+    fn secrets_never_come_back_in_any_shape() {
+        let secrets = crate::key::ApiKey::new("Sk-9f/8e+7d=6c5b4a").secrets();
+        let key_gone = |out: &[u8]| {
+            let text = String::from_utf8_lossy(out).to_ascii_lowercase();
+            !text.contains("sk-9f") && !text.contains("536b2d") && !text.contains("\\u0053")
+        };
+        for (ct, body, cut) in [
+            (None, r#"{"message":"bad \u0053k-9f\/8e+7d=6c5b4a"}"#, false),
+            (
+                None,
+                r#"{"error":{"code":"X","message":"\u0053K-9F\/8E+7D=6C5B4A"}}"#,
+                false,
+            ),
+            (
+                None,
+                r#"{"error":{"code":"X","message":"m","details":{"u":"Sk%2d9F%2f8e%2B7d=6c5b4a"}}}"#,
+                false,
+            ),
+            (
+                Some("text/html"),
+                "<title>&#83;k-9f&#x2F;8e+7d=6c5b4a</title>",
+                false,
+            ),
+            (
+                Some("text/plain"),
+                "   536B2D39662F38652B37643D366335623461",
+                false,
+            ),
+            (Some("text/plain"), "                     Sk-9f/8e+7d", true),
+        ] {
+            let out = normalize_upstream(
+                StatusCode::BAD_REQUEST,
+                ct,
+                body.as_bytes(),
+                cut,
+                &secrets,
+                Map::new(),
+            )
+            .into_bytes();
+            assert!(
+                key_gone(&out),
+                "{body} -> {}",
+                String::from_utf8_lossy(&out)
+            );
+            let v: Value = serde_json::from_slice(&out).expect("still JSON");
+            assert!(is_envelope(&v));
+        }
+        // A clean conforming envelope still passes through byte for byte.
+        let clean = r#"{"error":{"code":"X","message":"m"}}"#;
+        match normalize_upstream(
+            StatusCode::BAD_REQUEST,
+            None,
+            clean.as_bytes(),
+            false,
+            &secrets,
+            Map::new(),
+        ) {
+            Normalized::PassThrough(b) => assert_eq!(b, clean.as_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn wrapped_errors_carry_a_hint() {
         let v = wrap(404, None, r#"{"message":"Campaign not found"}"#);
         assert!(
@@ -629,7 +741,7 @@ mod tests {
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000),
         ) {
             let status = StatusCode::from_u16(status).unwrap();
-            let out = normalize_upstream(status, ct.as_deref(), &body, Map::new()).into_bytes();
+            let out = normalize_upstream(status, ct.as_deref(), &body, false, &Secrets::default(), Map::new()).into_bytes();
             let v: Value = serde_json::from_slice(&out).expect("always JSON");
             proptest::prop_assert!(is_envelope(&v));
         }
@@ -637,7 +749,7 @@ mod tests {
         #[test]
         fn json_shaped_bodies_become_envelopes(msg in ".{0,100}", key in "[a-z]{1,8}") {
             let body = serde_json::json!({ key: msg }).to_string();
-            let out = normalize_upstream(StatusCode::BAD_GATEWAY, Some("application/json"), body.as_bytes(), Map::new()).into_bytes();
+            let out = normalize_upstream(StatusCode::BAD_GATEWAY, Some("application/json"), body.as_bytes(), false, &Secrets::default(), Map::new()).into_bytes();
             let v: Value = serde_json::from_slice(&out).unwrap();
             proptest::prop_assert!(is_envelope(&v));
         }

@@ -29,15 +29,23 @@ pub struct Batch {
 }
 
 /// `POST /campaigns/{id}/leads` (the path below `/api/v1`, a trailing slash allowed).
+/// Names are compared as an upstream router may: without regard to case, and with
+/// percent-escapes decoded (`/Campaigns/1/%6Ceads` is an import too).
 pub fn is_import(method: &Method, api_path: &str) -> bool {
     if method != Method::POST {
         return false;
     }
     let path = api_path.strip_suffix('/').unwrap_or(api_path);
     let mut parts = path.split('/');
+    let is = |segment: &str, name: &str| {
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8_lossy()
+            .eq_ignore_ascii_case(name)
+    };
     matches!(
         (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
-        (Some(""), Some("campaigns"), Some(id), Some("leads"), None) if !id.is_empty()
+        (Some(""), Some(c), Some(id), Some(l), None)
+            if is(c, "campaigns") && is(l, "leads") && !id.is_empty()
     )
 }
 
@@ -310,6 +318,8 @@ mod tests {
     fn recognises_the_import_path() {
         assert!(is_import(&Method::POST, "/campaigns/42/leads"));
         assert!(is_import(&Method::POST, "/campaigns/42/leads/"));
+        assert!(is_import(&Method::POST, "/Campaigns/42/LEADS"));
+        assert!(is_import(&Method::POST, "/campaigns/42/%6Ceads"));
         assert!(!is_import(&Method::GET, "/campaigns/42/leads"));
         assert!(!is_import(&Method::POST, "/campaigns/42/leads/7"));
         assert!(!is_import(&Method::POST, "/campaigns//leads"));

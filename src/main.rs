@@ -136,7 +136,11 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings.log);
+    telemetry::init(&settings.log, settings.secrets());
+    telemetry::install_panic_hook();
+    // Registered before serving, so a hangup (a closed terminal, logrotate, `systemctl
+    // reload`) never meets the default action, which kills the process.
+    let hangups = hangups();
     let addr = settings.server.listen;
     let listener = match bind(addr) {
         Ok(l) => l,
@@ -145,6 +149,7 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    tokio::spawn(hangups);
     match smartlead_proxy::run(listener, settings, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -155,7 +160,7 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
 }
 
 async fn simulate(addr: std::net::SocketAddr, config: sim::SimConfig) -> ExitCode {
-    telemetry::init(&Default::default());
+    telemetry::init(&Default::default(), Default::default());
     match sim::Sim::start_on(addr, config).await {
         Ok(sim) => {
             println!("simulated SmartLead on {}", sim.base_url());
@@ -180,6 +185,27 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Logs each SIGHUP and changes nothing: reloading is not supported yet.
+#[cfg(unix)]
+fn hangups() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let registered = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hangup) = registered else {
+            tracing::warn!("cannot listen for SIGHUP; a hangup may stop the proxy");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading is not supported yet, nothing changed");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangups() -> impl std::future::Future<Output = ()> {
+    std::future::ready(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

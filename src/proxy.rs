@@ -7,14 +7,14 @@ use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::app::AppState;
-use crate::body::{IdleTimeout, Stalled};
+use crate::body::{BodyBudget, BodyShare, IdleTimeout, Stalled};
 use crate::error::{ApiError, code_for_status, normalize_upstream};
 use crate::leads::{self, Plan};
 use crate::retry::{self, Failed, Outcome, Safety};
@@ -61,6 +61,10 @@ pub const LEAD_WARNINGS_HEADER: &str = "x-lead-warnings";
 /// How many upstream attempts the proxy made for this request.
 pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 
+/// Longer deadlines are refused: nothing waits that long, and a clock plus a huge
+/// duration overflows.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
         return Ok(None);
@@ -69,17 +73,16 @@ fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
     let parsed = text
         .parse::<f64>()
         .ok()
-        .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e9)
-        .map(Duration::from_secs_f64)
-        .or_else(|| {
-            humantime::parse_duration(text)
-                .ok()
-                .filter(|d| !d.is_zero())
-        });
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .or_else(|| humantime::parse_duration(text).ok())
+        .filter(|d| !d.is_zero() && *d <= MAX_REQUEST_TIMEOUT);
     parsed.map(Some).ok_or_else(|| {
         ApiError::bad_request(
-            "X-Request-Timeout must be a positive number of seconds or a duration like 2500ms",
+            "X-Request-Timeout must be a positive number of seconds or a duration like 2500ms, \
+             at most a day",
         )
+        .detail("header", REQUEST_TIMEOUT_HEADER)
     })
 }
 
@@ -91,10 +94,11 @@ pub async fn forward(state: &AppState, req: Request) -> (Response, Served) {
     let prepared = async {
         let target = upstream.target(parts.uri.path(), parts.uri.query())?;
         let timeout = request_timeout(&parts.headers)?;
-        let body = read_body(body, &parts.headers, &settings.server).await?;
-        Ok::<_, ApiError>((target, timeout, body))
+        let read = read_body(body, &parts.headers, &settings.server, state.bodies()).await?;
+        Ok::<_, ApiError>((target, timeout, read))
     };
-    let (target, timeout, body) = match prepared.await {
+    // The body's share of server.max_buffered_bytes is held until the request is done.
+    let (target, timeout, (body, _share)) = match prepared.await {
         Ok(p) => p,
         Err(e) => return finish(state, e, &request_id(&parts.headers), Served::default()),
     };
@@ -147,7 +151,7 @@ async fn send(state: &AppState, call: &Call, method: Method, body: Bytes) -> (Re
     let mut resp = match outcome {
         Outcome::Success(resp) => {
             let (mut head, body) = resp.into_parts();
-            strip_hop_by_hop(&mut head.headers);
+            client_headers(state, &mut head.headers);
             // A body that stalls is cut (the client sees a broken response, never a
             // truncated one passed off as complete).
             let body = IdleTimeout::new(body, state.settings().upstream.timeout);
@@ -223,7 +227,7 @@ async fn exchange<'a>(
             &call.headers,
             &exchange.body,
             state.settings().log.body_bytes,
-            state.upstream().key(),
+            state.upstream().secrets(),
         )));
     }
     let outcome = tokio::select! {
@@ -261,13 +265,15 @@ async fn import_in_batches(
                     t.answered(exchange.attempts, status, &read.headers, &read.body, took);
                 }
                 // The merged answer is the proxy's own body: the key never goes in it.
-                let scrubbed = state
-                    .upstream()
-                    .key()
-                    .and_then(|k| k.scrub_bytes(&read.body));
-                let body = scrubbed.as_deref().unwrap_or(&read.body);
-                let answer = serde_json::from_slice(body)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+                let secrets = state.upstream().secrets();
+                let body = if read.cut {
+                    secrets.scrub_cut(&read.body)
+                } else {
+                    secrets.scrub_bytes(&read.body)
+                };
+                let mut answer = serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+                secrets.scrub_json(&mut answer);
                 merged.add(batch, status, answer);
                 continue;
             }
@@ -311,16 +317,19 @@ async fn import_in_batches(
 /// A batch's upstream error as the proxy's own error, keeping SmartLead's message and
 /// its error object.
 fn batch_failure(state: &AppState, failed: Failed) -> ApiError {
-    let scrubbed = state
-        .upstream()
-        .key()
-        .and_then(|k| k.scrub_bytes(&failed.body));
-    let body = scrubbed.as_deref().unwrap_or(&failed.body);
     let content_type = failed
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let envelope = normalize_upstream(failed.status, content_type, body, Map::new()).into_bytes();
+    let envelope = normalize_upstream(
+        failed.status,
+        content_type,
+        &failed.body,
+        failed.cut,
+        state.upstream().secrets(),
+        Map::new(),
+    )
+    .into_bytes();
     let envelope: Value = serde_json::from_slice(&envelope).unwrap_or_default();
     let message = envelope["error"]["message"]
         .as_str()
@@ -353,6 +362,7 @@ fn finish(state: &AppState, err: ApiError, request_id: &str, served: Served) -> 
     let mut resp = err
         .detail("request_id", request_id)
         .detail("attempts", served.attempts)
+        .scrubbed(state.upstream().secrets())
         .into_response();
     if limited {
         add_ratelimit_headers(state, resp.headers_mut());
@@ -376,12 +386,15 @@ fn add_ratelimit_headers(state: &AppState, headers: &mut HeaderMap) {
     }
 }
 
-/// Reads the client's body, refusing it as soon as it passes `max_body_bytes`.
+/// Reads the client's body, refusing it as soon as it passes `max_body_bytes`, or when
+/// the bodies held at once would pass `max_buffered_bytes` (then the rest of it is read
+/// and dropped, so the client can take the 503 in).
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
     server: &crate::config::ServerSettings,
-) -> Result<Bytes, ApiError> {
+    bodies: &BodyBudget,
+) -> Result<(Bytes, BodyShare), ApiError> {
     let limit = server.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -390,25 +403,55 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::payload_too_large(limit));
     }
+    let mut share = bodies.share();
     if http_body::Body::is_end_stream(&body) {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), share));
     }
-    let body = IdleTimeout::new(body, server.client_timeout);
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::payload_too_large(limit))
+    let mut body = IdleTimeout::new(body, server.client_timeout);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let (mut read, mut room) = (0, true);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| body_error(&*e, server))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        read += data.len();
+        if read > limit {
+            return Err(ApiError::payload_too_large(limit));
         }
-        Err(e) if e.downcast_ref::<Stalled>().is_some() => Err(ApiError::new(
+        room = room && share.grow_to(read);
+        if room {
+            chunks.push(data);
+        } else {
+            chunks.clear();
+        }
+    }
+    if !room {
+        return Err(ApiError::out_of_body_memory());
+    }
+    let body = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => Bytes::from(chunks.concat()),
+    };
+    Ok((body, share))
+}
+
+fn body_error(
+    e: &(dyn std::error::Error + 'static),
+    server: &crate::config::ServerSettings,
+) -> ApiError {
+    if e.downcast_ref::<Stalled>().is_some() {
+        return ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "REQUEST_TIMEOUT",
             format!(
                 "the request body stalled for {} (server.client_timeout)",
                 humantime::format_duration(server.client_timeout)
             ),
-        )),
-        Err(_) => Err(ApiError::bad_request("the request body could not be read")),
+        );
     }
+    ApiError::bad_request("the request body could not be read")
 }
 
 /// The client's answer for a non-2xx upstream response.
@@ -423,25 +466,25 @@ fn error_response(
         status,
         mut headers,
         body,
+        cut,
     } = failed;
-    strip_hop_by_hop(&mut headers);
-    let upstream = state.upstream();
-    let scrubbed = upstream.key().and_then(|k| k.scrub_bytes(&body));
-    let body = scrubbed.as_deref().unwrap_or(&body);
+    let secrets = state.upstream().secrets();
     extra.insert("request_id".into(), request_id.into());
     extra.insert("attempts".into(), attempts.into());
     if status.is_redirection() {
         // A redirect cannot be followed through the proxy; say where it pointed.
         if let Some(loc) = headers.remove(header::LOCATION) {
             let loc = String::from_utf8_lossy(loc.as_bytes());
-            extra.insert("location".into(), Value::from(upstream.scrub(&loc)));
+            extra.insert("location".into(), Value::from(secrets.scrub(&loc)));
         }
     }
+    client_headers(state, &mut headers);
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let out = normalize_upstream(status, content_type.as_deref(), body, extra).into_bytes();
+    let out = normalize_upstream(status, content_type.as_deref(), &body, cut, secrets, extra)
+        .into_bytes();
     for name in [
         header::CONTENT_TYPE,
         header::CONTENT_LENGTH,
@@ -458,4 +501,20 @@ fn error_response(
     let mut resp = (status, out).into_response();
     resp.headers_mut().extend(headers);
     resp
+}
+
+/// An upstream answer's headers as a client may see them: no hop-by-hop headers, no
+/// secret in any value (or name), and `Retry-After` only as the proxy's own whole
+/// seconds, capped like its own pauses.
+fn client_headers(state: &AppState, headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    state.upstream().secrets().scrub_headers(headers);
+    if headers.contains_key(header::RETRY_AFTER) {
+        let s = state.settings();
+        let cap = s.limit.period.max(s.retry.max_delay);
+        match retry::client_retry_after(headers, cap) {
+            Some(v) => headers.insert(header::RETRY_AFTER, v),
+            None => headers.remove(header::RETRY_AFTER),
+        };
+    }
 }

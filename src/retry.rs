@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -126,6 +126,8 @@ pub struct Failed {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body is only the start of what was sent (read cap, broken off, stalled).
+    pub cut: bool,
 }
 
 /// How a request ended.
@@ -432,21 +434,50 @@ fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
     }
 }
 
-/// Reads at most [`ERROR_BODY_CAP`] of a body (error answers, lead-import batch answers), decoded; a body that breaks off or
-/// stalls yields what arrived, since the status alone is enough to answer.
+/// Reads at most [`ERROR_BODY_CAP`] of a body (error answers, lead-import batch
+/// answers), decoded; a body that breaks off or stalls yields what arrived, since the
+/// status alone is enough to answer.
 pub async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Failed {
     let (head, body) = resp.into_parts();
-    let raw =
-        match tokio::time::timeout(timeout, Limited::new(body, ERROR_BODY_CAP).collect()).await {
-            Ok(Ok(c)) => c.to_bytes(),
-            _ => Bytes::new(),
-        };
-    let body = crate::body::decode_body(&head.headers, raw, ERROR_BODY_CAP);
+    let (raw, raw_cut) = read_capped(body, ERROR_BODY_CAP, Instant::now() + timeout).await;
+    let (body, cut) = crate::body::decode_body(&head.headers, raw, raw_cut, ERROR_BODY_CAP);
     Failed {
         status: head.status,
         headers: head.headers,
         body,
+        cut,
     }
+}
+
+/// Up to `cap` bytes of a body, and whether that is not all of it.
+async fn read_capped(mut body: Incoming, cap: usize, deadline: Instant) -> (Bytes, bool) {
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return (out.freeze(), false),
+            Ok(Some(Err(_))) | Err(_) => return (out.freeze(), true),
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = cap - out.len();
+            if data.len() > room {
+                out.extend_from_slice(&data[..room]);
+                return (out.freeze(), true);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+}
+
+/// The `Retry-After` a client is given on an upstream answer: whole seconds of the
+/// proxy's own, at most `cap`, never the upstream's raw text (`None`: no usable value).
+pub fn client_retry_after(headers: &HeaderMap, cap: Duration) -> Option<http::HeaderValue> {
+    let asked = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()
+        .and_then(|v| parse_retry_after(v, SystemTime::now()))?;
+    Some(http::HeaderValue::from(retry_after_secs(asked.min(cap))))
 }
 
 #[cfg(test)]

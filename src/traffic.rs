@@ -1,7 +1,6 @@
 //! The debug traffic log: one record per upstream attempt (method, path, bodies cut to
 //! `log.body_bytes`, status, timing), with the API key redacted everywhere.
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::config::LogSettings;
-use crate::key::{ApiKey, REDACTED};
+use crate::key::Secrets;
 
 /// The per-request switch, honoured only with `log.allow_debug_header = true`; removed
 /// before forwarding.
@@ -43,7 +42,7 @@ pub struct Traffic {
     request_body: String,
     request_bytes: usize,
     limit: usize,
-    key: Option<ApiKey>,
+    secrets: Secrets,
 }
 
 impl Traffic {
@@ -54,25 +53,25 @@ impl Traffic {
         headers: &HeaderMap,
         body: &[u8],
         limit: usize,
-        key: Option<&ApiKey>,
+        secrets: &Secrets,
     ) -> Self {
         let path = target.path_and_query().map_or("/", |p| p.as_str());
         let encoding = content_encoding(headers);
         Self {
             request_id: request_id.to_owned(),
             method: method.clone(),
-            path: redact(path, key).into_owned(),
+            path: secrets.redact(path).into_owned(),
             request_body: preview(
                 body,
                 body.len(),
                 content_type(headers),
                 encoding,
                 limit,
-                key,
+                secrets,
             ),
             request_bytes: body.len(),
             limit,
-            key: key.cloned(),
+            secrets: secrets.clone(),
         }
     }
 
@@ -96,7 +95,7 @@ impl Traffic {
             content_type(headers),
             None,
             self.limit,
-            self.key.as_ref(),
+            &self.secrets,
         );
         self.emit(
             attempt,
@@ -122,7 +121,7 @@ impl Traffic {
         B: Body,
     {
         // Enough beyond the cut that a key straddling it is still recognised whole.
-        let keep = self.limit + self.key.as_ref().map_or(0, ApiKey::max_len);
+        let keep = self.limit + self.secrets.longest_form();
         Tap {
             expected: body.size_hint().exact(),
             inner: body,
@@ -211,7 +210,7 @@ impl<B> Tap<B> {
             p.content_type.as_deref(),
             p.encoding.as_deref(),
             t.limit,
-            t.key.as_ref(),
+            &t.secrets,
         );
         if !self.finished && self.expected != Some(self.total as u64) {
             shown.push_str(" [body cut off: not read to the end]");
@@ -288,16 +287,16 @@ fn content_encoding(headers: &HeaderMap) -> Option<&str> {
         .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"))
 }
 
-/// A body as the log shows it: text cut to `limit` bytes with the full size noted, key
-/// and `api_key` values redacted; compressed or binary bodies only summarised. `body`
-/// may be the first part of a body of `total` bytes.
+/// A body as the log shows it: text cut to `limit` bytes with the full size noted,
+/// secrets and `api_key` values redacted; compressed or binary bodies only summarised.
+/// `body` may be the first part of a body of `total` bytes.
 pub fn preview(
     body: &[u8],
     total: usize,
     content_type: Option<&str>,
     encoding: Option<&str>,
     limit: usize,
-    key: Option<&ApiKey>,
+    secrets: &Secrets,
 ) -> String {
     if total == 0 {
         return String::new();
@@ -308,26 +307,30 @@ pub fn preview(
     }
     // Redacting only what can be shown (plus room for a key cut in half) keeps a large
     // body from costing more than a small one.
-    let slack = key.map_or(0, ApiKey::max_len);
-    let mut head = &body[..body.len().min(limit + slack)];
-    if head.len() < total
-        && let Some(k) = key
-    {
-        // The start of a key cut off where the kept part ends is dropped, not shown.
-        head = &head[..head.len() - k.partial_len_at_end(head)];
-    }
+    let head = &body[..body.len().min(limit + secrets.longest_form())];
     let Some(text) = as_text(head, content_type) else {
         return format!("[binary: {total} bytes, {kind}]");
     };
-    let text = redact(text, key);
-    if text.len() <= limit && head.len() == total {
+    let cut = head.len() < total;
+    // The start of a key cut off where the kept part ends is dropped, not shown.
+    let scrubbed = if cut {
+        secrets.scrub_cut(text.as_bytes())
+    } else {
+        secrets.scrub_bytes(text.as_bytes())
+    };
+    let scrubbed = String::from_utf8_lossy(&scrubbed);
+    let text = match crate::key::redact_api_key_values(&scrubbed) {
+        Some(t) => std::borrow::Cow::Owned(t),
+        None => scrubbed,
+    };
+    if text.len() <= limit && !cut {
         return text.into_owned();
     }
-    let mut cut = limit.min(text.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
+    let mut at = limit.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
     }
-    format!("{}… [{total} bytes in all]", &text[..cut])
+    format!("{}… [{total} bytes in all]", &text[..at])
 }
 
 /// The bytes as text, unless the type says binary or they are not readable text (a
@@ -356,130 +359,34 @@ fn as_text<'a>(body: &'a [u8], content_type: Option<&str>) -> Option<&'a str> {
     readable.then_some(text)
 }
 
-/// The configured key wherever it appears, and the value of any `api_key` field (query,
-/// form or JSON: a client's own key too), become `***`.
-pub fn redact<'a>(text: &'a str, key: Option<&ApiKey>) -> Cow<'a, str> {
-    let scrubbed = match key {
-        Some(k) => k.scrub(text),
-        None => Cow::Borrowed(text),
-    };
-    match redact_api_key_values(&scrubbed) {
-        Some(s) => Cow::Owned(s),
-        None => scrubbed,
-    }
-}
-
-/// `api_key=v`, `"api_key": "v"`, `api_key: v` (any case, also inside a JSON string
-/// where the quotes are escaped) with `v` replaced.
-fn redact_api_key_values(text: &str) -> Option<String> {
-    const NAME: &str = "api_key";
-    let lower = text.to_ascii_lowercase();
-    let bytes = text.as_bytes();
-    let skip = |mut i: usize, also: &[u8]| {
-        while i < bytes.len() && (bytes[i].is_ascii_whitespace() || also.contains(&bytes[i])) {
-            i += 1;
-        }
-        i
-    };
-    let (mut out, mut copied, mut from) = (String::new(), 0, 0);
-    while let Some(found) = lower[from..].find(NAME) {
-        let name_end = from + found + NAME.len();
-        from = name_end;
-        let mut i = skip(name_end, b"\\\"");
-        if !matches!(bytes.get(i), Some(b'=' | b':')) {
-            continue;
-        }
-        i = skip(i + 1, b"");
-        // How the value is quoted decides where it ends.
-        let close: &[u8] = if bytes.get(i) == Some(&b'"') {
-            i += 1;
-            b"\""
-        } else if bytes[i..].starts_with(b"\\\"") {
-            i += 2;
-            b"\\"
-        } else {
-            b"&,}];\"\\"
-        };
-        let start = i;
-        while i < bytes.len() {
-            let b = bytes[i];
-            let escaped_quote = b == b'"' && close == b"\"" && bytes[i - 1] == b'\\';
-            if (close.contains(&b) && !escaped_quote)
-                || (close.len() > 2 && b.is_ascii_whitespace())
-            {
-                break;
-            }
-            i += 1;
-        }
-        if i > start {
-            out.push_str(&text[copied..start]);
-            out.push_str(REDACTED);
-            copied = i;
-        }
-        from = i;
-    }
-    (copied > 0).then(|| {
-        out.push_str(&text[copied..]);
-        out
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_key_values_are_redacted_in_every_shape() {
-        let k = ApiKey::new("s3cr3t/k");
-        for (text, want) in [
-            (
-                "/api/v1/campaigns?limit=5&api_key=abc",
-                "/api/v1/campaigns?limit=5&api_key=***",
-            ),
-            (
-                r#"{"api_key": "client-key", "x": 1}"#,
-                r#"{"api_key": "***", "x": 1}"#,
-            ),
-            (
-                r#"{"API_KEY":"a\"b","n":"s3cr3t/k"}"#,
-                r#"{"API_KEY":"***","n":"***"}"#,
-            ),
-            ("api_key=x&api_key=y", "api_key=***&api_key=***"),
-            ("the api_key is missing", "the api_key is missing"),
-            ("api_key=s3cr3t%2Fk", "api_key=***"),
-            ("cut: {\"api_key\":\"abc", "cut: {\"api_key\":\"***"),
-            (
-                r#"{"body":"{\"api_key\":\"c-key\",\"n\":1}"}"#,
-                r#"{"body":"{\"api_key\":\"***\",\"n\":1}"}"#,
-            ),
-            ("api_key: abc def", "api_key: *** def"),
-        ] {
-            assert_eq!(redact(text, Some(&k)), want, "{text}");
-        }
-    }
+    use crate::key::ApiKey;
 
     #[test]
     fn previews_cut_summarise_and_redact() {
-        let k = ApiKey::new("sekrit-key");
-        assert_eq!(preview(b"", 0, None, None, 10, None), "");
-        assert_eq!(preview(b"hello", 5, None, None, 10, None), "hello");
+        let k = ApiKey::new("sekrit-key").secrets();
+        let none = Secrets::default();
+        assert_eq!(preview(b"", 0, None, None, 10, &none), "");
+        assert_eq!(preview(b"hello", 5, None, None, 10, &none), "hello");
         assert_eq!(
-            preview(b"hello world", 11, None, None, 5, None),
+            preview(b"hello world", 11, None, None, 5, &none),
             "hello… [11 bytes in all]"
         );
         // Only the start of a streamed body was kept.
         assert_eq!(
-            preview(b"abcdef", 1000, None, None, 5, None),
+            preview(b"abcdef", 1000, None, None, 5, &none),
             "abcde… [1000 bytes in all]"
         );
         // A key straddling the cut is still redacted whole.
-        let shown = preview(b"0123sekrit-key tail", 19, None, None, 8, Some(&k));
+        let shown = preview(b"0123sekrit-key tail", 19, None, None, 8, &k);
         assert_eq!(shown, "0123*** … [19 bytes in all]");
         // Only part of a streamed body was kept, ending inside a key, after a whole one
         // whose redaction pulled the cut-off part within the limit.
         let kept = b"sekrit-key ab sekr";
-        let shown = preview(kept, 500, None, None, 16, Some(&k));
-        assert_eq!(shown, "*** ab … [500 bytes in all]");
+        let shown = preview(kept, 500, None, None, 16, &k);
+        assert_eq!(shown, "*** ab ***… [500 bytes in all]");
         assert_eq!(
             preview(
                 &[0, 159, 146, 150],
@@ -487,7 +394,7 @@ mod tests {
                 Some("application/json"),
                 None,
                 10,
-                None
+                &none
             ),
             "[binary: 4 bytes, application/json]"
         );
@@ -498,18 +405,18 @@ mod tests {
                 Some("application/json"),
                 Some("gzip"),
                 10,
-                None
+                &none
             ),
             "[900 bytes, gzip-encoded application/json]"
         );
         assert_eq!(
-            preview(b"%PDF-1.4", 8, Some("application/pdf"), None, 10, None),
+            preview(b"%PDF-1.4", 8, Some("application/pdf"), None, 10, &none),
             "[binary: 8 bytes, application/pdf]"
         );
         // A multi-byte character cut at the end of what was kept.
         let s = "ééé".as_bytes();
         assert_eq!(
-            preview(&s[..5], 6, None, None, 3, None),
+            preview(&s[..5], 6, None, None, 3, &none),
             "é… [6 bytes in all]"
         );
     }
@@ -523,13 +430,12 @@ mod tests {
             limit in 0usize..120,
             cut in 0usize..400,
         ) {
-            let k = ApiKey::new("K3y-sekrit");
+            let k = ApiKey::new("K3y-sekrit").secrets();
             let text = format!("{before}K3y-sekrit{after} api_key={before}");
             let bytes = text.as_bytes();
             let kept = &bytes[..cut.min(bytes.len())];
-            let shown = preview(kept, bytes.len(), None, None, limit, Some(&k));
+            let shown = preview(kept, bytes.len(), None, None, limit, &k);
             proptest::prop_assert!(!shown.contains("K3y-s"), "{}", shown);
-            let _ = redact(&text, None);
         }
     }
 

@@ -14,7 +14,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
-use crate::key::ApiKey;
+use crate::key::{ApiKey, Secrets};
 
 /// Idle upstream connections kept for reuse (in all, shared out between the serving
 /// threads' pools); a burst beyond this opens more, which close once idle.
@@ -32,28 +32,44 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
+    /// Errors show the URL with any credentials in it masked.
     pub fn parse(url: &str) -> Result<Self, String> {
+        let shown = mask_userinfo(url);
         let uri: Uri = url
             .parse()
-            .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+            .map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
         let scheme = match uri.scheme_str() {
             Some(s @ ("http" | "https")) => s.to_owned(),
-            _ => return Err(format!("{url:?} must start with http:// or https://")),
+            _ => return Err(format!("{shown:?} must start with http:// or https://")),
         };
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("{url:?} has no host"))?;
+            .ok_or_else(|| format!("{shown:?} has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("{url:?} must not contain credentials"));
+            return Err(format!("{shown:?} must not contain credentials"));
         }
         if uri.query().is_some() {
-            return Err(format!("{url:?} must not have a query"));
+            return Err(format!("{shown:?} must not have a query"));
         }
         Ok(Self {
             scheme,
             authority: authority.as_str().to_owned(),
             path: uri.path().trim_end_matches('/').to_owned(),
         })
+    }
+}
+
+/// `scheme://user:password@host/...` as `scheme://***@host/...` (any text works: it need
+/// not parse).
+pub fn mask_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -97,13 +113,19 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct Upstream {
     base: BaseUrl,
     key: Option<ApiKey>,
+    /// Every secret of the proxy, kept out of what SmartLead's answers bring back.
+    secrets: Secrets,
     allow_client_key: bool,
     client: HttpsClient,
 }
 
 impl Upstream {
     /// A client whose pool keeps at most `max_idle` idle connections.
-    pub fn new(settings: &UpstreamSettings, max_idle: usize) -> Result<Self, String> {
+    pub fn new(
+        settings: &UpstreamSettings,
+        secrets: Secrets,
+        max_idle: usize,
+    ) -> Result<Self, String> {
         let base = BaseUrl::parse(&settings.base_url)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -123,21 +145,14 @@ impl Upstream {
         Ok(Self {
             base,
             key: settings.api_key.clone(),
+            secrets,
             allow_client_key: settings.allow_client_key,
             client,
         })
     }
 
-    pub fn key(&self) -> Option<&ApiKey> {
-        self.key.as_ref()
-    }
-
-    /// Scrubs the configured key out of `text` (a no-op without a key).
-    pub fn scrub<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
-        match &self.key {
-            Some(k) => k.scrub(text),
-            None => std::borrow::Cow::Borrowed(text),
-        }
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
     }
 
     /// The upstream URI for a client path under `/api/v1` and its raw query.
@@ -216,13 +231,13 @@ impl Upstream {
         *req.headers_mut() = headers;
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => Err(AttemptError::Timeout(timeout)),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => usable(resp),
             Ok(Err(e)) => Err(self.classify(&e)),
         }
     }
 
     fn classify(&self, e: &hyper_util::client::legacy::Error) -> AttemptError {
-        let chain = self.scrub(&error_chain(e)).into_owned();
+        let chain = self.secrets.redact(&error_chain(e)).into_owned();
         if e.is_connect() {
             return AttemptError::Connect(chain);
         }
@@ -232,6 +247,19 @@ impl Upstream {
             _ => AttemptError::Closed(chain),
         }
     }
+}
+
+/// An answer a client can be given: the proxy never asks to switch protocols, so a 101
+/// is as wrong as a status past 599.
+fn usable(resp: Response<Incoming>) -> Result<Response<Incoming>, AttemptError> {
+    let status = resp.status();
+    if status == http::StatusCode::SWITCHING_PROTOCOLS || status.as_u16() >= 600 {
+        return Err(AttemptError::Invalid(format!(
+            "status {} is not an answer to this request",
+            status.as_u16()
+        )));
+    }
+    Ok(resp)
 }
 
 /// `api_key` in any case, also percent- or plus-encoded.
@@ -252,6 +280,13 @@ fn check_path(path: &str) -> Result<(), ApiError> {
     if encoded_slash || path.contains('\\') {
         return Err(ApiError::bad_request(
             "encoded slashes are not allowed in the path",
+        ));
+    }
+    // Upstream routers merge empty segments, so `/campaigns/1//leads` would reach the
+    // lead import without being recognised as one.
+    if path.contains("//") {
+        return Err(ApiError::bad_request(
+            "empty path segments (//) are not allowed in the path",
         ));
     }
     for segment in path.split('/') {
@@ -309,6 +344,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
+    // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the body was framed by
+    // the former, and is framed again for the other side.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -344,7 +384,7 @@ mod tests {
             allow_client_key,
             ..UpstreamSettings::default()
         };
-        Upstream::new(&settings, POOL_MAX_IDLE).unwrap()
+        Upstream::new(&settings, Secrets::default(), POOL_MAX_IDLE).unwrap()
     }
 
     #[test]
@@ -383,13 +423,15 @@ mod tests {
             "/api/v1/a/./b",
             "/api/v1/a%2fb",
             "/api/v1/a\\b",
+            "/api/v1//evil.example/x",
+            "/api/v1/campaigns/1//leads",
         ] {
             let err = u.target(p, None).unwrap_err();
             assert_eq!(err.status, http::StatusCode::BAD_REQUEST, "{p}");
         }
         assert!(
-            u.target("/api/v1//evil.example/x", None).unwrap().host()
-                == Some("server.smartlead.ai")
+            u.target("/api/v1/campaigns/", None).is_ok(),
+            "a trailing slash"
         );
         assert!(u.target("/api/v1@evil.example/x", None).is_err());
     }
@@ -397,7 +439,13 @@ mod tests {
     #[test]
     fn base_url_is_checked() {
         assert!(BaseUrl::parse("ftp://x").is_err());
-        assert!(BaseUrl::parse("https://u:p@x/api").is_err());
+        let err = BaseUrl::parse("https://user:s3cret@x/api").unwrap_err();
+        assert!(
+            err.contains("https://***@x/api") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let err = BaseUrl::parse("ftp://user:s3cret@x/api").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
         assert!(BaseUrl::parse("https://x/api?a=1").is_err());
         assert!(BaseUrl::parse("not a url").is_err());
         assert_eq!(
