@@ -368,3 +368,178 @@ async fn a_client_api_key_in_the_body_is_just_data() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_timeout_too_big_for_the_clock_is_a_400() {
+    let (sim, proxy) = setup(|_| {}).await;
+    for value in [
+        "18446744073709551615s",
+        "1e300",
+        "100000000000",
+        "500000000000years",
+        "2d",
+    ] {
+        let resp = client()
+            .get(proxy.url("/api/v1/campaigns"))
+            .header("x-request-timeout", value)
+            .send()
+            .await
+            .unwrap();
+        let body = expect_envelope(resp, 400, "BAD_REQUEST").await;
+        assert_eq!(
+            body["error"]["details"]["header"], "x-request-timeout",
+            "{value}"
+        );
+    }
+    assert_eq!(sim.stats().requests, 0);
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn answers_a_client_cannot_use_are_502() {
+    for status_line in [
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        "HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\n{}",
+        "HTTP/1.1 999 Odder\r\nContent-Length: 2\r\n\r\n{}",
+    ] {
+        let addr = raw_upstream(status_line.as_bytes().to_vec(), false).await;
+        let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
+        let resp = proxy.get("/api/v1/campaigns").await;
+        let body = expect_envelope(resp, 502, "UPSTREAM_ERROR").await;
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("not an answer to this request"),
+            "{message}"
+        );
+        proxy.stop().await;
+    }
+}
+
+/// RFC 9112 §6.3: Transfer-Encoding wins over Content-Length, so the client must get the
+/// whole de-chunked body, framed by the proxy, not cut at the stale length.
+#[tokio::test]
+async fn an_upstream_answer_with_both_lengths_is_framed_right() {
+    let reply = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n14\r\n01234567890123456789\r\n0\r\n\r\n";
+    let addr = raw_upstream(reply.to_vec(), false).await;
+    let proxy = spawn_proxy(settings(&format!("http://{addr}/api/v1"))).await;
+    let resp = proxy.get("/api/v1/campaigns").await;
+    assert_eq!(resp.status(), 200);
+    assert_ne!(resp.content_length(), Some(5));
+    assert_eq!(resp.text().await.unwrap(), "01234567890123456789");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_lead_guard_cannot_be_walked_around() {
+    let (sim, proxy) = setup(|_| {}).await;
+    let leads: Vec<Value> = (0..401)
+        .map(|i| serde_json::json!({"email": format!("l{i}@example.com")}))
+        .collect();
+    let body = serde_json::json!({ "lead_list": leads });
+    for (path, code) in [
+        ("/api/v1/campaigns/1//leads", "BAD_REQUEST"),
+        ("/api/v1/campaigns//1/leads", "BAD_REQUEST"),
+        ("/api/v1/Campaigns/1/LEADS", "VALIDATION_ERROR"),
+        ("/api/v1/campaigns/1/%6Ceads/", "VALIDATION_ERROR"),
+    ] {
+        let resp = client()
+            .post(proxy.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_envelope(resp, 400, code).await;
+    }
+    assert_eq!(sim.stats().requests, 0, "nothing unchecked was sent");
+    proxy.stop().await;
+}
+
+/// Bodies wait with their requests; past `server.max_buffered_bytes` new requests with
+/// bodies get 503 at once, and none already waiting is lost.
+#[tokio::test]
+async fn request_bodies_held_at_once_are_capped() {
+    let (sim, proxy) = setup(|s| {
+        s.server.max_body_bytes = 400_000;
+        s.server.max_buffered_bytes = 1_000_000;
+        s.limit.requests = 1;
+        s.limit.period = Duration::from_millis(700);
+        s.limit.margin = Duration::ZERO;
+    })
+    .await;
+    let post = |n: u8| {
+        client()
+            .post(proxy.url("/api/v1/echo"))
+            .header("content-type", "text/plain")
+            .body(vec![b'a' + n; 300_000])
+            .send()
+    };
+    // Spend the slot, so the next three wait with 900 KB of bodies between them.
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    let waiting: Vec<_> = (0..3).map(|n| tokio::spawn(post(n))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = post(9).await.unwrap();
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body = expect_envelope(refused, 503, "UNAVAILABLE").await;
+    assert_eq!(body["error"]["details"]["reason"], "memory");
+    // A request without a body still gets in line.
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    for (n, w) in waiting.into_iter().enumerate() {
+        let resp = w.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 200, "waiting request {n} was answered");
+        assert!(resp.bytes().await.unwrap().len() > 300_000);
+    }
+    // Their memory was given back.
+    assert_eq!(post(7).await.unwrap().status(), 200);
+    assert_eq!(sim.stats().requests, 6);
+    proxy.stop().await;
+}
+
+/// A client that stops reading its answer is cut off after `server.client_timeout`, and
+/// the upstream connection feeding it is let go.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let size = 256 * 1024 * 1024;
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < size {
+            if s.write_all(&chunk).await.is_err() {
+                let _ = stopped_tx.send(sent);
+                return;
+            }
+            sent += chunk.len();
+        }
+    });
+    let proxy = spawn_proxy({
+        let mut s = settings(&format!("http://{addr}/api/v1"));
+        s.server.client_timeout = Duration::from_millis(500);
+        s
+    })
+    .await;
+    let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /api/v1/export HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read: the proxy's writes to us stall, and it gives up.
+    let sent = tokio::time::timeout(Duration::from_secs(10), stopped_rx)
+        .await
+        .expect("the upstream connection was let go")
+        .unwrap();
+    assert!(sent < 256 * 1024 * 1024, "sent {sent}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(rest.len() < 256 * 1024 * 1024);
+    assert_eq!(proxy.get("/healthz").await.status(), 200);
+    proxy.stop().await;
+}

@@ -32,7 +32,16 @@ fn command(envs: &[(&str, &str)]) -> Command {
 
 /// Runs the binary expecting a start-up failure; returns its stderr.
 fn start_error(envs: &[(&str, &str)], args: &[&str]) -> String {
-    let out = command(envs).args(args).output().unwrap();
+    let mut child = command(envs).args(args).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("started instead of refusing the configuration: {envs:?} {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -194,7 +203,8 @@ impl Running {
         self.signal("-TERM")
     }
 
-    fn signal(&mut self, signal: &str) -> std::process::ExitStatus {
+    /// Sends `signal` without waiting for anything.
+    fn send(&self, signal: &str) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
@@ -203,6 +213,10 @@ impl Running {
                 .unwrap()
                 .success()
         );
+    }
+
+    fn signal(&mut self, signal: &str) -> std::process::ExitStatus {
+        self.send(signal);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -525,5 +539,148 @@ async fn log_bodies_shows_the_traffic_log_whatever_the_level() {
                 && !line.contains("client-own"),
             "leaked: {line}"
         );
+    }
+}
+
+#[test]
+fn absurd_durations_are_start_up_errors() {
+    let key = ("SMARTLEAD_API_KEY", "k");
+    for name in [
+        "LIMIT__MAX_WAIT",
+        "LIMIT__PERIOD",
+        "LIMIT__MARGIN",
+        "UPSTREAM__TIMEOUT",
+        "UPSTREAM__CONNECT_TIMEOUT",
+        "SERVER__CLIENT_TIMEOUT",
+        "SERVER__SHUTDOWN_GRACE",
+        "RETRY__MAX_DELAY",
+    ] {
+        let var = format!("SMARTLEAD_PROXY__{name}");
+        let config_key = name.to_ascii_lowercase().replace("__", ".");
+        for value in ["500000000000years", "400days"] {
+            let err = start_error(&[key, (&var, value)], &[]);
+            assert!(err.contains(&config_key), "{var}={value}: {err}");
+        }
+    }
+}
+
+#[test]
+fn credentials_in_the_base_url_are_masked_in_the_error() {
+    let err = start_error(
+        &[
+            ("SMARTLEAD_API_KEY", "k"),
+            (
+                "SMARTLEAD_PROXY__UPSTREAM__BASE_URL",
+                "https://user:hunter2-s3cret@server.smartlead.ai/api/v1",
+            ),
+        ],
+        &[],
+    );
+    assert!(err.contains("upstream.base_url"), "{err}");
+    assert!(
+        err.contains("https://***@server.smartlead.ai/api/v1"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2") && !err.contains("user:"), "{err}");
+}
+
+/// A terminal hangup, logrotate or `systemctl reload` sends SIGHUP: no waiting request is
+/// dropped, and the proxy says it changed nothing.
+#[tokio::test]
+async fn sighup_drops_no_waiting_request() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        requests: 10_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "25"),
+            ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+        ],
+    );
+    let c = client();
+    let waiting: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, url) = (c.clone(), proxy.url("/api/v1/campaigns"));
+            tokio::spawn(async move { c.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        proxy.send("-HUP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in waiting {
+        assert_eq!(w.await.unwrap().expect("answered"), 200);
+    }
+    let mut proxy = proxy;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "still running");
+    let hups = proxy
+        .output()
+        .iter()
+        .filter(|l| l.contains("SIGHUP"))
+        .count();
+    assert_eq!(hups, 3, "{:#?}", proxy.output());
+    assert!(proxy.terminate().success());
+}
+
+/// The binary at debug level (its dependencies' records included) against a hostile
+/// upstream: the key shows in no line of its output, no body and no header.
+#[tokio::test]
+async fn the_binary_at_debug_level_never_shows_a_hostile_key() {
+    let base = hostile_upstream().await;
+    let mut proxy = start(
+        &base,
+        &[
+            ("SMARTLEAD_API_KEY", HOSTILE_KEY),
+            ("SMARTLEAD_PROXY__LOG__BODIES", "true"),
+            ("SMARTLEAD_PROXY__LOG__BODY_BYTES", "4096"),
+            ("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", "10485760"),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    let mut seen = Vec::new();
+    for (shape, status) in SHAPES {
+        let resp = proxy.get(&format!("/api/v1/hostile/{shape}")).await;
+        assert_eq!(resp.status().as_u16(), *status, "{shape}");
+        for (name, value) in resp.headers() {
+            seen.push(format!(
+                "{name}: {}",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+        seen.push(String::from_utf8_lossy(&resp.bytes().await.unwrap()).into_owned());
+    }
+    for raw in [
+        "CONNECT /api/v1/campaigns HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "TRACE /api/v1/campaigns HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_request(proxy.addr, raw.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+        seen.push(answer);
+    }
+    seen.push(proxy.get("/metrics").await.text().await.unwrap());
+    assert!(proxy.terminate().success());
+    let output = proxy.output();
+    assert!(
+        output.iter().any(|l| l.contains("upstream traffic")),
+        "the traffic log ran"
+    );
+    assert!(
+        output
+            .iter()
+            .any(|l| l.contains("\"level\":\"DEBUG\"") && !l.contains("smartlead_proxy")),
+        "dependencies logged at debug too"
+    );
+    for (n, line) in output.iter().enumerate() {
+        assert_no_key(line, HOSTILE_KEY, &format!("output line {n}"));
+    }
+    for text in &seen {
+        assert_no_key(text, HOSTILE_KEY, "an answer");
     }
 }

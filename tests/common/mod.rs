@@ -1,6 +1,12 @@
 //! Shared test helpers: a proxy on 127.0.0.1:0 in front of a simulated SmartLead.
 #![allow(dead_code)]
 
+mod hostile;
+mod leaks;
+
+pub use hostile::*;
+pub use leaks::*;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -110,17 +116,24 @@ pub fn any_log_contains(text: &str) -> bool {
     String::from_utf8_lossy(&logs).contains(text)
 }
 
-/// Fails if the simulator's key (raw or URL-encoded) is in any captured log line.
+/// Fails if the simulator's key or the hostile upstream's, in any form a reader could
+/// decode back, is in any captured log line.
 pub fn assert_key_not_logged() {
+    // Each check reads only the whole lines written since the last one.
+    static CHECKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let logs = captured_logs().lock().unwrap();
-    let text = String::from_utf8_lossy(&logs);
-    for form in [KEY, "sim%2Dkey"] {
-        assert!(
-            !text.contains(form),
-            "the key was logged: {}",
-            text.lines().find(|l| l.contains(form)).unwrap_or("")
-        );
+    let from = CHECKED
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .min(logs.len());
+    let to = logs[from..]
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(from, |i| from + i + 1);
+    let text = String::from_utf8_lossy(&logs[from..to]);
+    for key in [KEY, HOSTILE_KEY] {
+        assert_no_key(&text, key, "the logs");
     }
+    CHECKED.store(to, std::sync::atomic::Ordering::SeqCst);
 }
 
 pub async fn spawn_proxy(settings: Settings) -> Proxy {
