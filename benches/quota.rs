@@ -44,7 +44,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn start_proxy(sim: &Sim, redis_key: Option<&str>) -> std::net::SocketAddr {
     let mut s = Settings::default();
-    s.upstream.base_url = sim.base_url();
+    s.upstream.base_url = sim.base_url().parse().unwrap();
     s.upstream.api_key = Some(ApiKey::new(KEY));
     s.limit.requests = QUOTA;
     s.limit.period = PERIOD;

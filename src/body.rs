@@ -145,6 +145,35 @@ impl Drop for BodyShare {
     }
 }
 
+/// Largest upstream body read whole (error answers, lead-import batch answers);
+/// SmartLead's are a few hundred bytes.
+pub const READ_CAP: usize = 1024 * 1024;
+
+/// Up to `cap` bytes of a body, and whether that is not all of it (over the cap, broken
+/// off, or not done by `deadline`): what arrived is kept either way.
+pub async fn read_capped<B>(mut body: B, cap: usize, deadline: Instant) -> (Bytes, bool)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    use http_body_util::BodyExt;
+    let mut out = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return (out.freeze(), false),
+            Ok(Some(Err(_))) | Err(_) => return (out.freeze(), true),
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = cap - out.len();
+            if data.len() > room {
+                out.extend_from_slice(&data[..room]);
+                return (out.freeze(), true);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+}
+
 /// Undoes a gzip/deflate `Content-Encoding`, keeping at most `cap` bytes; says whether
 /// the result was cut short (over `cap`, a broken stream, or `raw` itself cut). An
 /// encoding we cannot read gives an empty body: the status alone still answers.

@@ -20,6 +20,9 @@ pub const ENV_PREFIX: &str = "SMARTLEAD_PROXY";
 /// The conventional variable holding the SmartLead key; it wins over every other layer.
 pub const API_KEY_VAR: &str = "SMARTLEAD_API_KEY";
 
+/// SmartLead's API, where requests go unless `upstream.base_url` says otherwise.
+pub const DEFAULT_BASE_URL: &str = "https://server.smartlead.ai/api/v1";
+
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "server.access_tokens",
@@ -102,7 +105,7 @@ impl Default for ServerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSettings {
-    pub base_url: String,
+    pub base_url: BaseUrl,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -115,12 +118,98 @@ pub struct UpstreamSettings {
 impl Default for UpstreamSettings {
     fn default() -> Self {
         Self {
-            base_url: "https://server.smartlead.ai/api/v1".into(),
+            base_url: BaseUrl::parse(DEFAULT_BASE_URL).expect("the default base URL parses"),
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             allow_client_key: false,
             api_key: None,
         }
+    }
+}
+
+/// `upstream.base_url`, parsed when the configuration is read and split once, so every
+/// target keeps its scheme and authority.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BaseUrl {
+    scheme: String,
+    authority: String,
+    /// Without a trailing slash.
+    path: String,
+}
+
+impl BaseUrl {
+    /// Errors show the URL with any credentials in it masked.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let shown = mask_userinfo(url);
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s.to_owned(),
+            _ => return Err(format!("{shown:?} must start with http:// or https://")),
+        };
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("{shown:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("{shown:?} must not contain credentials"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("{shown:?} must not have a query"));
+        }
+        Ok(Self {
+            scheme,
+            authority: authority.as_str().to_owned(),
+            path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The base path, without a trailing slash (`/api/v1`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl TryFrom<String> for BaseUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl std::str::FromStr for BaseUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.path)
+    }
+}
+
+/// `scheme://user:password@host/...` as `scheme://***@host/...` (any text works: it need
+/// not parse).
+pub fn mask_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -383,8 +472,6 @@ impl Settings {
         }
 
         let u = &self.upstream;
-        crate::upstream::BaseUrl::parse(&u.base_url)
-            .map_err(|reason| invalid("upstream.base_url", reason))?;
         positive("upstream.timeout", u.timeout)?;
         at_most("upstream.timeout", u.timeout, HOUR)?;
         positive("upstream.connect_timeout", u.connect_timeout)?;
@@ -525,4 +612,26 @@ fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_is_checked_and_credentials_masked() {
+        assert!(BaseUrl::parse("ftp://x").is_err());
+        assert!(BaseUrl::parse("https://x/api?a=1").is_err());
+        assert!(BaseUrl::parse("not a url").is_err());
+        let err = BaseUrl::parse("https://user:s3cret@x/api").unwrap_err();
+        assert!(
+            err.contains("https://***@x/api") && !err.contains("s3cret"),
+            "{err}"
+        );
+        let err = BaseUrl::parse("ftp://user:s3cret@x/api").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        let url = BaseUrl::parse("http://127.0.0.1:9/api/v1/").unwrap();
+        assert_eq!(url.path(), "/api/v1");
+        assert_eq!(url.to_string(), "http://127.0.0.1:9/api/v1");
+    }
 }

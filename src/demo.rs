@@ -84,7 +84,7 @@ pub async fn run() -> Result<(), String> {
             false
         ),
         phase(
-            "direct+seed",
+            "direct+guide",
             &bars,
             &sim_direct,
             &client,
@@ -96,7 +96,7 @@ pub async fn run() -> Result<(), String> {
 
     println!(
         "\n{:<26} {:>14} {:>14}",
-        "", "through proxy", "direct + seed"
+        "", "through proxy", "direct + guide"
     );
     let row = |name: &str, a: String, b: String| println!("{name:<26} {a:>14} {b:>14}");
     row(
@@ -132,7 +132,7 @@ pub async fn run() -> Result<(), String> {
 
 async fn start_proxy(sim: &Sim) -> Result<String, String> {
     let mut s = Settings::default();
-    s.upstream.base_url = sim.base_url();
+    s.upstream.base_url = sim.base_url().parse()?;
     s.upstream.api_key = Some(ApiKey::new(KEY));
     s.limit.requests = QUOTA;
     s.limit.period = PERIOD;
@@ -153,7 +153,7 @@ async fn phase(
     client: &HttpClient,
     base: &str,
     key: Option<&str>,
-    seed_recipe: bool,
+    guide_recipe: bool,
 ) -> Summary {
     let total = (WORKERS * 2) as u64;
     let bar = bars.add(ProgressBar::new(total).with_prefix(name.to_owned()));
@@ -195,8 +195,8 @@ async fn phase(
                 let calls = [(Method::GET, list, Bytes::new()), (Method::POST, import, Bytes::from(leads.to_string()))];
                 for (method, url, body) in calls {
                     live.waiting.fetch_add(1, Ordering::Relaxed);
-                    let ok = if seed_recipe {
-                        seed_call(&client, method, &url, body).await
+                    let ok = if guide_recipe {
+                        guide_call(&client, method, &url, body).await
                     } else {
                         call(&client, method, &url, body).await.is_ok_and(|(s, _)| s < 300)
                     };
@@ -267,7 +267,7 @@ async fn call(
 
 /// The SmartLead guide's recipe: up to 3 retries on 429/500/502/503,
 /// `2^attempt + uniform(0,1)` seconds, at least `Retry-After`.
-async fn seed_call(client: &HttpClient, method: Method, url: &str, body: Bytes) -> bool {
+async fn guide_call(client: &HttpClient, method: Method, url: &str, body: Bytes) -> bool {
     for attempt in 0..=3 {
         match call(client, method.clone(), url, body.clone()).await {
             Ok((s, _)) if s < 300 => return true,

@@ -94,6 +94,12 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
+    /// No secrets, for answers that carry nothing from outside the proxy.
+    pub fn empty() -> &'static Secrets {
+        static EMPTY: std::sync::OnceLock<Secrets> = std::sync::OnceLock::new();
+        EMPTY.get_or_init(Secrets::default)
+    }
+
     /// These secrets and one more (blank ones are ignored).
     pub fn with(&self, secret: &str) -> Self {
         if secret.trim().is_empty() {

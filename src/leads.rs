@@ -8,7 +8,19 @@ use http::{Method, StatusCode};
 use serde_json::{Map, Value, json};
 
 use crate::config::LeadsSettings;
-use crate::error::ApiError;
+
+/// A lead import refused before anything was sent, in SmartLead's own terms: the field
+/// at fault and the constraint it broke.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// `lead_list[2].email`.
+    pub field: String,
+    /// `required`, `format`, `type`, `json` or `max_items`.
+    pub constraint: &'static str,
+    pub message: String,
+    /// For `max_items`: the most allowed, and how many there were.
+    pub too_many: Option<(usize, usize)>,
+}
 
 /// What to do with a lead import.
 #[derive(Debug)]
@@ -117,7 +129,7 @@ fn lacks(lead: &Value, field: &str) -> bool {
 
 /// Checks an import body and decides how to send it, with warnings about leads that
 /// passed. `Err` is the 400 answer.
-pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<(Plan, Option<Warnings>), ApiError> {
+pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<(Plan, Option<Warnings>), Refusal> {
     if !settings.validate && !settings.auto_batch {
         return Ok((Plan::Forward, None));
     }
@@ -151,7 +163,7 @@ pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<(Plan, Option<Warni
         return Ok((Plan::Forward, warnings));
     }
     if !settings.auto_batch {
-        return Err(invalid(
+        let mut refusal = invalid(
             "lead_list",
             "max_items",
             format!(
@@ -159,16 +171,16 @@ pub fn plan(settings: &LeadsSettings, body: &[u8]) -> Result<(Plan, Option<Warni
                  leads.auto_batch = true splits it for you)",
                 leads.len()
             ),
-        )
-        .detail("max_items", max)
-        .detail("items", leads.len()));
+        );
+        refusal.too_many = Some((max, leads.len()));
+        return Err(refusal);
     }
     Ok((Plan::Batches(split(object, leads, max)), warnings))
 }
 
 /// Every lead is an object with a syntactically valid `email`; the first failure is
 /// reported with its position.
-fn check_leads(leads: &[Value]) -> Result<(), ApiError> {
+fn check_leads(leads: &[Value]) -> Result<(), Refusal> {
     // As SmartLead needs it: user@domain.tld, no display names or IP literals.
     let options = Options::default()
         .with_required_tld()
@@ -215,11 +227,13 @@ fn split(object: Map<String, Value>, leads: Vec<Value>, max: usize) -> Vec<Batch
         .collect()
 }
 
-/// SmartLead's own shape for a payload it refuses (the proxy answers 400).
-fn invalid(field: &str, constraint: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "VALIDATION_ERROR", message)
-        .detail("field", field)
-        .detail("constraint", constraint)
+fn invalid(field: &str, constraint: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        field: field.to_owned(),
+        constraint,
+        message: message.into(),
+        too_many: None,
+    }
 }
 
 /// Answers of the batches sent so far, merged: numeric fields summed, `ok` true only if
@@ -306,12 +320,7 @@ mod tests {
 
     fn refusal(body: &Value, auto_batch: bool) -> (String, String) {
         let err = plan(&settings(auto_batch), body.to_string().as_bytes()).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert_eq!(err.code, "VALIDATION_ERROR");
-        (
-            err.details["field"].as_str().unwrap().to_owned(),
-            err.details["constraint"].as_str().unwrap().to_owned(),
-        )
+        (err.field, err.constraint.to_owned())
     }
 
     #[test]
@@ -351,7 +360,7 @@ mod tests {
         assert_eq!(refusal(&json!({"leads": []}), false).1, "required");
         assert_eq!(refusal(&json!({"lead_list": {}}), false).1, "type");
         let err = plan(&settings(false), b"not json").unwrap_err();
-        assert_eq!(err.details["field"], "body");
+        assert_eq!((err.field.as_str(), err.constraint), ("body", "json"));
     }
 
     #[test]

@@ -1,30 +1,30 @@
 //! smartlead-proxy: one polite SmartLead client in front of many.
 //!
-//! Layout (one concept per file):
-//! - [`config`]: typed settings, layered loading and validation.
-//! - [`key`]: the API key as a self-redacting secret.
-//! - [`error`]: the only module that knows the JSON error envelope.
-//! - [`upstream`]: the HTTPS client, target URI building, one attempt.
-//! - [`proxy`]: the `/api/v1/*` handler.
-//! - [`leads`]: the lead-import guard (validation, batching, merged answers).
-//! - [`limiter`]: the shared quota (reservation log; local or Redis backend).
-//! - [`retry`]: retry policy (pure functions) and the attempt loop.
-//! - [`app`]: router and the middleware stack.
-//! - [`server`]: the accept loop (header-read timeout, graceful drain).
-//! - [`auth`]: bearer-token access control.
-//! - [`body`]: bodies that end when the other side stalls.
-//! - [`telemetry`]: tracing subscriber set-up.
-//! - [`traffic`]: the debug traffic log (bodies truncated, key redacted).
-//! - [`metrics`]: Prometheus metric names and the recorder.
-//! - [`sim`]: the simulated SmartLead used by tests, demos and benchmarks.
-//! - [`healthcheck`]: the `healthcheck` subcommand for container images.
-//! - [`demo`]: the `demo` subcommand.
+//! A request's way through, in the order it meets each part ([`stack`] composes them,
+//! once, with a `tower::ServiceBuilder`):
+//!
+//! - [`server`]: the acceptor deals connections to the serving threads; each thread
+//!   serves its connections (HTTP/1.1, header-read and write timeouts) with its own
+//!   [`stack`] and its own upstream connection pool.
+//! - [`stack::request_id`] → [`stack::panic_guard`] → [`stack::access_log`] (with
+//!   [`metrics`]) → [`stack::own_routes`] (`/healthz`, `/readyz`, `/metrics`; CONNECT and
+//!   TRACE refused) → [`stack::access_token`] → [`stack::envelope`] (every error becomes
+//!   the JSON envelope in [`error::answer`], the one place that answers) →
+//!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::lead_import`] (the
+//!   lead-import guard and batching; [`leads`]) → [`stack::key_injection`] (the target
+//!   and the key from [`upstream::Target`]; secrets scrubbed from what comes back) →
+//!   [`stack::quota_retry`] (the [`limiter`] and the [`retry`] policy in one loop; the
+//!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
+//!
+//! Around it: [`config`] (typed settings, layered loading, validation), [`key`] (the
+//! self-redacting key, and [`key::Secrets`], which owns all redaction), [`served`] (how a
+//! request was served), [`shutdown`] (draining and the grace deadline), [`telemetry`]
+//! (the redacting log sink, one-line panics), [`sim`] (the simulated SmartLead of tests,
+//! demos and benchmarks), [`healthcheck`] and [`demo`] (subcommands).
 //!
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod auth;
 pub mod body;
 pub mod config;
 pub mod demo;
@@ -34,10 +34,12 @@ pub mod key;
 pub mod leads;
 pub mod limiter;
 pub mod metrics;
-pub mod proxy;
 pub mod retry;
+pub mod served;
 pub mod server;
+pub mod shutdown;
 pub mod sim;
+pub mod stack;
 pub mod telemetry;
 pub mod traffic;
 pub mod upstream;
@@ -52,6 +54,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 pub use config::Settings;
+use shutdown::Shutdown;
+use upstream::{POOL_MAX_IDLE, UpstreamClient};
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -78,24 +82,42 @@ pub async fn run(
         tracing::warn!(%addr, "listening beyond loopback without server.access_tokens: anyone who can reach this port can spend the API quota");
     }
     let workers = settings.server.worker_count();
-    let state = app::AppState::new(settings).map_err(RunError::Setup)?;
-    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+    let shared = stack::Shared::new(settings).map_err(RunError::Setup)?;
+    let pool = POOL_MAX_IDLE.div_ceil(workers);
+    let clients = (0..workers)
+        .map(|_| UpstreamClient::new(&shared.settings.upstream, pool))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::Setup)?;
+    let stopping = Shutdown::default();
+    let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-    let mine = receivers.remove(0);
+    let mut threads = receivers.into_iter().zip(clients);
+    let (mine, my_client) = threads.next().expect("at least one serving thread");
     let mut finished = Vec::with_capacity(workers);
-    for (n, incoming) in receivers.into_iter().enumerate() {
-        let state = state.for_worker().map_err(RunError::Setup)?;
-        finished.push(spawn_worker(n + 1, incoming, state)?);
+    for (n, (incoming, client)) in threads.enumerate() {
+        let thread = Thread {
+            incoming,
+            shared: shared.clone(),
+            shutdown: stopping.for_thread(),
+            client,
+        };
+        finished.push(spawn_worker(n + 1, thread)?);
     }
     tracing::info!(%addr, workers, "listening");
-    let signal_state = state.clone();
+    let grace = shared.settings.server.shutdown_grace;
+    let signalled = stopping.clone();
     let stop = async move {
         shutdown.await;
-        let grace = signal_state.settings().server.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-        signal_state.begin_shutdown();
+        signalled.begin();
     };
-    tokio::join!(server::accept(listener, senders, stop), serve(mine, state));
+    let me = Thread {
+        incoming: mine,
+        shared,
+        shutdown: stopping,
+        client: my_client,
+    };
+    tokio::join!(server::accept(listener, senders, stop), serve(me));
     for done in finished {
         let _ = done.await;
     }
@@ -103,14 +125,16 @@ pub async fn run(
     Ok(())
 }
 
-type Incoming = mpsc::UnboundedReceiver<std::net::TcpStream>;
+/// What one serving thread serves with.
+struct Thread {
+    incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    shared: stack::Shared,
+    shutdown: Shutdown,
+    client: UpstreamClient,
+}
 
 /// One more serving thread with its own event loop; the receiver resolves when it ends.
-fn spawn_worker(
-    n: usize,
-    incoming: Incoming,
-    state: app::AppState,
-) -> std::io::Result<oneshot::Receiver<()>> {
+fn spawn_worker(n: usize, thread: Thread) -> std::io::Result<oneshot::Receiver<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -118,7 +142,7 @@ fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("worker-{n}"))
         .spawn(move || {
-            runtime.block_on(serve(incoming, state));
+            runtime.block_on(serve(thread));
             let _ = done.send(());
         })?;
     Ok(finished)
@@ -126,18 +150,18 @@ fn spawn_worker(
 
 /// Serves this thread's connections until the acceptor stops, then drains them within
 /// the grace period; whatever still waits after it is answered 503.
-async fn serve(incoming: Incoming, state: app::AppState) {
-    let grace = state.settings().server.shutdown_grace;
-    let client_timeout = state.settings().server.client_timeout;
-    let router = app::router(state.clone());
-    let graceful = server::serve_connections(incoming, state.clone(), router, client_timeout).await;
+async fn serve(thread: Thread) {
+    let server = &thread.shared.settings.server;
+    let (grace, client_timeout) = (server.shutdown_grace, server.client_timeout);
+    let stack = stack::build(&thread.shared, &thread.shutdown, thread.client);
+    let graceful = server::serve_connections(thread.incoming, stack, client_timeout).await;
     let drain = graceful.shutdown();
     tokio::pin!(drain);
     tokio::select! {
         _ = &mut drain => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("shutdown grace expired: answering requests still waiting with 503");
-            state.abort_remaining();
+            thread.shutdown.abort_remaining();
             // Give those answers a moment to be written, then stop regardless.
             if tokio::time::timeout(ABORT_FLUSH, &mut drain).await.is_err() {
                 tracing::warn!("closing connections still streaming after the grace period");

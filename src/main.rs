@@ -55,7 +55,8 @@ enum Command {
         no_record: bool,
     },
     /// See it work in under a minute: a simulated SmartLead with a small quota, the proxy
-    /// in front, 50 workers, and the same work done the seed recipe's way for comparison.
+    /// in front, 50 workers, and the same work done with the retry recipe from SmartLead's
+    /// error-handling guide (the guide recipe) for comparison.
     Demo,
 }
 

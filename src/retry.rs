@@ -1,25 +1,17 @@
 //! When to try again and how long to wait: pure policy functions (unit- and
-//! property-tested, no sleeping) plus the attempt loop that applies them inside the
-//! quota and the caller's deadline.
+//! property-tested, no sleeping) and the retry budget. The loop that applies them inside
+//! the quota and the caller's deadline is the quota-and-retry layer
+//! (`stack::quota_retry`).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, Uri, header};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use http::{HeaderMap, Method, StatusCode, header};
 use tokio::time::Instant;
+use tower::retry::budget::Budget;
 
-use crate::app::AppState;
 use crate::config::RetrySettings;
-use crate::error::ApiError;
-use crate::limiter::{Refusal, retry_after_secs};
-use crate::traffic::Traffic;
+use crate::limiter::retry_after_secs;
 use crate::upstream::AttemptError;
-
-/// Largest upstream error body read; SmartLead's are a few hundred bytes.
-pub const ERROR_BODY_CAP: usize = 1024 * 1024;
 
 /// What the caller's request allows.
 #[derive(Debug, Clone, Copy)]
@@ -120,29 +112,16 @@ pub fn upstream_retry_after(headers: &HeaderMap, body: &[u8], now: SystemTime) -
     })
 }
 
-/// A non-2xx upstream answer, body read.
-#[derive(Debug)]
-pub struct Failed {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    /// The body is only the start of what was sent (read cap, broken off, stalled).
-    pub cut: bool,
-}
-
-/// How a request ended.
-pub enum Outcome {
-    /// A response to stream back as it is.
-    Success(http::Response<Incoming>),
-    /// An upstream error answer, to normalise.
-    Failed(Failed),
-    /// The proxy's own error.
-    Error(ApiError),
-}
-
 /// Retries ≤ `ratio` × requests over a sliding window (plus a floor), as Envoy and
 /// linkerd do, so a failing upstream is not hammered by every caller's retries at once.
 /// Per process; quota-governed 429 retries do not draw on it.
+///
+/// Why not tower's `TpsBudget`, which has the same purpose (and whose [`Budget`] trait
+/// this implements): its window (`ttl`) must be 1–60 s, where `retry.budget_window` takes
+/// up to an hour; its floor is a whole number of retries per second, added to the ratio,
+/// where `retry.budget_min_retries` is a count per window that the ratio may not go
+/// below (10 per 10 s is its 1 per second, but 5 per 10 s has no equivalent); and it
+/// panics on values outside its ranges.
 #[derive(Debug)]
 pub struct RetryBudget {
     ratio: f64,
@@ -193,6 +172,16 @@ impl RetryBudget {
 
     /// Takes one retry from the budget, if there is one left.
     pub fn try_retry(&self) -> bool {
+        self.withdraw()
+    }
+}
+
+impl Budget for RetryBudget {
+    fn deposit(&self) {
+        self.record_request();
+    }
+
+    fn withdraw(&self) -> bool {
         let (ratio, min) = (self.ratio, self.min);
         self.update(|b, requests, retries| {
             let allowed = (f64::from(requests) * ratio).floor() as u32;
@@ -202,270 +191,6 @@ impl RetryBudget {
             }
             ok
         })
-    }
-}
-
-/// One request's way through the limiter and the upstream, attempt by attempt.
-pub struct Exchange<'a> {
-    pub state: &'a AppState,
-    pub method: Method,
-    pub target: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    pub safety: Safety,
-    /// The last moment an attempt may start (quota waits and backoff included).
-    pub start_by: Instant,
-    /// When the caller stops listening (`X-Request-Timeout`), if it said.
-    pub give_up_at: Option<Instant>,
-    pub attempts: u32,
-    /// Time spent waiting for quota slots.
-    pub waited: Duration,
-    /// Time spent in upstream attempts.
-    pub upstream_time: Duration,
-    pub last_status: Option<StatusCode>,
-    /// How long the last attempt took to answer (its head, for a streamed success).
-    pub last_attempt_time: Duration,
-    pub budget_exhausted: bool,
-    /// Set when this request's attempts go in the traffic log.
-    pub traffic: Option<Arc<Traffic>>,
-}
-
-impl<'a> Exchange<'a> {
-    pub fn new(
-        state: &'a AppState,
-        method: Method,
-        target: Uri,
-        headers: HeaderMap,
-        body: Bytes,
-        safety: Safety,
-    ) -> Self {
-        let start_by = Instant::now() + state.settings().limit.max_wait;
-        Self {
-            state,
-            method,
-            target,
-            headers,
-            body,
-            safety,
-            start_by,
-            give_up_at: None,
-            attempts: 0,
-            waited: Duration::ZERO,
-            upstream_time: Duration::ZERO,
-            last_status: None,
-            last_attempt_time: Duration::ZERO,
-            budget_exhausted: false,
-            traffic: None,
-        }
-    }
-
-    /// How this exchange was served, for the access log.
-    pub fn served(&self) -> crate::proxy::Served {
-        crate::proxy::Served {
-            attempts: self.attempts,
-            upstream: true,
-            waited: self.waited,
-            upstream_time: self.upstream_time,
-        }
-    }
-
-    /// Adds what the attempts learnt to one of the proxy's own errors.
-    pub fn explain(&self, mut e: ApiError) -> ApiError {
-        if let Some(s) = self.last_status {
-            e = e.detail("upstream_status", s.as_u16());
-        }
-        if self.budget_exhausted {
-            e = e.detail("retry_budget_exhausted", true);
-        }
-        e
-    }
-
-    /// The caller's own deadline: nothing starts, waits or runs past it.
-    pub fn with_deadline(mut self, timeout: Duration) -> Self {
-        let at = Instant::now() + timeout;
-        self.give_up_at = Some(at);
-        self.start_by = self.start_by.min(at);
-        self
-    }
-
-    pub async fn run(&mut self) -> Outcome {
-        let retry = &self.state.settings().retry;
-        loop {
-            match self.state.limiter().acquire(self.start_by).await {
-                Ok(waited) => self.waited += waited,
-                Err(refusal) => return Outcome::Error(refusal_error(refusal, self.attempts)),
-            }
-            self.attempts += 1;
-            let timeout = self.attempt_timeout();
-            let began = Instant::now();
-            // Boxed: the sending state is large, and a request waiting for a slot
-            // should not carry it (10,000 waiting requests are the memory budget).
-            let sent = Box::pin(self.state.upstream().send(
-                self.method.clone(),
-                self.target.clone(),
-                self.headers.clone(),
-                self.body.clone(),
-                timeout,
-            ))
-            .await;
-            if let Ok(resp) = &sent {
-                self.state.limiter().observe(resp.headers()).await;
-            }
-            let status;
-            let outcome: &str = match &sent {
-                Ok(resp) => {
-                    status = resp.status();
-                    status.as_str()
-                }
-                Err(e) => e.kind(),
-            };
-            let took = began.elapsed();
-            self.last_attempt_time = took;
-            tracing::debug!(attempt = self.attempts, %outcome, upstream_ms = took.as_secs_f64() * 1000.0, "upstream attempt");
-            crate::metrics::upstream_attempt(outcome);
-            let (retryable, asked, last) = match sent {
-                Ok(resp) if is_pass_through(resp.status()) => {
-                    // Its traffic record is written when the body has streamed.
-                    self.upstream_time += took;
-                    return Outcome::Success(resp);
-                }
-                Ok(resp) => {
-                    let failed = Box::pin(read_failed(resp, timeout)).await;
-                    if let Some(t) = &self.traffic {
-                        let took = began.elapsed();
-                        t.answered(
-                            self.attempts,
-                            failed.status,
-                            &failed.headers,
-                            &failed.body,
-                            took,
-                        );
-                    }
-                    self.last_status = Some(failed.status);
-                    let asked =
-                        upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
-                    (
-                        retry_status(failed.status, self.safety, retry),
-                        asked,
-                        Outcome::Failed(failed),
-                    )
-                }
-                Err(err) => {
-                    if let Some(t) = &self.traffic {
-                        t.failed(self.attempts, err.kind(), began.elapsed());
-                    }
-                    (
-                        retry_error(&err, self.safety),
-                        None,
-                        Outcome::Error(err.into_api_error()),
-                    )
-                }
-            };
-            self.upstream_time += began.elapsed();
-            if !retryable || self.attempts > retry.max_retries {
-                return last;
-            }
-            let limited = self.last_status == Some(StatusCode::TOO_MANY_REQUESTS)
-                && matches!(last, Outcome::Failed(_));
-            if !limited && !self.state.retry_budget().try_retry() {
-                self.budget_exhausted = true;
-                tracing::warn!(
-                    attempt = self.attempts,
-                    "retry budget exhausted; answering with the last error"
-                );
-                return last;
-            }
-            tracing::info!(attempt = self.attempts, %outcome, "retrying");
-            crate::metrics::retry(outcome.to_owned());
-            if limited {
-                // The quota is shared: everyone pauses, and the limiter spaces the restart.
-                self.state.limiter().pause(self.pause_for(asked)).await;
-                continue;
-            }
-            match self.wait_or_give_up(asked) {
-                Some(w) => tokio::time::sleep(w).await,
-                None => return last,
-            }
-        }
-    }
-
-    /// `upstream.timeout`, cut short by the caller's own deadline.
-    fn attempt_timeout(&self) -> Duration {
-        let t = self.state.settings().upstream.timeout;
-        match self.give_up_at {
-            Some(at) => t.min(at.saturating_duration_since(Instant::now())),
-            None => t,
-        }
-    }
-
-    /// The backoff before the next attempt, or `None` when it would end past the deadline.
-    fn wait_or_give_up(&self, asked: Option<Duration>) -> Option<Duration> {
-        let wait = delay(
-            self.attempts,
-            asked,
-            &self.state.settings().retry,
-            rand::random(),
-        );
-        (Instant::now() + wait <= self.start_by).then_some(wait)
-    }
-
-    /// How long an upstream 429 pauses the whole limiter.
-    fn pause_for(&self, asked: Option<Duration>) -> Duration {
-        let s = self.state.settings();
-        let cap = s.limit.period.max(s.retry.max_delay);
-        asked.unwrap_or(s.retry.base_delay).min(cap)
-    }
-}
-
-/// Successes stream through untouched; 304 has no body to wrap.
-pub fn is_pass_through(status: StatusCode) -> bool {
-    status.is_success() || status.is_informational() || status == StatusCode::NOT_MODIFIED
-}
-
-fn refusal_error(refusal: Refusal, attempts: u32) -> ApiError {
-    match refusal {
-        Refusal::RateLimited { retry_after, why } => ApiError::rate_limited(
-            why.message(),
-            why.label(),
-            retry_after_secs(retry_after),
-            attempts,
-        ),
-        Refusal::Unavailable(reason) => ApiError::unavailable(reason),
-    }
-}
-
-/// Reads at most [`ERROR_BODY_CAP`] of a body (error answers, lead-import batch
-/// answers), decoded; a body that breaks off or stalls yields what arrived, since the
-/// status alone is enough to answer.
-pub async fn read_failed(resp: http::Response<Incoming>, timeout: Duration) -> Failed {
-    let (head, body) = resp.into_parts();
-    let (raw, raw_cut) = read_capped(body, ERROR_BODY_CAP, Instant::now() + timeout).await;
-    let (body, cut) = crate::body::decode_body(&head.headers, raw, raw_cut, ERROR_BODY_CAP);
-    Failed {
-        status: head.status,
-        headers: head.headers,
-        body,
-        cut,
-    }
-}
-
-/// Up to `cap` bytes of a body, and whether that is not all of it.
-async fn read_capped(mut body: Incoming, cap: usize, deadline: Instant) -> (Bytes, bool) {
-    let mut out = bytes::BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(None) => return (out.freeze(), false),
-            Ok(Some(Err(_))) | Err(_) => return (out.freeze(), true),
-        };
-        if let Ok(data) = frame.into_data() {
-            let room = cap - out.len();
-            if data.len() > room {
-                out.extend_from_slice(&data[..room]);
-                return (out.freeze(), true);
-            }
-            out.extend_from_slice(&data);
-        }
     }
 }
 

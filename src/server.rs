@@ -1,6 +1,7 @@
-//! The accept loop and the per-thread connection loops: HTTP/1.1 connections (what SmartLead clients speak) with a
-//! header-read timeout against slowloris clients, the router shared rather than rebuilt
-//! per connection, request heads copied out of hyper's buffers, graceful draining.
+//! The accept loop and the per-thread connection loops: HTTP/1.1 connections (what
+//! SmartLead clients speak) with a header-read timeout against slowloris clients and a
+//! write timeout against clients that stop reading, the thread's stack shared by its
+//! connections, request heads copied out of hyper's buffers, graceful draining.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,9 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
-use futures_util::FutureExt;
-use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use axum::body::Body;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,8 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
-
-use crate::app::{AppState, handle};
+use tower::{Service, ServiceExt};
 
 /// Most request headers accepted (hyper's default, stated here).
 pub const MAX_HEADERS: usize = 100;
@@ -64,14 +63,20 @@ pub async fn accept(
     }
 }
 
-/// Serves the connections this thread is dealt until the acceptor stops, then returns
-/// the handle that drains them.
-pub async fn serve_connections(
+/// Serves the connections this thread is dealt with `stack` until the acceptor stops,
+/// then returns the handle that drains them.
+pub async fn serve_connections<S>(
     mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    state: AppState,
-    router: Router,
+    stack: S,
     header_read_timeout: Duration,
-) -> GracefulShutdown {
+) -> GracefulShutdown
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(header_read_timeout));
     while let Some(stream) = incoming.recv().await {
@@ -83,11 +88,9 @@ pub async fn serve_connections(
             }
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let (state, router) = (state.clone(), router.clone());
-        let service = hyper::service::service_fn(move |req| {
-            let answer = handle(state.clone(), router.clone(), detach_head(req));
-            answer.map(Ok::<_, Infallible>)
-        });
+        let stack = stack.clone();
+        let service =
+            hyper::service::service_fn(move |req| stack.clone().oneshot(detach_head(req)));
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
         tokio::spawn(async move {
             let conn = builder.serve_connection(io, service);

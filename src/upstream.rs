@@ -1,20 +1,23 @@
-//! The SmartLead side: the pooled HTTPS client, building the one allowed target URI (key
-//! injected, client key removed) and sending a single attempt with its timeout.
+//! The SmartLead side: the one allowed target URI ([`Target`]: `upstream.base_url`, the
+//! key injected, a client's key removed), the headers that never cross the proxy, and
+//! the pooled client as a tower service that sends one attempt ([`UpstreamClient`]).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::client::legacy::{Client, ResponseFuture, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::percent_decode_str;
 
-use crate::config::UpstreamSettings;
-use crate::error::ApiError;
-use crate::key::{ApiKey, Secrets};
+use crate::config::{BaseUrl, UpstreamSettings};
+use crate::key::ApiKey;
 
 /// Idle upstream connections kept for reuse (in all, shared out between the serving
 /// threads' pools); a burst beyond this opens more, which close once idle.
@@ -23,56 +26,6 @@ pub const POOL_MAX_IDLE: usize = 64;
 /// The client-facing prefix that maps onto `upstream.base_url`.
 pub const API_PREFIX: &str = "/api/v1";
 
-/// `upstream.base_url`, split once so every target keeps its scheme and authority.
-#[derive(Debug, Clone)]
-pub struct BaseUrl {
-    scheme: String,
-    authority: String,
-    path: String,
-}
-
-impl BaseUrl {
-    /// Errors show the URL with any credentials in it masked.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let shown = mask_userinfo(url);
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
-        let scheme = match uri.scheme_str() {
-            Some(s @ ("http" | "https")) => s.to_owned(),
-            _ => return Err(format!("{shown:?} must start with http:// or https://")),
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{shown:?} has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("{shown:?} must not contain credentials"));
-        }
-        if uri.query().is_some() {
-            return Err(format!("{shown:?} must not have a query"));
-        }
-        Ok(Self {
-            scheme,
-            authority: authority.as_str().to_owned(),
-            path: uri.path().trim_end_matches('/').to_owned(),
-        })
-    }
-}
-
-/// `scheme://user:password@host/...` as `scheme://***@host/...` (any text works: it need
-/// not parse).
-pub fn mask_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
-        None => url.to_owned(),
-    }
-}
-
 /// Why one attempt produced no upstream response.
 #[derive(Debug)]
 pub enum AttemptError {
@@ -80,9 +33,9 @@ pub enum AttemptError {
     Connect(String),
     /// Connected, but the connection closed or reset before a response arrived.
     Closed(String),
-    /// The response was not valid HTTP.
+    /// The response was not valid HTTP, or not one a client can use.
     Invalid(String),
-    /// No response headers within `upstream.timeout`.
+    /// No response headers within the attempt's time.
     Timeout(Duration),
 }
 
@@ -96,97 +49,62 @@ impl AttemptError {
             AttemptError::Timeout(_) => "timeout",
         }
     }
-
-    pub fn into_api_error(self) -> ApiError {
-        match self {
-            AttemptError::Connect(r) | AttemptError::Closed(r) => ApiError::upstream_unavailable(r),
-            AttemptError::Invalid(r) => ApiError::upstream_invalid(r),
-            AttemptError::Timeout(t) => ApiError::upstream_timeout(t),
-        }
-    }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Everything needed to talk to SmartLead; cheap to clone.
+/// Where requests go: scheme and authority always from `upstream.base_url`, only the
+/// path and query the client's, with the configured key in the query.
 #[derive(Clone, Debug)]
-pub struct Upstream {
+pub struct Target {
     base: BaseUrl,
     key: Option<ApiKey>,
-    /// Every secret of the proxy, kept out of what SmartLead's answers bring back.
-    secrets: Secrets,
     allow_client_key: bool,
-    client: HttpsClient,
 }
 
-impl Upstream {
-    /// A client whose pool keeps at most `max_idle` idle connections.
-    pub fn new(
-        settings: &UpstreamSettings,
-        secrets: Secrets,
-        max_idle: usize,
-    ) -> Result<Self, String> {
-        let base = BaseUrl::parse(&settings.base_url)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS setup failed: {e}"))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(max_idle)
-            .build(https);
-        Ok(Self {
-            base,
+impl Target {
+    pub fn new(settings: &UpstreamSettings) -> Self {
+        Self {
+            base: settings.base_url.clone(),
             key: settings.api_key.clone(),
-            secrets,
             allow_client_key: settings.allow_client_key,
-            client,
-        })
+        }
     }
 
-    pub fn secrets(&self) -> &Secrets {
-        &self.secrets
+    /// The upstream's base path (`/api/v1`), which targets start with.
+    pub fn base_path(&self) -> &str {
+        self.base.path()
     }
 
-    /// The upstream URI for a client path under `/api/v1` and its raw query.
+    /// The upstream URI for a client path under `/api/v1` and its raw query, or why the
+    /// path cannot be forwarded.
     ///
-    /// Scheme and authority always come from `upstream.base_url`; only the path and
-    /// query are the client's, and dot-segments (raw or percent-encoded) and encoded
-    /// slashes are refused so a path cannot climb out of the base path.
-    pub fn target(&self, client_path: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+    /// Dot-segments (raw or percent-encoded), encoded slashes and empty segments are
+    /// refused, so a path can neither climb out of the base path nor hide a route.
+    pub fn uri(&self, client_path: &str, query: Option<&str>) -> Result<Uri, &'static str> {
         let rest = client_path
             .strip_prefix(API_PREFIX)
             .filter(|r| r.starts_with('/'))
-            .ok_or_else(ApiError::not_found)?;
+            .ok_or("the path is not under /api/v1/")?;
         check_path(rest)?;
+        let base = &self.base;
         let mut target = String::with_capacity(
-            self.base.scheme.len()
-                + self.base.authority.len()
-                + self.base.path.len()
+            base.scheme().len()
+                + base.authority().len()
+                + base.path().len()
                 + rest.len()
                 + query.map_or(0, str::len)
                 + 64,
         );
-        target.push_str(&self.base.scheme);
+        target.push_str(base.scheme());
         target.push_str("://");
-        target.push_str(&self.base.authority);
-        target.push_str(&self.base.path);
+        target.push_str(base.authority());
+        target.push_str(base.path());
         target.push_str(rest);
         self.push_query(&mut target, query);
         let uri = Uri::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| ApiError::bad_request("the request path or query is not valid"))?;
+            .map_err(|_| "the request path or query is not valid")?;
         // Defence in depth: nothing a client sends may change where we connect.
-        if uri.authority().map(|a| a.as_str()) != Some(self.base.authority.as_str()) {
-            return Err(ApiError::bad_request(
-                "the request would leave the upstream host",
-            ));
+        if uri.authority().map(|a| a.as_str()) != Some(base.authority()) {
+            return Err("the request would leave the upstream host");
         }
         Ok(uri)
     }
@@ -213,45 +131,93 @@ impl Upstream {
             out.push_str(key.query_value());
         }
     }
+}
 
-    /// Sends one attempt and waits for the response headers within `timeout`.
-    pub async fn send(
-        &self,
-        method: Method,
-        uri: Uri,
-        headers: HeaderMap,
-        body: Bytes,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, AttemptError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(body))
-            .map_err(|e| AttemptError::Invalid(e.to_string()))?;
-        *req.headers_mut() = headers;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(AttemptError::Timeout(timeout)),
-            Ok(Ok(resp)) => usable(resp),
-            Ok(Err(e)) => Err(self.classify(&e)),
-        }
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The pooled HTTPS client as a service: one request, one attempt, hop-by-hop headers
+/// removed from the answer. Retries, timeouts and the quota are the caller's.
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    client: HttpsClient,
+}
+
+impl UpstreamClient {
+    /// A client whose pool keeps at most `max_idle` idle connections.
+    pub fn new(settings: &UpstreamSettings, max_idle: usize) -> Result<Self, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(settings.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(max_idle)
+            .build(https);
+        Ok(Self { client })
+    }
+}
+
+impl tower::Service<Request<Bytes>> for UpstreamClient {
+    type Response = Response<Incoming>;
+    type Error = AttemptError;
+    type Future = SendFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn classify(&self, e: &hyper_util::client::legacy::Error) -> AttemptError {
-        let chain = self.secrets.redact(&error_chain(e)).into_owned();
-        if e.is_connect() {
-            return AttemptError::Connect(chain);
+    fn call(&mut self, req: Request<Bytes>) -> SendFuture {
+        SendFuture {
+            inner: self.client.request(req.map(Full::new)),
         }
-        let hyper_err = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>());
-        match hyper_err {
-            Some(h) if h.is_parse() || h.is_parse_status() => AttemptError::Invalid(chain),
-            _ => AttemptError::Closed(chain),
-        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One attempt on its way: SmartLead's answer head, or why there is none.
+    pub struct SendFuture {
+        #[pin]
+        inner: ResponseFuture,
+    }
+}
+
+impl Future for SendFuture {
+    type Output = Result<Response<Incoming>, AttemptError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let answered = std::task::ready!(self.project().inner.poll(cx));
+        Poll::Ready(match answered {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut());
+                usable(resp)
+            }
+            Err(e) => Err(classify(&e)),
+        })
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> AttemptError {
+    let chain = error_chain(e);
+    if e.is_connect() {
+        return AttemptError::Connect(chain);
+    }
+    let hyper_err = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>());
+    match hyper_err {
+        Some(h) if h.is_parse() || h.is_parse_status() => AttemptError::Invalid(chain),
+        _ => AttemptError::Closed(chain),
     }
 }
 
 /// An answer a client can be given: the proxy never asks to switch protocols, so a 101
 /// is as wrong as a status past 599.
-fn usable(resp: Response<Incoming>) -> Result<Response<Incoming>, AttemptError> {
+fn usable<B>(resp: Response<B>) -> Result<Response<B>, AttemptError> {
     let status = resp.status();
     if status == http::StatusCode::SWITCHING_PROTOCOLS || status.as_u16() >= 600 {
         return Err(AttemptError::Invalid(format!(
@@ -273,27 +239,21 @@ fn is_api_key_name(name: &str) -> bool {
 }
 
 /// Refuses dot-segments and encoded separators anywhere in the path.
-fn check_path(path: &str) -> Result<(), ApiError> {
+fn check_path(path: &str) -> Result<(), &'static str> {
     let encoded_slash = path.as_bytes().windows(3).any(|w| {
         w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
     });
     if encoded_slash || path.contains('\\') {
-        return Err(ApiError::bad_request(
-            "encoded slashes are not allowed in the path",
-        ));
+        return Err("encoded slashes are not allowed in the path");
     }
     // Upstream routers merge empty segments, so `/campaigns/1//leads` would reach the
     // lead import without being recognised as one.
     if path.contains("//") {
-        return Err(ApiError::bad_request(
-            "empty path segments (//) are not allowed in the path",
-        ));
+        return Err("empty path segments (//) are not allowed in the path");
     }
     for segment in path.split('/') {
         if is_dot_segment(segment) {
-            return Err(ApiError::bad_request(
-                "dot-segments are not allowed in the path",
-            ));
+            return Err("dot-segments are not allowed in the path");
         }
     }
     Ok(())
@@ -377,21 +337,21 @@ pub fn request_headers(mut headers: HeaderMap) -> HeaderMap {
 mod tests {
     use super::*;
 
-    fn upstream(allow_client_key: bool) -> Upstream {
+    fn target(allow_client_key: bool) -> Target {
         let settings = UpstreamSettings {
-            base_url: "https://server.smartlead.ai/api/v1".into(),
+            base_url: "https://server.smartlead.ai/api/v1".parse().unwrap(),
             api_key: Some(ApiKey::new("K3Y")),
             allow_client_key,
             ..UpstreamSettings::default()
         };
-        Upstream::new(&settings, Secrets::default(), POOL_MAX_IDLE).unwrap()
+        Target::new(&settings)
     }
 
     #[test]
     fn builds_target_with_key() {
-        let u = upstream(false);
+        let u = target(false);
         let uri = u
-            .target(
+            .uri(
                 "/api/v1/campaigns/7",
                 Some("offset=0&api_key=theirs&limit=5"),
             )
@@ -400,22 +360,20 @@ mod tests {
             uri.to_string(),
             "https://server.smartlead.ai/api/v1/campaigns/7?offset=0&limit=5&api_key=K3Y"
         );
-        let uri = u.target("/api/v1/campaigns", Some("API%5FKEY=x")).unwrap();
+        let uri = u.uri("/api/v1/campaigns", Some("API%5FKEY=x")).unwrap();
         assert_eq!(uri.query(), Some("api_key=K3Y"));
     }
 
     #[test]
     fn client_key_kept_when_allowed() {
-        let u = upstream(true);
-        let uri = u
-            .target("/api/v1/campaigns", Some("api_key=theirs"))
-            .unwrap();
+        let u = target(true);
+        let uri = u.uri("/api/v1/campaigns", Some("api_key=theirs")).unwrap();
         assert_eq!(uri.query(), Some("api_key=theirs"));
     }
 
     #[test]
     fn refuses_traversal() {
-        let u = upstream(false);
+        let u = target(false);
         for p in [
             "/api/v1/../admin",
             "/api/v1/%2e%2e/admin",
@@ -426,32 +384,13 @@ mod tests {
             "/api/v1//evil.example/x",
             "/api/v1/campaigns/1//leads",
         ] {
-            let err = u.target(p, None).unwrap_err();
-            assert_eq!(err.status, http::StatusCode::BAD_REQUEST, "{p}");
+            assert!(u.uri(p, None).is_err(), "{p}");
         }
         assert!(
-            u.target("/api/v1/campaigns/", None).is_ok(),
+            u.uri("/api/v1/campaigns/", None).is_ok(),
             "a trailing slash"
         );
-        assert!(u.target("/api/v1@evil.example/x", None).is_err());
-    }
-
-    #[test]
-    fn base_url_is_checked() {
-        assert!(BaseUrl::parse("ftp://x").is_err());
-        let err = BaseUrl::parse("https://user:s3cret@x/api").unwrap_err();
-        assert!(
-            err.contains("https://***@x/api") && !err.contains("s3cret"),
-            "{err}"
-        );
-        let err = BaseUrl::parse("ftp://user:s3cret@x/api").unwrap_err();
-        assert!(!err.contains("s3cret"), "{err}");
-        assert!(BaseUrl::parse("https://x/api?a=1").is_err());
-        assert!(BaseUrl::parse("not a url").is_err());
-        assert_eq!(
-            BaseUrl::parse("http://127.0.0.1:9/api/v1/").unwrap().path,
-            "/api/v1"
-        );
+        assert!(u.uri("/api/v1@evil.example/x", None).is_err());
     }
 
     #[test]
@@ -478,9 +417,9 @@ mod tests {
             path in "(/[a-zA-Z0-9._~%@:!$&'()*+,;=-]{0,12}){1,5}",
             query in proptest::option::of("[a-zA-Z0-9_%=&+.-]{0,60}"),
         ) {
-            let u = upstream(false);
+            let u = target(false);
             let client_path = format!("{API_PREFIX}{path}");
-            if let Ok(uri) = u.target(&client_path, query.as_deref()) {
+            if let Ok(uri) = u.uri(&client_path, query.as_deref()) {
                 proptest::prop_assert_eq!(uri.host(), Some("server.smartlead.ai"));
                 proptest::prop_assert_eq!(uri.scheme_str(), Some("https"));
                 proptest::prop_assert!(uri.path().starts_with("/api/v1/"));

@@ -71,17 +71,20 @@ async fn access_tokens_guard_the_api_but_not_the_probes() {
 async fn readyz_turns_503_when_draining() {
     use tower::ServiceExt;
     let sim = Sim::start(SimConfig::default()).await.unwrap();
-    let state = smartlead_proxy::app::AppState::new(settings(&sim.base_url())).unwrap();
-    let router = smartlead_proxy::app::router(state.clone());
-    let ready = |router: axum::Router| async move {
+    let shared = smartlead_proxy::stack::Shared::new(settings(&sim.base_url())).unwrap();
+    let shutdown = smartlead_proxy::shutdown::Shutdown::default();
+    let client =
+        smartlead_proxy::upstream::UpstreamClient::new(&shared.settings.upstream, 1).unwrap();
+    let stack = smartlead_proxy::stack::build(&shared, &shutdown, client);
+    let ready = || async {
         let req = http::Request::get("/readyz")
             .body(axum::body::Body::empty())
             .unwrap();
-        router.oneshot(req).await.unwrap()
+        stack.clone().oneshot(req).await.unwrap()
     };
-    assert_eq!(ready(router.clone()).await.status(), 200);
-    state.begin_shutdown();
-    let resp = ready(router).await;
+    assert_eq!(ready().await.status(), 200);
+    shutdown.begin();
+    let resp = ready().await;
     assert_eq!(resp.status(), 503);
     let body = axum::body::to_bytes(resp.into_body(), 10_000)
         .await

@@ -7,12 +7,11 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::log::{Micros, SlotLog};
-use super::{Backend, Limited, Refusal, Status};
+use super::{Answer, Backend, Limited, Refusal, Status, now};
 use crate::config::LimitSettings;
 
 pub struct LocalBackend {
@@ -96,7 +95,8 @@ impl LocalBackend {
             .collect()
     }
 
-    /// Counts starts that happened elsewhere, `ago` before now (negative: in the future).
+    /// Counts a start that happened elsewhere, `offset_micros` from now (negative: in the
+    /// past).
     pub fn record(&self, offset_micros: i64, id: u64) {
         let now = self.now() as i64;
         let slot = (now + offset_micros).max(0) as Micros;
@@ -109,27 +109,27 @@ pub(crate) fn micros(d: Duration) -> Micros {
 }
 
 impl Backend for LocalBackend {
-    fn reserve(&self, id: u64, max_wait: Duration) -> BoxFuture<'_, Result<Duration, Refusal>> {
-        std::future::ready(self.reserve_now(id, max_wait)).boxed()
+    fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>> {
+        now(self.reserve_now(id, max_wait))
     }
 
-    fn wait_of(&self, id: u64) -> BoxFuture<'_, Option<Duration>> {
-        std::future::ready(self.wait_now(id)).boxed()
+    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>> {
+        now(self.wait_now(id))
     }
 
-    fn cancel(&self, id: u64) -> BoxFuture<'_, ()> {
+    fn cancel(&self, id: u64) -> Answer<'_, ()> {
         self.cancel_now(id);
-        std::future::ready(()).boxed()
+        now(())
     }
 
-    fn pause(&self, pause: Duration) -> BoxFuture<'_, ()> {
+    fn pause(&self, pause: Duration) -> Answer<'_, ()> {
         self.pause_now(pause);
-        std::future::ready(()).boxed()
+        now(())
     }
 
-    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()> {
+    fn set_limit(&self, limit: usize) -> Answer<'_, ()> {
         self.set_limit_now(limit);
-        std::future::ready(()).boxed()
+        now(())
     }
 
     fn moved(&self) -> watch::Receiver<u64> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, Either, Ready};
 use http::HeaderMap;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -76,19 +76,28 @@ impl Status {
     }
 }
 
+/// A backend's answer: at once (the local log, no allocation) or after a round trip
+/// (Redis, boxed).
+pub type Answer<'a, T> = Either<Ready<T>, BoxFuture<'a, T>>;
+
+/// An answer known at once.
+pub fn now<'a, T>(value: T) -> Answer<'a, T> {
+    Either::Left(futures_util::future::ready(value))
+}
+
 /// A reservation log somewhere. Waits are relative ("this long from now"), so no two
 /// hosts' clocks are ever compared.
 pub trait Backend: Send + Sync + 'static {
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
-    fn reserve(&self, id: u64, max_wait: Duration) -> BoxFuture<'_, Result<Duration, Refusal>>;
+    fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
     /// Time left until the reservation's slot, which a pause may have moved.
-    fn wait_of(&self, id: u64) -> BoxFuture<'_, Option<Duration>>;
+    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>>;
     /// Gives back a slot that has not started.
-    fn cancel(&self, id: u64) -> BoxFuture<'_, ()>;
+    fn cancel(&self, id: u64) -> Answer<'_, ()>;
     /// Nothing starts for `pause`; waiting slots move later together.
-    fn pause(&self, pause: Duration) -> BoxFuture<'_, ()>;
+    fn pause(&self, pause: Duration) -> Answer<'_, ()>;
     /// The limit for reservations from now on (`limit.follow_upstream`).
-    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()>;
+    fn set_limit(&self, limit: usize) -> Answer<'_, ()>;
     /// Changes whenever waiting slots may have moved.
     fn moved(&self) -> watch::Receiver<u64>;
     fn status(&self) -> Status;
@@ -100,6 +109,7 @@ pub struct Limiter {
     waiting: AtomicUsize,
     max_queue: usize,
     per_request: Duration,
+    period: Duration,
     ids: AtomicU64,
     follow: Follow,
 }
@@ -132,6 +142,7 @@ impl Limiter {
             waiting: AtomicUsize::new(0),
             max_queue: l.max_queue,
             per_request: l.period / l.requests,
+            period: l.period,
             // Random high bits keep ids unique across instances sharing one Redis log.
             ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
             follow: Follow {
@@ -158,6 +169,11 @@ impl Limiter {
 
     pub fn status(&self) -> Status {
         self.backend.status()
+    }
+
+    /// The limit in force (SmartLead's, when it is followed and smaller) and its period.
+    pub fn window(&self) -> (usize, Duration) {
+        (self.follow.in_force.load(Ordering::Relaxed), self.period)
     }
 
     /// Requests currently waiting for a slot in this process.

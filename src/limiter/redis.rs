@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::future::{Either, FutureExt};
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use secrecy::ExposeSecret;
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::local::{LocalBackend, micros};
-use super::{Backend, Limited, Refusal, Status};
+use super::{Answer, Backend, Limited, Refusal, Status};
 use crate::config::{OnRedisError, Settings};
 
 /// Longest any single Redis call may take before the instance falls back.
@@ -375,88 +375,98 @@ fn micros_between(now: Instant, at: Instant) -> i64 {
 }
 
 impl Backend for RedisBackend {
-    fn reserve(&self, id: u64, max_wait: Duration) -> BoxFuture<'_, Result<Duration, Refusal>> {
-        async move {
-            if self.is_healthy() {
-                self.reserve_shared(id, max_wait).await
-            } else {
-                self.reserve_degraded(id, max_wait)
+    fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>> {
+        Either::Right(
+            async move {
+                if self.is_healthy() {
+                    self.reserve_shared(id, max_wait).await
+                } else {
+                    self.reserve_degraded(id, max_wait)
+                }
             }
-        }
-        .boxed()
+            .boxed(),
+        )
     }
 
-    fn wait_of(&self, id: u64) -> BoxFuture<'_, Option<Duration>> {
-        async move {
-            if let Some(w) = self.fallback().and_then(|fb| fb.wait_now(id)) {
-                return Some(w);
-            }
-            let mut inv = self.scripts.wait_of.key(&self.keys.log);
-            inv.arg(id.to_string());
-            match self.call::<i64>(inv).await {
-                Ok(w) if w >= 0 => Some(Duration::from_micros(w as u64)),
-                _ => None,
-            }
-        }
-        .boxed()
-    }
-
-    fn cancel(&self, id: u64) -> BoxFuture<'_, ()> {
-        async move {
-            if let Some(fb) = self.fallback() {
-                fb.cancel_now(id);
-            }
-            if self.is_healthy() {
-                let mut inv = self.scripts.cancel.key(&self.keys.log);
+    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>> {
+        Either::Right(
+            async move {
+                if let Some(w) = self.fallback().and_then(|fb| fb.wait_now(id)) {
+                    return Some(w);
+                }
+                let mut inv = self.scripts.wait_of.key(&self.keys.log);
                 inv.arg(id.to_string());
-                let _ = self.call::<i64>(inv).await;
+                match self.call::<i64>(inv).await {
+                    Ok(w) if w >= 0 => Some(Duration::from_micros(w as u64)),
+                    _ => None,
+                }
             }
-        }
-        .boxed()
+            .boxed(),
+        )
     }
 
-    fn pause(&self, pause: Duration) -> BoxFuture<'_, ()> {
-        async move {
-            if let Some(fb) = self.fallback() {
-                fb.pause_now(pause);
+    fn cancel(&self, id: u64) -> Answer<'_, ()> {
+        Either::Right(
+            async move {
+                if let Some(fb) = self.fallback() {
+                    fb.cancel_now(id);
+                }
+                if self.is_healthy() {
+                    let mut inv = self.scripts.cancel.key(&self.keys.log);
+                    inv.arg(id.to_string());
+                    let _ = self.call::<i64>(inv).await;
+                }
             }
-            if self.is_healthy() {
-                let mut inv = self.scripts.pause.key(&self.keys.log);
-                inv.key(&self.keys.pause)
-                    .arg(micros(pause))
-                    .arg(&self.keys.channel);
-                if let Err(e) = self.call::<i64>(inv).await {
-                    self.degrade(e);
-                    if let Some(fb) = self.fallback() {
-                        fb.pause_now(pause);
+            .boxed(),
+        )
+    }
+
+    fn pause(&self, pause: Duration) -> Answer<'_, ()> {
+        Either::Right(
+            async move {
+                if let Some(fb) = self.fallback() {
+                    fb.pause_now(pause);
+                }
+                if self.is_healthy() {
+                    let mut inv = self.scripts.pause.key(&self.keys.log);
+                    inv.key(&self.keys.pause)
+                        .arg(micros(pause))
+                        .arg(&self.keys.channel);
+                    if let Err(e) = self.call::<i64>(inv).await {
+                        self.degrade(e);
+                        if let Some(fb) = self.fallback() {
+                            fb.pause_now(pause);
+                        }
                     }
                 }
             }
-        }
-        .boxed()
+            .boxed(),
+        )
     }
 
-    fn set_limit(&self, limit: usize) -> BoxFuture<'_, ()> {
-        async move {
-            self.limit.store(limit, Ordering::Relaxed);
-            if let Some(fb) = self.fallback() {
-                let live = self.live.load(Ordering::Relaxed).max(1);
-                fb.set_limit_now((limit / live).max(1));
-            }
-            if self.is_healthy() {
-                // The stored limit is kept a day: longer than any window, and rewritten by
-                // whoever next sees SmartLead report a different one.
-                let mut inv = self.scripts.set_limit.key(&self.keys.log);
-                inv.key(&self.keys.limit)
-                    .arg(limit)
-                    .arg(micros(self.window))
-                    .arg(&self.keys.channel);
-                if let Err(e) = self.call::<i64>(inv).await {
-                    self.degrade(e);
+    fn set_limit(&self, limit: usize) -> Answer<'_, ()> {
+        Either::Right(
+            async move {
+                self.limit.store(limit, Ordering::Relaxed);
+                if let Some(fb) = self.fallback() {
+                    let live = self.live.load(Ordering::Relaxed).max(1);
+                    fb.set_limit_now((limit / live).max(1));
+                }
+                if self.is_healthy() {
+                    // The stored limit is kept a day: longer than any window, and rewritten by
+                    // whoever next sees SmartLead report a different one.
+                    let mut inv = self.scripts.set_limit.key(&self.keys.log);
+                    inv.key(&self.keys.limit)
+                        .arg(limit)
+                        .arg(micros(self.window))
+                        .arg(&self.keys.channel);
+                    if let Err(e) = self.call::<i64>(inv).await {
+                        self.degrade(e);
+                    }
                 }
             }
-        }
-        .boxed()
+            .boxed(),
+        )
     }
 
     fn moved(&self) -> watch::Receiver<u64> {

@@ -53,7 +53,7 @@ impl Proxy {
 /// Settings pointing at `base_url` with the simulator's key and short timeouts.
 pub fn settings(base_url: &str) -> Settings {
     let mut s = Settings::default();
-    s.upstream.base_url = base_url.to_owned();
+    s.upstream.base_url = base_url.parse().expect("a valid base URL");
     s.upstream.api_key = Some(ApiKey::new(KEY));
     s.upstream.timeout = Duration::from_secs(5);
     s.upstream.connect_timeout = Duration::from_secs(1);

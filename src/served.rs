@@ -1,0 +1,33 @@
+//! How a request was served: what the access log, the metrics and the envelope's details
+//! say about its way through the quota and the upstream.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Served {
+    /// Upstream attempts made (retries included).
+    pub attempts: u32,
+    /// The answer's status came from SmartLead (not from the proxy itself).
+    pub upstream: bool,
+    /// Time spent waiting for quota slots.
+    pub waited: Duration,
+    /// Time spent in upstream attempts.
+    pub upstream_time: Duration,
+    /// The status of the last upstream answer, if any came.
+    pub last_status: Option<StatusCode>,
+    /// A retry was wanted but the retry budget had none left.
+    pub budget_exhausted: bool,
+}
+
+impl Served {
+    /// Adds another exchange of the same request (an auto-batched import's batches).
+    pub fn add(&mut self, other: Served) {
+        self.attempts += other.attempts;
+        self.waited += other.waited;
+        self.upstream_time += other.upstream_time;
+        self.last_status = other.last_status.or(self.last_status);
+        self.budget_exhausted |= other.budget_exhausted;
+    }
+}

@@ -1,0 +1,224 @@
+//! The key, both ways. Going out, the request gets the one allowed upstream target (scheme
+//! and host from `upstream.base_url`, a client's `api_key` replaced by the configured
+//! one) and loses the headers that never cross the proxy (hop-by-hop, `Host`, lengths).
+//! Coming back, every header of SmartLead's answer, success or error, is scrubbed of the
+//! proxy's secrets before a client can see it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::Request;
+use tower::{Layer, Service};
+
+use super::{Failure, Reply};
+use crate::error::ProxyError;
+use crate::key::Secrets;
+use crate::upstream::{Target, request_headers};
+
+#[derive(Debug)]
+struct State {
+    target: Target,
+    secrets: Secrets,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyInjectionLayer {
+    state: Arc<State>,
+}
+
+impl KeyInjectionLayer {
+    pub fn new(target: Target, secrets: &Secrets) -> Self {
+        Self {
+            state: Arc::new(State {
+                target,
+                secrets: secrets.clone(),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for KeyInjectionLayer {
+    type Service = KeyInjection<S>;
+
+    fn layer(&self, inner: S) -> KeyInjection<S> {
+        KeyInjection {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyInjection<S> {
+    inner: S,
+    state: Arc<State>,
+}
+
+impl<S> Service<Request<Bytes>> for KeyInjection<S>
+where
+    S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
+{
+    type Response = Reply;
+    type Error = Failure;
+    type Future = KeyInjectionFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let target = self.state.target.uri(parts.uri.path(), parts.uri.query());
+        let uri = match target {
+            Ok(uri) => uri,
+            Err(why) => {
+                let failure = Failure::early(ProxyError::BadPath(why));
+                return KeyInjectionFuture::Refused {
+                    failure: Some(failure),
+                };
+            }
+        };
+        parts.uri = uri;
+        parts.headers = request_headers(std::mem::take(&mut parts.headers));
+        KeyInjectionFuture::Sent {
+            call: self.inner.call(Request::from_parts(parts, body)),
+            state: self.state.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = Projected]
+    pub enum KeyInjectionFuture<F> {
+        Sent {
+            #[pin]
+            call: F,
+            state: Arc<State>,
+        },
+        Refused { failure: Option<Failure> },
+    }
+}
+
+impl<F> Future for KeyInjectionFuture<F>
+where
+    F: Future<Output = Result<Reply, Failure>>,
+{
+    type Output = Result<Reply, Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projected::Sent { call, state } => {
+                let mut answered = ready!(call.poll(cx));
+                let secrets = &state.secrets;
+                match &mut answered {
+                    Ok(reply) => secrets.scrub_headers(reply.response.headers_mut()),
+                    Err(Failure {
+                        error: ProxyError::Upstream(failed),
+                        ..
+                    }) => secrets.scrub_headers(&mut failed.headers),
+                    Err(_) => {}
+                }
+                Poll::Ready(answered)
+            }
+            Projected::Refused { failure } => {
+                Poll::Ready(Err(failure.take().expect("polled after completion")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamSettings;
+    use crate::key::ApiKey;
+    use crate::served::Served;
+    use axum::body::Body;
+    use http::{HeaderValue, Response};
+    use tower::ServiceExt;
+
+    const KEY: &str = "k3y/secret+1";
+
+    fn layer() -> KeyInjectionLayer {
+        let settings = UpstreamSettings {
+            base_url: "https://up.example/api/v1".parse().unwrap(),
+            api_key: Some(ApiKey::new(KEY)),
+            ..UpstreamSettings::default()
+        };
+        KeyInjectionLayer::new(Target::new(&settings), &ApiKey::new(KEY).secrets())
+    }
+
+    /// Answers with the URI it was sent to in the body and the key in a header.
+    fn echo_uri() -> impl Service<Request<Bytes>, Response = Reply, Error = Failure> + Clone {
+        tower::service_fn(|req: Request<Bytes>| async move {
+            let mut resp = Response::new(Body::from(req.uri().to_string()));
+            let cookie = HeaderValue::from_str(&format!("sid={KEY}")).unwrap();
+            resp.headers_mut().insert("set-cookie", cookie);
+            let hosts = req.headers().get_all("host").iter().count();
+            resp.headers_mut()
+                .insert("x-hosts", HeaderValue::from(hosts));
+            Ok::<_, Failure>(Reply::new(resp, Served::default()))
+        })
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_to_the_target_with_the_key_and_the_answer_comes_back_without() {
+        let req = Request::builder()
+            .uri("/api/v1/campaigns?api_key=theirs&limit=5")
+            .header("host", "evil.example")
+            .header("connection", "x-hop")
+            .header("x-hop", "1")
+            .body(Bytes::new())
+            .unwrap();
+        let reply = layer().layer(echo_uri()).oneshot(req).await.unwrap();
+        assert_eq!(reply.response.headers()["set-cookie"], "sid=***");
+        assert_eq!(reply.response.headers()["x-hosts"], "0");
+        let body = axum::body::to_bytes(reply.response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(
+            body,
+            "https://up.example/api/v1/campaigns?limit=5&api_key=k3y%2Fsecret%2B1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_path_that_would_escape_is_refused() {
+        for path in [
+            "/api/v1/../x",
+            "/api/v1/a%2fb",
+            "/api/v1/campaigns/1//leads",
+        ] {
+            let req = Request::builder().uri(path).body(Bytes::new()).unwrap();
+            let err = layer().layer(echo_uri()).oneshot(req).await.unwrap_err();
+            assert!(matches!(err.error, ProxyError::BadPath(_)), "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_upstream_error_answer_loses_the_key_from_its_headers() {
+        let failing = tower::service_fn(|_: Request<Bytes>| async {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("www-authenticate", HeaderValue::from_str(KEY).unwrap());
+            let failed = crate::error::Failed {
+                status: http::StatusCode::UNAUTHORIZED,
+                headers,
+                body: Bytes::new(),
+                cut: false,
+            };
+            Err::<Reply, _>(Failure::early(ProxyError::Upstream(Box::new(failed))))
+        });
+        let req = Request::builder()
+            .uri("/api/v1/x")
+            .body(Bytes::new())
+            .unwrap();
+        let err = layer().layer(failing).oneshot(req).await.unwrap_err();
+        match err.error {
+            ProxyError::Upstream(f) => assert_eq!(f.headers["www-authenticate"], "***"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The request path as a tower stack, composed once in [`build`]. A request meets the
+//! layers in this order, each one concern in its own module (a `Layer`, a `Service` and a
+//! named future):
+//!
+//! 1. [`request_id`]: every request gets an `x-request-id`, every answer carries it.
+//! 2. [`panic_guard`]: a panic (a bug) becomes a 500 envelope with that id.
+//! 3. [`access_log`]: one log line and one metrics sample per request.
+//! 4. [`own_routes`]: `/healthz`, `/readyz`, `/metrics` and 404s go to the proxy's own
+//!    router; CONNECT and TRACE are refused; `/api/v1/*` goes on.
+//! 5. [`access_token`]: `Authorization: Bearer` when tokens are configured.
+//! 6. [`envelope`]: every error below becomes SmartLead's JSON envelope (via
+//!    [`crate::error::answer`], the one place that answers), with `x-proxy-attempts`.
+//! 7. [`buffer`]: the body is read (bounded in size, time and total memory) so retries
+//!    can replay it.
+//! 8. [`lead_import`]: lead imports are checked before any quota is spent, and split into
+//!    batches when `leads.auto_batch` says so.
+//! 9. [`key_injection`]: the one allowed upstream target, with the key; secrets scrubbed
+//!    from every header that comes back.
+//! 10. [`quota_retry`]: a quota slot, an attempt, and another within the deadline while
+//!     the answer is worth retrying (one layer, one loop: they share one deadline).
+//! 11. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
+
+pub mod access_log;
+pub mod access_token;
+pub mod buffer;
+pub mod envelope;
+pub mod key_injection;
+pub mod lead_import;
+pub mod own_routes;
+pub mod panic_guard;
+pub mod quota_retry;
+pub mod request_id;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use http::{HeaderMap, Request, Response};
+use tower::{Service, ServiceBuilder};
+
+use crate::body::BodyBudget;
+use crate::config::Settings;
+use crate::error::ProxyError;
+use crate::key::Secrets;
+use crate::limiter::Limiter;
+use crate::retry::RetryBudget;
+use crate::served::Served;
+use crate::shutdown::Shutdown;
+use crate::upstream::{Target, UpstreamClient};
+
+/// An answer and how it was served.
+#[derive(Debug)]
+pub struct Reply {
+    pub response: Response<Body>,
+    pub served: Served,
+}
+
+impl Reply {
+    pub fn new(response: Response<Body>, served: Served) -> Self {
+        Self { response, served }
+    }
+}
+
+/// What went wrong, and how far the request got before it did.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ProxyError,
+    pub served: Served,
+    /// Headers its answer carries whatever the error (`x-lead-warnings`); rare, so
+    /// boxed to keep every `Result` small.
+    pub headers: Option<Box<HeaderMap>>,
+}
+
+impl Failure {
+    pub fn new(error: ProxyError, served: Served) -> Self {
+        Self {
+            error,
+            served,
+            headers: None,
+        }
+    }
+
+    /// Headers the answer gets, made on first use.
+    pub fn headers_mut(&mut self) -> &mut HeaderMap {
+        self.headers.get_or_insert_with(Default::default)
+    }
+
+    /// An error before anything was sent.
+    pub fn early(error: ProxyError) -> Self {
+        Self::new(error, Served::default())
+    }
+}
+
+/// What every serving thread builds its stack from: the settings and the parts all
+/// threads share.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub settings: Settings,
+    pub secrets: Secrets,
+    pub limiter: Arc<Limiter>,
+    pub retry_budget: Arc<RetryBudget>,
+    pub bodies: BodyBudget,
+}
+
+impl Shared {
+    /// The limiter `limit.backend` names, and the budgets, for `settings`.
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        // Installs the recorder before the first sample.
+        crate::metrics::handle();
+        let limiter = Arc::new(Limiter::from_settings(&settings)?);
+        Ok(Self {
+            secrets: settings.secrets(),
+            retry_budget: Arc::new(RetryBudget::new(&settings.retry)),
+            bodies: BodyBudget::new(settings.server.max_buffered_bytes),
+            limiter,
+            settings,
+        })
+    }
+}
+
+/// One serving thread's stack: every layer holds its own handle (an `Arc` of its own,
+/// so cloning the stack per request touches no counter another thread touches).
+/// `B` is hyper's request body when serving; tests may use any other.
+pub fn build<B>(
+    shared: &Shared,
+    shutdown: &Shutdown,
+    client: UpstreamClient,
+) -> impl Service<Request<B>, Response = Response<Body>, Error = Infallible, Future: Send + 'static>
++ Clone
++ Send
++ 'static
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let s = &shared.settings;
+    ServiceBuilder::new()
+        .layer(request_id::RequestIdLayer)
+        .layer(panic_guard::PanicGuardLayer::new(&shared.secrets))
+        .layer(access_log::AccessLogLayer::new(&shared.secrets))
+        .layer(own_routes::OwnRoutesLayer::new(&shared.limiter, shutdown))
+        .layer(access_token::AccessTokenLayer::new(&s.server.access_tokens))
+        .layer(envelope::EnvelopeLayer::new(&shared.secrets))
+        .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))
+        .layer(lead_import::LeadImportLayer::new(
+            &s.leads,
+            &s.upstream,
+            &shared.secrets,
+        ))
+        .layer(key_injection::KeyInjectionLayer::new(
+            Target::new(&s.upstream),
+            &shared.secrets,
+        ))
+        .layer(quota_retry::QuotaRetryLayer::new(shared, shutdown))
+        .service(client)
+}

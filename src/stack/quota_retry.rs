@@ -1,0 +1,630 @@
+//! Quota and retry: one layer and one loop, because the quota wait, the backoff, an
+//! upstream pause and every attempt share the request's one deadline (`limit.max_wait`,
+//! cut short by the caller's `X-Request-Timeout`). Each attempt takes a quota slot,
+//! goes out through the upstream client within its time, and is tried again while the
+//! answer is worth retrying, the retry budget allows and the deadline can be met. A 429
+//! from SmartLead pauses the whole limiter and its retry takes a fresh slot.
+//!
+//! The loop is one async function, as linkerd keeps its retry loop in one function. An
+//! async function's future has no name on stable Rust, so [`QuotaRetryFuture`] boxes it,
+//! once per request; every other layer's future is a named, unboxed type.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, header, request::Parts};
+use tokio::time::Instant;
+use tower::retry::budget::Budget;
+use tower::{Layer, Service, ServiceExt};
+
+use super::{Failure, Reply, Shared};
+use crate::body::{IdleTimeout, READ_CAP, decode_body, read_capped};
+use crate::config::{LogSettings, RetrySettings};
+use crate::error::{Failed, ProxyError, RateLimited};
+use crate::key::Secrets;
+use crate::limiter::{Limiter, Refusal};
+use crate::retry::{self, RetryBudget, Safety};
+use crate::served::Served;
+use crate::shutdown::Shutdown;
+use crate::traffic::{self, Traffic};
+use crate::upstream::AttemptError;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A caller's own deadline for the whole request: `X-Request-Timeout: 10` (seconds, may
+/// be fractional) or a duration such as `2500ms`, `1m`. Not forwarded.
+pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+
+/// Longer deadlines are refused: nothing waits that long, and a clock plus a huge
+/// duration overflows.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// What the loop needs, and nothing else.
+#[derive(Debug)]
+struct Quota {
+    limiter: Arc<Limiter>,
+    budget: Arc<RetryBudget>,
+    retry: RetrySettings,
+    max_wait: Duration,
+    /// Per attempt, to the answer's head; also how long a body may stall.
+    upstream_timeout: Duration,
+    /// The longest an upstream 429 pauses everyone, and the largest `Retry-After` a
+    /// client is given.
+    longest_pause: Duration,
+    /// The upstream's base path, which targets start with (the rest is what
+    /// `retry.idempotent_posts` patterns match).
+    base_path: String,
+    log: LogSettings,
+    secrets: Secrets,
+    shutdown: Shutdown,
+}
+
+#[derive(Clone, Debug)]
+pub struct QuotaRetryLayer {
+    quota: Arc<Quota>,
+}
+
+impl QuotaRetryLayer {
+    pub fn new(shared: &Shared, shutdown: &Shutdown) -> Self {
+        let s = &shared.settings;
+        Self {
+            quota: Arc::new(Quota {
+                limiter: shared.limiter.clone(),
+                budget: shared.retry_budget.clone(),
+                retry: s.retry.clone(),
+                max_wait: s.limit.max_wait,
+                upstream_timeout: s.upstream.timeout,
+                longest_pause: s.limit.period.max(s.retry.max_delay),
+                base_path: s.upstream.base_url.path().to_owned(),
+                log: s.log.clone(),
+                secrets: shared.secrets.clone(),
+                shutdown: shutdown.clone(),
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for QuotaRetryLayer {
+    type Service = QuotaRetry<S>;
+
+    fn layer(&self, inner: S) -> QuotaRetry<S> {
+        QuotaRetry {
+            inner,
+            quota: self.quota.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct QuotaRetry<S> {
+    inner: S,
+    quota: Arc<Quota>,
+}
+
+impl<S, B> Service<Request<Bytes>> for QuotaRetry<S>
+where
+    S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Reply;
+    type Error = Failure;
+    type Future = QuotaRetryFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        // Readiness is the quota's business, inside the loop, where the deadline is known.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> QuotaRetryFuture {
+        let exchange = exchange(self.inner.clone(), self.quota.clone(), req);
+        QuotaRetryFuture {
+            exchange: Box::pin(exchange),
+        }
+    }
+}
+
+/// One request's way through the quota and the upstream.
+pub struct QuotaRetryFuture {
+    exchange: Pin<Box<dyn Future<Output = Result<Reply, Failure>> + Send>>,
+}
+
+impl Future for QuotaRetryFuture {
+    type Output = Result<Reply, Failure>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.exchange.as_mut().poll(cx)
+    }
+}
+
+/// The request's options, then the loop, ended early if the shutdown grace runs out.
+async fn exchange<S, B>(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Reply, Failure>
+where
+    S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    let timeout = request_timeout(&parts.headers).map_err(Failure::early)?;
+    let logged = traffic::wanted(&quota.log, &parts.headers);
+    parts.headers.remove(REQUEST_TIMEOUT_HEADER);
+    parts.headers.remove(traffic::DEBUG_HEADER);
+    quota.budget.deposit();
+    let mut attempts = Attempts::new(&quota, inner, parts, body, timeout, logged);
+    let outcome = tokio::select! {
+        outcome = attempts.run() => outcome,
+        _ = quota.shutdown.aborted() => Err(ProxyError::ShuttingDown),
+    };
+    let served = attempts.served;
+    match outcome {
+        Ok(response) => Ok(Reply::new(response, served)),
+        Err(error) => Err(Failure::new(error, served)),
+    }
+}
+
+/// A caller's `X-Request-Timeout`, if it sent one.
+fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
+    let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or("").trim();
+    let parsed = text
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .or_else(|| humantime::parse_duration(text).ok())
+        .filter(|d| !d.is_zero() && *d <= MAX_REQUEST_TIMEOUT);
+    parsed.map(Some).ok_or(ProxyError::BadHeader {
+        name: REQUEST_TIMEOUT_HEADER,
+        expected: "a positive number of seconds or a duration like 2500ms, at most a day",
+    })
+}
+
+/// The loop's state: the request, its deadlines and what happened so far.
+struct Attempts<'q, S> {
+    quota: &'q Quota,
+    inner: S,
+    parts: Parts,
+    body: Bytes,
+    safety: Safety,
+    /// The last moment an attempt may start (quota waits and backoff included).
+    start_by: Instant,
+    /// When the caller stops listening (`X-Request-Timeout`), if it said.
+    give_up_at: Option<Instant>,
+    served: Served,
+    /// Set when this request's attempts go in the traffic log.
+    traffic: Option<Arc<Traffic>>,
+}
+
+impl<'q, S, B> Attempts<'q, S>
+where
+    S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>,
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn new(
+        quota: &'q Quota,
+        inner: S,
+        parts: Parts,
+        body: Bytes,
+        timeout: Option<Duration>,
+        logged: bool,
+    ) -> Self {
+        let now = Instant::now();
+        let give_up_at = timeout.map(|t| now + t);
+        let start_by = (now + quota.max_wait).min(give_up_at.unwrap_or(now + quota.max_wait));
+        let api_path = parts
+            .uri
+            .path()
+            .strip_prefix(&quota.base_path)
+            .unwrap_or("");
+        let safety = Safety::of(&parts.method, api_path, &parts.headers, &quota.retry);
+        let traffic = logged.then(|| {
+            Arc::new(Traffic::new(
+                super::request_id::of(&parts.headers),
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+                &body,
+                quota.log.body_bytes,
+                &quota.secrets,
+            ))
+        });
+        Self {
+            quota,
+            inner,
+            parts,
+            body,
+            safety,
+            start_by,
+            give_up_at,
+            served: Served {
+                upstream: true,
+                ..Served::default()
+            },
+            traffic,
+        }
+    }
+
+    async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
+        let quota = self.quota;
+        loop {
+            match quota.limiter.acquire(self.start_by).await {
+                Ok(waited) => self.served.waited += waited,
+                Err(refusal) => return Err(self.refused(refusal)),
+            }
+            self.served.attempts += 1;
+            let timeout = self.attempt_timeout();
+            let began = Instant::now();
+            let sent = self.send(timeout).await;
+            if let Ok(resp) = &sent {
+                quota.limiter.observe(resp.headers()).await;
+            }
+            let outcome = match &sent {
+                Ok(resp) => resp.status().as_str().to_owned(),
+                Err(e) => e.kind().to_owned(),
+            };
+            tracing::debug!(
+                attempt = self.served.attempts,
+                %outcome,
+                upstream_ms = began.elapsed().as_secs_f64() * 1000.0,
+                "upstream attempt"
+            );
+            crate::metrics::upstream_attempt(&outcome);
+            let (retryable, asked, last) = match sent {
+                Ok(resp) if is_pass_through(resp.status()) => {
+                    self.served.upstream_time += began.elapsed();
+                    return Ok(self.success(resp, began.elapsed()));
+                }
+                Ok(resp) => {
+                    let failed = read_failed(resp, timeout).await;
+                    if let Some(t) = &self.traffic {
+                        let (status, headers, body) =
+                            (failed.status, &failed.headers, &failed.body);
+                        t.answered(self.served.attempts, status, headers, body, began.elapsed());
+                    }
+                    self.served.last_status = Some(failed.status);
+                    let asked = retry::upstream_retry_after(
+                        &failed.headers,
+                        &failed.body,
+                        SystemTime::now(),
+                    );
+                    let retryable = retry::retry_status(failed.status, self.safety, &quota.retry);
+                    (retryable, asked, ProxyError::Upstream(Box::new(failed)))
+                }
+                Err(err) => {
+                    if let Some(t) = &self.traffic {
+                        t.failed(self.served.attempts, err.kind(), began.elapsed());
+                    }
+                    (retry::retry_error(&err, self.safety), None, err.into())
+                }
+            };
+            self.served.upstream_time += began.elapsed();
+            if !retryable || self.served.attempts > quota.retry.max_retries {
+                return Err(self.last(last));
+            }
+            let limited = matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
+            if !limited && !quota.budget.withdraw() {
+                self.served.budget_exhausted = true;
+                tracing::warn!(
+                    attempt = self.served.attempts,
+                    "retry budget exhausted; answering with the last error"
+                );
+                return Err(self.last(last));
+            }
+            tracing::info!(attempt = self.served.attempts, %outcome, "retrying");
+            crate::metrics::retry(outcome);
+            if limited {
+                // The quota is shared: everyone pauses, and the limiter spaces the restart.
+                quota.limiter.pause(self.pause_for(asked)).await;
+                continue;
+            }
+            match self.wait_or_give_up(asked) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(self.last(last)),
+            }
+        }
+    }
+
+    /// One attempt within `timeout`.
+    async fn send(&mut self, timeout: Duration) -> Result<Response<B>, AttemptError> {
+        let mut req = Request::new(self.body.clone());
+        *req.method_mut() = self.parts.method.clone();
+        *req.uri_mut() = self.parts.uri.clone();
+        *req.headers_mut() = self.parts.headers.clone();
+        let attempt = async {
+            let ready = self.inner.ready().await?;
+            ready.call(req).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(sent) => sent,
+            Err(_) => Err(AttemptError::Timeout(timeout)),
+        }
+    }
+
+    /// A success, to stream back as it is: a body that stalls is cut (the client sees a
+    /// broken response, never a truncated one passed off as complete).
+    fn success(&self, resp: Response<B>, took: Duration) -> Response<Body> {
+        let (mut head, body) = resp.into_parts();
+        own_retry_after(&mut head.headers, self.quota.longest_pause);
+        let body = IdleTimeout::new(body, self.quota.upstream_timeout);
+        let body = match &self.traffic {
+            Some(t) => {
+                Body::new(t.tap(self.served.attempts, head.status, &head.headers, took, body))
+            }
+            None => Body::new(body),
+        };
+        Response::from_parts(head, body)
+    }
+
+    /// The last error, as the client will get it.
+    fn last(&self, mut error: ProxyError) -> ProxyError {
+        if let ProxyError::Upstream(failed) = &mut error {
+            own_retry_after(&mut failed.headers, self.quota.longest_pause);
+        }
+        error
+    }
+
+    fn refused(&self, refusal: Refusal) -> ProxyError {
+        match refusal {
+            Refusal::RateLimited { retry_after, why } => {
+                let (limit, period) = self.quota.limiter.window();
+                ProxyError::RateLimited(RateLimited {
+                    why,
+                    retry_after,
+                    limit,
+                    period,
+                })
+            }
+            Refusal::Unavailable(reason) => ProxyError::LimiterUnavailable(reason),
+        }
+    }
+
+    /// `upstream.timeout`, cut short by the caller's own deadline.
+    fn attempt_timeout(&self) -> Duration {
+        let t = self.quota.upstream_timeout;
+        match self.give_up_at {
+            Some(at) => t.min(at.saturating_duration_since(Instant::now())),
+            None => t,
+        }
+    }
+
+    /// The backoff before the next attempt, or `None` when it would end past the deadline.
+    fn wait_or_give_up(&self, asked: Option<Duration>) -> Option<Duration> {
+        let attempt = self.served.attempts;
+        let wait = retry::delay(attempt, asked, &self.quota.retry, rand::random());
+        (Instant::now() + wait <= self.start_by).then_some(wait)
+    }
+
+    /// How long an upstream 429 pauses the whole limiter.
+    fn pause_for(&self, asked: Option<Duration>) -> Duration {
+        let asked = asked.unwrap_or(self.quota.retry.base_delay);
+        asked.min(self.quota.longest_pause)
+    }
+}
+
+/// Successes stream through untouched; 304 has no body to wrap.
+fn is_pass_through(status: StatusCode) -> bool {
+    status.is_success() || status.is_informational() || status == StatusCode::NOT_MODIFIED
+}
+
+/// `Retry-After` only as the proxy's own whole seconds, at most `cap`; never the
+/// upstream's raw text.
+fn own_retry_after(headers: &mut HeaderMap, cap: Duration) {
+    if headers.contains_key(header::RETRY_AFTER) {
+        match retry::client_retry_after(headers, cap) {
+            Some(v) => headers.insert(header::RETRY_AFTER, v),
+            None => headers.remove(header::RETRY_AFTER),
+        };
+    }
+}
+
+/// An error answer, read whole (up to [`READ_CAP`]) and decoded; a body that breaks off
+/// or stalls yields what arrived, since the status alone is enough to answer.
+async fn read_failed<B>(resp: Response<B>, timeout: Duration) -> Failed
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let (head, body) = resp.into_parts();
+    let (raw, raw_cut) = read_capped(body, READ_CAP, Instant::now() + timeout).await;
+    let (body, cut) = decode_body(&head.headers, raw, raw_cut, READ_CAP);
+    Failed {
+        status: head.status,
+        headers: head.headers,
+        body,
+        cut,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use http_body_util::Full;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// An upstream that answers each attempt with the next status of a script.
+    #[derive(Clone)]
+    struct Scripted {
+        statuses: Arc<Mutex<Vec<u16>>>,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl Scripted {
+        fn new(statuses: &[u16]) -> Self {
+            Self {
+                statuses: Arc::new(Mutex::new(statuses.iter().rev().copied().collect())),
+                calls: Arc::new(AtomicU32::new(0)),
+            }
+        }
+    }
+
+    impl Service<Request<Bytes>> for Scripted {
+        type Response = Response<Full<Bytes>>;
+        type Error = AttemptError;
+        type Future = std::future::Ready<Result<Response<Full<Bytes>>, AttemptError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), AttemptError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                req.headers().get(REQUEST_TIMEOUT_HEADER).is_none(),
+                "never forwarded"
+            );
+            let status = self.statuses.lock().unwrap().pop().unwrap_or(200);
+            if status == 0 {
+                return std::future::ready(Err(AttemptError::Connect("refused".into())));
+            }
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                http::HeaderValue::from_static("1000000"),
+            );
+            std::future::ready(Ok(resp))
+        }
+    }
+
+    fn shared(tweak: impl FnOnce(&mut Settings)) -> Shared {
+        let mut s = Settings::default();
+        s.upstream.api_key = Some(crate::key::ApiKey::new("k"));
+        s.retry.base_delay = Duration::from_millis(1);
+        s.retry.max_delay = Duration::from_millis(5);
+        s.limit.margin = Duration::ZERO;
+        tweak(&mut s);
+        Shared::new(s).unwrap()
+    }
+
+    async fn call(
+        shared: &Shared,
+        upstream: &Scripted,
+        req: Request<Bytes>,
+    ) -> Result<Reply, Failure> {
+        QuotaRetryLayer::new(shared, &Shutdown::default())
+            .layer(upstream.clone())
+            .oneshot(req)
+            .await
+    }
+
+    fn get() -> Request<Bytes> {
+        Request::builder()
+            .uri("https://server.smartlead.ai/api/v1/campaigns")
+            .header(REQUEST_TIMEOUT_HEADER, "20")
+            .body(Bytes::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_a_transient_failure_then_streams_the_success() {
+        let shared = shared(|_| {});
+        let upstream = Scripted::new(&[503, 0, 200]);
+        let reply = call(&shared, &upstream, get()).await.unwrap();
+        assert_eq!(reply.response.status(), 200);
+        assert_eq!(reply.served.attempts, 3);
+        assert_eq!(
+            reply.served.last_status,
+            Some(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        assert_eq!(
+            reply.response.headers()[header::RETRY_AFTER],
+            "60",
+            "the proxy's own value, capped"
+        );
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_max_retries_with_the_last_upstream_error() {
+        let shared = shared(|s| s.retry.max_retries = 2);
+        let upstream = Scripted::new(&[500, 502, 504, 200]);
+        let err = call(&shared, &upstream, get()).await.unwrap_err();
+        assert_eq!(err.served.attempts, 3);
+        match err.error {
+            ProxyError::Upstream(f) => {
+                assert_eq!(f.status, 504);
+                assert_eq!(f.headers[header::RETRY_AFTER], "60");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_post_is_not_repeated_after_a_5xx_that_may_have_done_the_work() {
+        let shared = shared(|_| {});
+        let upstream = Scripted::new(&[500, 200]);
+        let mut req = get();
+        *req.method_mut() = http::Method::POST;
+        let err = call(&shared, &upstream, req).await.unwrap_err();
+        assert_eq!(err.served.attempts, 1);
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_slot_before_the_deadline_is_an_honest_429_at_once() {
+        let shared = shared(|s| {
+            s.limit.requests = 1;
+            s.limit.period = Duration::from_secs(60);
+            s.limit.max_wait = Duration::from_secs(5);
+        });
+        let upstream = Scripted::new(&[]);
+        call(&shared, &upstream, get()).await.unwrap();
+        let asked = Instant::now();
+        let err = call(&shared, &upstream, get()).await.unwrap_err();
+        assert_eq!(asked.elapsed(), Duration::ZERO, "no waiting to find out");
+        match err.error {
+            ProxyError::RateLimited(r) => {
+                assert_eq!(r.retry_after, Duration::from_secs(60));
+                assert_eq!((r.limit, r.period), (1, Duration::from_secs(60)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_bad_request_timeout_is_refused_before_any_quota_is_spent() {
+        let shared = shared(|_| {});
+        let upstream = Scripted::new(&[]);
+        let mut req = get();
+        req.headers_mut().insert(
+            REQUEST_TIMEOUT_HEADER,
+            http::HeaderValue::from_static("18446744073709551615s"),
+        );
+        let err = call(&shared, &upstream, req).await.unwrap_err();
+        assert!(matches!(err.error, ProxyError::BadHeader { .. }));
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_are_answered_503_when_the_grace_runs_out() {
+        let shared = shared(|s| {
+            s.limit.requests = 1;
+            s.limit.period = Duration::from_secs(60);
+            s.limit.max_wait = Duration::from_secs(120);
+        });
+        let upstream = Scripted::new(&[]);
+        let shutdown = Shutdown::default();
+        let svc = QuotaRetryLayer::new(&shared, &shutdown).layer(upstream.clone());
+        svc.clone().oneshot(get()).await.unwrap();
+        let mut req = get();
+        req.headers_mut().remove(REQUEST_TIMEOUT_HEADER);
+        let waiting = tokio::spawn(svc.oneshot(req));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        shutdown.abort_remaining();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(matches!(err.error, ProxyError::ShuttingDown));
+    }
+}

@@ -1,0 +1,127 @@
+//! Every request gets an `x-request-id` (a client's own is kept, and forwarded to
+//! SmartLead), and every answer carries it back.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use tower::{Layer, Service};
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id, as [`RequestId`] left it in the headers.
+pub fn of(headers: &HeaderMap) -> &str {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestIdLayer;
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestId<S> {
+    inner: S,
+}
+
+impl<S, B, R> Service<Request<B>> for RequestId<S>
+where
+    S: Service<Request<B>, Response = Response<R>>,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = RequestIdFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = ensure(req.headers_mut());
+        RequestIdFuture {
+            inner: self.inner.call(req),
+            id: Some(id),
+        }
+    }
+}
+
+/// Keeps the caller's `x-request-id`, or assigns a fresh UUID.
+fn ensure(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(REQUEST_ID) {
+        return id.clone();
+    }
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    let id = HeaderValue::from_str(text).expect("a UUID is a valid header value");
+    headers.insert(REQUEST_ID, id.clone());
+    id
+}
+
+pin_project_lite::pin_project! {
+    pub struct RequestIdFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, R, E> Future for RequestIdFuture<F>
+where
+    F: Future<Output = Result<Response<R>, E>>,
+{
+    type Output = Result<Response<R>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut answered = ready!(this.inner.poll(cx));
+        if let (Ok(resp), Some(id)) = (&mut answered, this.id.take()) {
+            resp.headers_mut().insert(REQUEST_ID, id);
+        }
+        Poll::Ready(answered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+
+    /// Answers with the id it was given, in its body.
+    fn echo_id() -> impl Service<Request<()>, Response = Response<String>, Error = Infallible> {
+        tower::service_fn(|req: Request<()>| async move {
+            Ok::<_, Infallible>(Response::new(of(req.headers()).to_owned()))
+        })
+    }
+
+    #[tokio::test]
+    async fn assigns_an_id_and_answers_with_it() {
+        let svc = RequestIdLayer.layer(echo_id());
+        let resp = svc.oneshot(Request::new(())).await.unwrap();
+        let id = resp.headers()[REQUEST_ID].to_str().unwrap().to_owned();
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        assert_eq!(resp.body(), &id, "the inner service saw the same id");
+    }
+
+    #[tokio::test]
+    async fn keeps_the_callers_id() {
+        let svc = RequestIdLayer.layer(echo_id());
+        let req = Request::builder()
+            .header(REQUEST_ID, "mine-1")
+            .body(())
+            .unwrap();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(resp.headers()[REQUEST_ID], "mine-1");
+        assert_eq!(resp.body(), "mine-1");
+    }
+}
