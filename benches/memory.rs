@@ -1,7 +1,7 @@
-//! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue
-//! (target < 64 MiB). Two baselines measured in the same run: the proxy's own idle RSS,
-//! and the floor of the stack itself: a bare hyper HTTP/1 server (this bench binary run
-//! again, with the same allocator) holding the same 10,000 requests without answering.
+//! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue,
+//! against the floor of the stack itself measured in the same run: a bare hyper HTTP/1
+//! server (this bench binary run again, with the same allocator) holding the same 10,000
+//! requests without answering. `PROXY_BINS` adds other builds to compare.
 //!
 //! `cargo bench --bench memory` (raise `ulimit -n` above 20,000 first; bench/run does).
 
@@ -136,27 +136,21 @@ fn main() {
     tokio::runtime::Runtime::new().unwrap().block_on(bench());
 }
 
-async fn bench() {
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("memory bench: skipped (run it with `cargo bench --bench memory`)");
-        return;
-    }
-    let sim = Sim::start(SimConfig {
-        api_key: None,
-        requests: 0,
-        record: false,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+/// RSS of one proxy binary: idle, and with `WAITING` requests in its queue.
+async fn proxy_rss(bin: &str, upstream: &str) -> (u64, u64, f64) {
     let addr = free_addr();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smartlead-proxy"))
+    // Run outside the repository: an older binary may not know every key of today's
+    // config/default.toml.
+    let mut child = Command::new(bin)
+        .current_dir(std::env::temp_dir())
         .env("SMARTLEAD_API_KEY", "bench")
-        .env("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", sim.base_url())
+        .env("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", upstream)
         .env("SMARTLEAD_PROXY__SERVER__LISTEN", &addr)
+        // One slot every 6 s: 10,000 waiting fit within a day's max_wait (the longest
+        // allowed), and only a few are served while the RSS is read.
         .env("SMARTLEAD_PROXY__LIMIT__REQUESTS", "1")
-        .env("SMARTLEAD_PROXY__LIMIT__PERIOD", "1h")
-        .env("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "100000h")
+        .env("SMARTLEAD_PROXY__LIMIT__PERIOD", "6s")
+        .env("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "24h")
         .env("SMARTLEAD_PROXY__LIMIT__MAX_QUEUE", "20000")
         .env("SMARTLEAD_PROXY__LOG__LEVEL", "warn")
         .stdout(Stdio::null())
@@ -175,42 +169,84 @@ async fn bench() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(pid);
-
     let conns = send_waiting(&addr, WAITING).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while queued(&addr).await < conns.len() as f64 && std::time::Instant::now() < deadline {
+    let wanted = conns.len().saturating_sub(20) as f64;
+    while queued(&addr).await < wanted && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let waiting = queued(&addr).await;
     let loaded = rss_kib(pid);
-    let per = (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0);
-    println!(
-        "RSS idle:                         {:>8.1} MiB",
-        idle as f64 / 1024.0
-    );
-    println!(
-        "RSS with {waiting:>6.0} waiting requests:  {:>8.1} MiB (target < 64 MiB)",
-        loaded as f64 / 1024.0
-    );
-    println!(
-        "ratio loaded/idle:                {:>8.2}",
-        loaded as f64 / idle as f64
-    );
-    println!("per waiting request:              {:>8.0} bytes", per);
     drop(conns);
     let _ = child.kill();
     let _ = child.wait();
+    (idle, loaded, waiting)
+}
 
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// `PROXY_BINS="name=path ..."` measures other builds too (bench/run passes the baseline
+/// it compares against); the binary built with this bench is always measured.
+fn binaries() -> Vec<(String, String)> {
+    let mut bins = vec![(
+        "smartlead-proxy".to_owned(),
+        env!("CARGO_BIN_EXE_smartlead-proxy").to_owned(),
+    )];
+    for entry in std::env::var("PROXY_BINS")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Some((name, path)) = entry.split_once('=') {
+            bins.push((name.to_owned(), path.to_owned()));
+        }
+    }
+    bins
+}
+
+async fn bench() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("memory bench: skipped (run it with `cargo bench --bench memory`)");
+        return;
+    }
+    let sim = Sim::start(SimConfig {
+        api_key: None,
+        requests: 0,
+        record: false,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
     let (bare_idle, bare_loaded) = floor().await;
     let bare_per = (bare_loaded.saturating_sub(bare_idle) * 1024) as f64 / WAITING as f64;
     println!(
-        "bare hyper, {WAITING} pending requests: {:>8.1} MiB (idle {:.1} MiB): the stack's floor",
-        bare_loaded as f64 / 1024.0,
-        bare_idle as f64 / 1024.0
+        "{:<28} {:>10} {:>14} {:>12} {:>10}",
+        "", "idle MiB", "10,000 waiting", "per request", "vs floor"
     );
-    println!("bare hyper per pending request:   {:>8.0} bytes", bare_per);
     println!(
-        "ratio proxy/bare hyper (loaded):  {:>8.2}",
-        loaded as f64 / bare_loaded.max(1) as f64
+        "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10}",
+        "bare hyper (the floor)",
+        mib(bare_idle),
+        mib(bare_loaded),
+        bare_per,
+        "1.00"
     );
+    for (name, bin) in binaries() {
+        let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url()).await;
+        let per = (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0);
+        println!(
+            "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{}",
+            name,
+            mib(idle),
+            mib(loaded),
+            per,
+            loaded as f64 / bare_loaded.max(1) as f64,
+            if waiting < WAITING as f64 - 20.0 {
+                format!("  (only {waiting:.0} waiting)")
+            } else {
+                String::new()
+            }
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! Quota efficiency under 10× oversubscription: the proxy (one instance, and three sharing
-//! one Redis) against the seed's per-client retry recipe, on the same simulated SmartLead
+//! one Redis) against the retry recipe from SmartLead's error-handling guide (the guide recipe), on the same simulated SmartLead
 //! in the same run.
 //!
 //! `cargo bench --bench quota` (BENCH_SECONDS, default 30, sets the length of each run).
@@ -64,7 +64,7 @@ async fn start_proxy(sim: &Sim, redis_key: Option<&str>) -> std::net::SocketAddr
 
 /// The SmartLead guide's client: up to 3 retries, `2^attempt + uniform(0,1)` s, at least
 /// `Retry-After`.
-async fn seed_request(c: &reqwest::Client, url: &str) -> bool {
+async fn guide_request(c: &reqwest::Client, url: &str) -> bool {
     for attempt in 0..=3u32 {
         let resp = c.get(url).send().await;
         let retry_after = match resp {
@@ -85,7 +85,7 @@ async fn seed_request(c: &reqwest::Client, url: &str) -> bool {
     false
 }
 
-async fn run(name: &str, targets: Vec<String>, seed: bool, sim: &Sim, seconds: u64) -> Report {
+async fn run(name: &str, targets: Vec<String>, guide: bool, sim: &Sim, seconds: u64) -> Report {
     sim.reset();
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(WORKERS)
@@ -104,8 +104,8 @@ async fn run(name: &str, targets: Vec<String>, seed: bool, sim: &Sim, seconds: u
             while next < end {
                 tokio::time::sleep_until(next).await;
                 let sent = Instant::now();
-                let ok = if seed {
-                    seed_request(&c, &url).await
+                let ok = if guide {
+                    guide_request(&c, &url).await
                 } else {
                     c.get(&url)
                         .send()
@@ -179,7 +179,7 @@ async fn main() {
     let url = |a: &std::net::SocketAddr| format!("http://{a}/api/v1/campaigns");
     let reports = vec![
         run(
-            "seed recipe, direct",
+            "guide recipe, direct",
             vec![format!("{}/campaigns?api_key={KEY}", sim.base_url())],
             true,
             &sim,
@@ -211,16 +211,16 @@ async fn main() {
             r.p99.as_secs_f64()
         );
     }
-    let seed = &reports[0];
+    let guide = &reports[0];
     for r in &reports[1..] {
         println!(
-            "\n{} vs seed recipe: goodput {:.2}x, upstream 429s {} vs {}, client errors {} vs {}",
+            "\n{} vs guide recipe: goodput {:.2}x, upstream 429s {} vs {}, client errors {} vs {}",
             r.name,
-            r.goodput / seed.goodput.max(0.1),
+            r.goodput / guide.goodput.max(0.1),
             r.upstream_429,
-            seed.upstream_429,
+            guide.upstream_429,
             r.failed,
-            seed.failed
+            guide.failed
         );
     }
 }

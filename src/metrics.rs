@@ -169,8 +169,8 @@ pub fn upstream_attempt(outcome: &str) {
         .insert(outcome.to_owned(), c);
 }
 
-pub fn retry(reason: String) {
-    counter!(RETRIES, "reason" => reason).increment(1);
+pub fn retry(reason: &str) {
+    counter!(RETRIES, "reason" => reason.to_owned()).increment(1);
 }
 
 pub fn limiter_wait(waited: Duration) {

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -198,21 +199,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     }
 }
 
-/// Copies the request head out of hyper's read buffer. Header values normally point into
-/// that buffer, which keeps it alive while the request waits for a quota slot, so hyper
-/// allocates a second one for its next read; with the head copied, the first is reused.
+/// Copies the request head out of hyper's read buffer. Header values and the path
+/// normally point into that buffer, which keeps it alive while the request waits for a
+/// quota slot, so hyper allocates a second one for its next read; with the head copied,
+/// the first is reused. The copies share one allocation.
 fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let shared = std::mem::take(&mut parts.headers);
-    let mut owned = HeaderMap::with_capacity(shared.len());
+    // Origin form is what HTTP/1 clients send; anything else is re-parsed on its own.
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    let target = match (origin_form, parts.uri.path_and_query()) {
+        (true, Some(p)) => p.as_str(),
+        _ => "",
+    };
+    let total = target.len() + shared.values().map(HeaderValue::len).sum::<usize>();
+    let mut copy = BytesMut::with_capacity(total);
+    copy.extend_from_slice(target.as_bytes());
+    for value in shared.values() {
+        copy.extend_from_slice(value.as_bytes());
+    }
+    let copy = copy.freeze();
+    // Room for what the proxy adds: the request id and Host.
+    let mut owned = HeaderMap::with_capacity(shared.len() + 2);
+    let mut at = target.len();
     for (name, value) in &shared {
+        let end = at + value.len();
+        let mut copied =
+            HeaderValue::from_maybe_shared(copy.slice(at..end)).unwrap_or_else(|_| value.clone());
+        copied.set_sensitive(value.is_sensitive());
+        at = end;
         let name =
             HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-        let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        owned.append(name, value);
+        owned.append(name, copied);
     }
     parts.headers = owned;
-    if let Ok(uri) = parts.uri.to_string().parse() {
+    let uri = if target.is_empty() {
+        parts.uri.to_string().parse().ok()
+    } else {
+        http::Uri::from_maybe_shared(copy.slice(..target.len())).ok()
+    };
+    if let Some(uri) = uri {
         parts.uri = uri;
     }
     Request::from_parts(parts, body)

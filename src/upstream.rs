@@ -4,11 +4,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -56,17 +57,27 @@ impl AttemptError {
 #[derive(Clone, Debug)]
 pub struct Target {
     base: BaseUrl,
+    /// `Host` for every request, made once.
+    host: HeaderValue,
     key: Option<ApiKey>,
     allow_client_key: bool,
 }
 
 impl Target {
     pub fn new(settings: &UpstreamSettings) -> Self {
+        let base = settings.base_url.clone();
         Self {
-            base: settings.base_url.clone(),
+            // An authority that parsed is a valid header value.
+            host: HeaderValue::from_str(base.authority()).expect("a valid authority"),
+            base,
             key: settings.api_key.clone(),
             allow_client_key: settings.allow_client_key,
         }
+    }
+
+    /// The `Host` header every request goes with.
+    pub fn host(&self) -> HeaderValue {
+        self.host.clone()
     }
 
     /// The upstream's base path (`/api/v1`), which targets start with.
@@ -139,7 +150,8 @@ type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// removed from the answer. Retries, timeouts and the quota are the caller's.
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    client: HttpsClient,
+    // Shared: the client's own struct is large, and every request clones the service.
+    client: Arc<HttpsClient>,
 }
 
 impl UpstreamClient {
@@ -160,7 +172,9 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(max_idle)
             .build(https);
-        Ok(Self { client })
+        Ok(Self {
+            client: Arc::new(client),
+        })
     }
 }
 

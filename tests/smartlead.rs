@@ -214,3 +214,35 @@ async fn without_following_remaining_zero_still_pauses() {
     // but far more than when following.
     assert!(limited > 8, "{limited} upstream 429s");
 }
+
+/// The proxy's own 429 reports the limit it enforces: SmartLead's smaller one once it is
+/// followed, not `limit.requests`.
+#[tokio::test]
+async fn a_429_reports_the_limit_in_force_once_smartleads_is_followed() {
+    let sim = Sim::start(SimConfig {
+        requests: 4,
+        period: Duration::from_secs(10),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut s = quota_settings(&sim.base_url(), 12, Duration::from_secs(10), None);
+    s.limit.follow_upstream = true;
+    s.limit.max_wait = Duration::from_millis(500);
+    let proxy = spawn_proxy(s).await;
+    // The first answer carries x-ratelimit-limit: 4, which the proxy adopts.
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    let mut refused = None;
+    for _ in 0..6 {
+        let resp = proxy.get("/api/v1/campaigns").await;
+        if resp.status() == 429 && resp.headers().contains_key("ratelimit-limit") {
+            refused = Some(resp);
+            break;
+        }
+    }
+    let resp = refused.expect("the proxy refused once 4 slots were taken");
+    assert_eq!(resp.headers()["ratelimit-limit"], "4");
+    assert_eq!(resp.headers()["ratelimit-policy"], "4;w=10");
+    expect_envelope(resp, 429, "RATE_LIMITED").await;
+    proxy.stop().await;
+}

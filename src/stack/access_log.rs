@@ -10,7 +10,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use axum::body::Body;
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
 use super::Reply;
@@ -61,13 +61,16 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        // A key a client put in the path must not become a label or a log field.
+        let path = self.secrets.scrub(req.uri().path());
         let entry = Entry {
             in_flight: InFlight::enter(),
-            start: Instant::now(),
+            start,
+            route: crate::metrics::route_label(&path),
+            path: logging().then(|| path.into_owned()),
             method: req.method().clone(),
-            uri: req.uri().clone(),
             request_id: req.headers().get(super::request_id::REQUEST_ID).cloned(),
-            secrets: self.secrets.clone(),
         };
         AccessLogFuture {
             inner: self.inner.call(req),
@@ -76,25 +79,29 @@ where
     }
 }
 
+fn logging() -> bool {
+    tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO)
+}
+
 /// What the line says about the request, taken when it arrived.
 struct Entry {
     // Counts the request as in flight until the entry is written.
     #[allow(dead_code)]
     in_flight: InFlight,
     start: Instant,
+    route: &'static str,
+    /// Only kept when the line will be written.
+    path: Option<String>,
     method: Method,
-    uri: Uri,
     request_id: Option<HeaderValue>,
-    secrets: Arc<Secrets>,
 }
 
 impl Entry {
     fn write(self, resp: &Response<Body>, served: Served) {
         let elapsed = self.start.elapsed();
         let status = resp.status().as_u16();
-        let path = self.secrets.scrub(self.uri.path());
-        let route = crate::metrics::route_label(&path);
-        if tracing::enabled!(target: "smartlead_proxy::access", tracing::Level::INFO) {
+        let route = self.route;
+        if let Some(path) = &self.path {
             let id = self.request_id.as_ref().and_then(|v| v.to_str().ok());
             tracing::info!(
                 target: "smartlead_proxy::access",

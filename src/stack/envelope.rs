@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use tower::{Layer, Service};
 
 use super::{Failure, Reply};
@@ -19,7 +19,7 @@ use crate::error::answer;
 use crate::key::Secrets;
 
 /// How many upstream attempts the proxy made for this request.
-pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
+pub const ATTEMPTS_HEADER: HeaderName = HeaderName::from_static("x-proxy-attempts");
 
 #[derive(Clone, Debug)]
 pub struct EnvelopeLayer {
@@ -165,7 +165,7 @@ mod tests {
         };
         let reply = through(Ok(Reply::new(Response::new(Body::from("ok")), served))).await;
         assert_eq!(reply.response.status(), 200);
-        assert_eq!(reply.response.headers()[ATTEMPTS_HEADER], "2");
+        assert_eq!(reply.response.headers()[&ATTEMPTS_HEADER], "2");
         assert_eq!(reply.served, served);
     }
 
@@ -183,7 +183,7 @@ mod tests {
         failure.headers_mut().insert("x-lead-warnings", warned);
         let reply = through(Err(failure)).await;
         assert_eq!(reply.response.status(), 504);
-        assert_eq!(reply.response.headers()[ATTEMPTS_HEADER], "12");
+        assert_eq!(reply.response.headers()[&ATTEMPTS_HEADER], "12");
         assert_eq!(reply.response.headers()["x-lead-warnings"], "1 lead");
         assert!(!reply.served.upstream, "the proxy's own answer");
         let body = axum::body::to_bytes(reply.response.into_body(), 1 << 16)

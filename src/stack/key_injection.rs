@@ -83,6 +83,9 @@ where
         };
         parts.uri = uri;
         parts.headers = request_headers(std::mem::take(&mut parts.headers));
+        parts
+            .headers
+            .insert(http::header::HOST, self.state.target.host());
         KeyInjectionFuture::Sent {
             call: self.inner.call(Request::from_parts(parts, body)),
             state: self.state.clone(),
@@ -157,9 +160,10 @@ mod tests {
             let mut resp = Response::new(Body::from(req.uri().to_string()));
             let cookie = HeaderValue::from_str(&format!("sid={KEY}")).unwrap();
             resp.headers_mut().insert("set-cookie", cookie);
-            let hosts = req.headers().get_all("host").iter().count();
+            let hosts: Vec<_> = req.headers().get_all("host").iter().cloned().collect();
             resp.headers_mut()
-                .insert("x-hosts", HeaderValue::from(hosts));
+                .insert("x-hosts", HeaderValue::from(hosts.len()));
+            resp.headers_mut().insert("x-host", hosts[0].clone());
             Ok::<_, Failure>(Reply::new(resp, Served::default()))
         })
     }
@@ -175,7 +179,12 @@ mod tests {
             .unwrap();
         let reply = layer().layer(echo_uri()).oneshot(req).await.unwrap();
         assert_eq!(reply.response.headers()["set-cookie"], "sid=***");
-        assert_eq!(reply.response.headers()["x-hosts"], "0");
+        assert_eq!(
+            reply.response.headers()["x-hosts"],
+            "1",
+            "the client's is replaced"
+        );
+        assert_eq!(reply.response.headers()["x-host"], "up.example");
         let body = axum::body::to_bytes(reply.response.into_body(), 1 << 16)
             .await
             .unwrap();

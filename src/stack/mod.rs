@@ -136,7 +136,7 @@ where
     let s = &shared.settings;
     ServiceBuilder::new()
         .layer(request_id::RequestIdLayer)
-        .layer(panic_guard::PanicGuardLayer::new(&shared.secrets))
+        .layer(panic_guard::PanicGuardLayer)
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
         .layer(own_routes::OwnRoutesLayer::new(&shared.limiter, shutdown))
         .layer(access_token::AccessTokenLayer::new(&s.server.access_tokens))

@@ -1,60 +1,43 @@
 //! A panic below (a bug) becomes a 500 `INTERNAL_ERROR` envelope carrying the request
 //! id, instead of a dropped connection. The panic hook has logged the panic itself; this
-//! layer logs which request it ended and counts it, since the access log below it never
-//! finished.
+//! layer logs which request it ended and counts it (under the route `other`), since the
+//! access log below it never finished.
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use http::{HeaderValue, Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response};
 use tower::{Layer, Service};
 
 use crate::error::{ProxyError, answer};
 use crate::key::Secrets;
 use crate::served::Served;
 
-#[derive(Clone, Debug)]
-pub struct PanicGuardLayer {
-    secrets: Arc<Secrets>,
-}
-
-impl PanicGuardLayer {
-    pub fn new(secrets: &Secrets) -> Self {
-        Self {
-            secrets: Arc::new(secrets.clone()),
-        }
-    }
-}
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PanicGuardLayer;
 
 impl<S> Layer<S> for PanicGuardLayer {
     type Service = PanicGuard<S>;
 
     fn layer(&self, inner: S) -> PanicGuard<S> {
-        PanicGuard {
-            inner,
-            secrets: self.secrets.clone(),
-        }
+        PanicGuard { inner }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct PanicGuard<S> {
     inner: S,
-    secrets: Arc<Secrets>,
 }
 
-/// What the guard keeps to answer and report a panic.
+/// What the guard keeps to answer and report a panic (little: this is every request).
 struct Seen {
     id: HeaderValue,
     method: Method,
-    uri: Uri,
     start: Instant,
-    secrets: Arc<Secrets>,
 }
 
 impl<S, B> Service<Request<B>> for PanicGuard<S>
@@ -77,9 +60,7 @@ where
                 .cloned()
                 .unwrap_or(HeaderValue::from_static("")),
             method: req.method().clone(),
-            uri: req.uri().clone(),
             start: Instant::now(),
-            secrets: self.secrets.clone(),
         };
         let inner = catch_unwind(AssertUnwindSafe(|| self.inner.call(req))).ok();
         PanicGuardFuture {
@@ -124,17 +105,15 @@ fn panicked(seen: Option<Seen>) -> Response<Body> {
         return Response::default();
     };
     let id = seen.id.to_str().unwrap_or("");
-    let path = seen.secrets.scrub(seen.uri.path());
     tracing::error!(
         target: "smartlead_proxy::access",
         request_id = id,
         method = %seen.method,
-        path = %path,
         status = 500,
+        latency_ms = seen.start.elapsed().as_secs_f64() * 1000.0,
         "request ended in a panic (a bug): answered 500"
     );
-    let route = crate::metrics::route_label(&path);
-    crate::metrics::request_done(route, 500, "proxy", seen.start.elapsed());
+    crate::metrics::request_done("other", 500, "proxy", seen.start.elapsed());
     answer(
         &ProxyError::Internal,
         &Served::default(),
@@ -173,11 +152,7 @@ mod tests {
             }
             Ok::<_, Infallible>(Response::new(Body::empty()))
         });
-        let resp = PanicGuardLayer::new(&Secrets::default())
-            .layer(svc)
-            .oneshot(request())
-            .await
-            .unwrap();
+        let resp = PanicGuardLayer.layer(svc).oneshot(request()).await.unwrap();
         let v = envelope(resp).await;
         assert_eq!(v["error"]["code"], "INTERNAL_ERROR");
         assert_eq!(v["error"]["details"]["request_id"], "req-42");
@@ -198,7 +173,7 @@ mod tests {
                 panic!("a bug before any future")
             }
         }
-        let resp = PanicGuardLayer::new(&Secrets::default())
+        let resp = PanicGuardLayer
             .layer(Broken)
             .oneshot(request())
             .await
@@ -214,11 +189,7 @@ mod tests {
         let svc = tower::service_fn(|_: Request<()>| async {
             Ok::<_, Infallible>(Response::new(Body::from("fine")))
         });
-        let resp = PanicGuardLayer::new(&Secrets::default())
-            .layer(svc)
-            .oneshot(request())
-            .await
-            .unwrap();
+        let resp = PanicGuardLayer.layer(svc).oneshot(request()).await.unwrap();
         assert_eq!(resp.status(), 200);
     }
 }

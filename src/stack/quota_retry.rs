@@ -270,17 +270,19 @@ where
             if let Ok(resp) = &sent {
                 quota.limiter.observe(resp.headers()).await;
             }
-            let outcome = match &sent {
-                Ok(resp) => resp.status().as_str().to_owned(),
-                Err(e) => e.kind().to_owned(),
+            let status = sent.as_ref().ok().map(Response::status);
+            let outcome = match (&status, &sent) {
+                (Some(status), _) => status.as_str(),
+                (None, Err(e)) => e.kind(),
+                (None, Ok(_)) => "",
             };
             tracing::debug!(
                 attempt = self.served.attempts,
-                %outcome,
+                outcome,
                 upstream_ms = began.elapsed().as_secs_f64() * 1000.0,
                 "upstream attempt"
             );
-            crate::metrics::upstream_attempt(&outcome);
+            crate::metrics::upstream_attempt(outcome);
             let (retryable, asked, last) = match sent {
                 Ok(resp) if is_pass_through(resp.status()) => {
                     self.served.upstream_time += began.elapsed();
@@ -322,7 +324,7 @@ where
                 );
                 return Err(self.last(last));
             }
-            tracing::info!(attempt = self.served.attempts, %outcome, "retrying");
+            tracing::info!(attempt = self.served.attempts, outcome, "retrying");
             crate::metrics::retry(outcome);
             if limited {
                 // The quota is shared: everyone pauses, and the limiter spaces the restart.

@@ -60,9 +60,11 @@ fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(REQUEST_ID) {
         return id.clone();
     }
-    let mut buf = uuid::Uuid::encode_buffer();
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    let id = HeaderValue::from_str(text).expect("a UUID is a valid header value");
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    // Owned by a shared buffer from the start: the layers' clones need no allocation.
+    let id = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .expect("a UUID is a valid header value");
     headers.insert(REQUEST_ID, id.clone());
     id
 }
