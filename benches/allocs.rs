@@ -188,8 +188,9 @@ fn main() {
         .parse()
         .unwrap();
     settings.upstream.api_key = Some(smartlead_proxy::key::ApiKey::new("bench"));
-    settings.limit.requests = 4_000_000_000;
-    settings.limit.period = Duration::from_secs(1);
+    settings
+        .limit
+        .one_window(4_000_000_000, Duration::from_secs(1));
     settings.server.workers = 1;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

@@ -46,8 +46,7 @@ async fn start_proxy(sim: &Sim, redis_key: Option<&str>) -> std::net::SocketAddr
     let mut s = Settings::default();
     s.upstream.base_url = sim.base_url().parse().unwrap();
     s.upstream.api_key = Some(ApiKey::new(KEY));
-    s.limit.requests = QUOTA;
-    s.limit.period = PERIOD;
+    s.limit.one_window(QUOTA, PERIOD);
     s.limit.margin = Duration::from_millis(20);
     s.limit.max_wait = Duration::from_secs(60);
     s.log.level = "warn".into();

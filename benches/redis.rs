@@ -1,5 +1,6 @@
 //! Redis limiter decisions per second per instance, against raw Redis round trips (PING
-//! over the same kind of connection, same concurrency) measured in the same run.
+//! over the same kind of connection, same concurrency) measured in the same run; and the
+//! same with the callers spread over 20 accounts (each its own log in Redis).
 //!
 //! `cargo bench --bench redis` (needs Redis on 127.0.0.1:6379).
 
@@ -8,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use smartlead_proxy::Settings;
-use smartlead_proxy::config::LimitBackend;
-use smartlead_proxy::limiter::Limiter;
+use smartlead_proxy::accounts::{Account, Accounts};
+use smartlead_proxy::config::{AccountSettings, LimitBackend};
+use smartlead_proxy::key::ApiKey;
 use tokio::time::Instant;
 
 const CONCURRENCY: usize = 64;
@@ -62,30 +64,61 @@ async fn main() {
     })
     .await;
 
-    let mut s = Settings::default();
-    s.upstream.api_key = Some(smartlead_proxy::key::ApiKey::new("k"));
-    s.limit.backend = LimitBackend::Redis;
-    s.limit.requests = 4_000_000_000;
-    s.limit.period = Duration::from_secs(1);
-    s.limit.max_queue = 1_000_000;
-    s.redis.key = format!("bench-{}", uuid::Uuid::new_v4());
-    let limiter = Arc::new(Limiter::from_settings(&s).unwrap());
-    let l = limiter.clone();
-    let decisions = rate(move || {
-        let l = l.clone();
-        async move {
-            l.acquire(Instant::now() + Duration::from_secs(1))
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let one = accounts(1);
+    let one_rate = decisions(one.clone()).await;
+    let twenty = accounts(20);
+    let twenty_rate = decisions(twenty.clone()).await;
     println!(
         "{CONCURRENCY} concurrent callers, {}s each, one connection to local Redis",
         RUN.as_secs()
     );
-    println!("raw PING round trips:      {ping:>10.0} /s");
-    println!("limiter decisions (Lua):   {decisions:>10.0} /s");
-    println!("ratio decisions/PING:      {:>10.2}", decisions / ping);
-    println!("limiter state after run:   {:?}", limiter.status().state);
+    println!("raw PING round trips:           {ping:>10.0} /s");
+    println!("limiter decisions, 1 account:   {one_rate:>10.0} /s");
+    println!("limiter decisions, 20 accounts: {twenty_rate:>10.0} /s");
+    println!("ratio decisions/PING:           {:>10.2}", one_rate / ping);
+    println!(
+        "ratio 20 accounts/1 account:    {:>10.2}",
+        twenty_rate / one_rate
+    );
+    println!(
+        "limiter state after run:        {:?}",
+        one[0].limiter.status().state
+    );
+}
+
+/// `n` accounts (`default` and `n - 1` more) on Redis, with quotas that never bind.
+fn accounts(n: usize) -> Vec<Arc<Account>> {
+    let mut s = Settings::default();
+    s.upstream.api_key = Some(ApiKey::new("k"));
+    s.limit.backend = LimitBackend::Redis;
+    s.limit.one_window(4_000_000_000, Duration::from_secs(1));
+    s.limit.max_queue = 1_000_000;
+    s.redis.key = format!("bench-{}", uuid::Uuid::new_v4());
+    for i in 1..n {
+        s.accounts.push(AccountSettings {
+            name: format!("account-{i}"),
+            key_env: format!("KEY_{i}"),
+            windows: None,
+            tokens: Vec::new(),
+            key: Some(ApiKey::new(format!("key-{i}"))),
+        });
+    }
+    Accounts::new(&s).unwrap().all()
+}
+
+/// Decisions per second with the callers spread over `accounts`.
+async fn decisions(accounts: Vec<Arc<Account>>) -> f64 {
+    let next = Arc::new(AtomicU64::new(0));
+    rate(move || {
+        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+        let account = accounts[i % accounts.len()].clone();
+        async move {
+            account
+                .limiter
+                .acquire(Instant::now() + Duration::from_secs(1))
+                .await
+                .is_ok()
+        }
+    })
+    .await
 }

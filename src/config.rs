@@ -26,6 +26,7 @@ pub const DEFAULT_BASE_URL: &str = "https://server.smartlead.ai/api/v1";
 /// Keys whose environment value is a comma-separated list.
 const LIST_KEYS: &[&str] = &[
     "server.access_tokens",
+    "limit.windows",
     "retry.statuses",
     "retry.idempotent_posts",
     "leads.warn_missing",
@@ -37,12 +38,12 @@ pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Load(String),
     #[error("invalid configuration: {key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    Invalid { key: String, reason: String },
 }
 
-fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         reason: reason.into(),
     }
 }
@@ -53,6 +54,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub limit: LimitSettings,
+    pub accounts: Vec<AccountSettings>,
     pub redis: RedisSettings,
     pub retry: RetrySettings,
     pub leads: LeadsSettings,
@@ -231,34 +233,237 @@ impl TryFrom<String> for LimitBackend {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitSettings {
+/// One quota window: at most `requests` upstream requests start in any sliding window of
+/// `period`, written `"N/duration"` (`"60/60s"`, `"1000/1h"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Window {
     pub requests: u32,
-    #[serde(with = "humantime_serde")]
     pub period: Duration,
-    #[serde(with = "humantime_serde")]
+    /// As it was written, to name the window in answers and logs.
+    label: String,
+}
+
+impl Window {
+    pub fn new(requests: u32, period: Duration) -> Self {
+        let label = format!("{requests}/{}", humantime::format_duration(period));
+        Self {
+            requests,
+            period,
+            label,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (n, d) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not of the form N/duration, like \"60/60s\""))?;
+        let requests: u32 =
+            n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                format!("{text:?}: {n:?} is not a whole number of requests above 0")
+            })?;
+        let period = humantime::parse_duration(d.trim())
+            .map_err(|e| format!("{text:?}: {d:?} is not a duration ({e})"))?;
+        if period.is_zero() || period > DAY {
+            return Err(format!(
+                "{text:?}: the period must be above 0 and at most 1day"
+            ));
+        }
+        Ok(Self {
+            requests,
+            period,
+            label: text.to_owned(),
+        })
+    }
+
+    /// `"60/60s"`.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The longest gap between starts that keeps to this window for good.
+    pub fn spacing(&self) -> Duration {
+        self.period / self.requests
+    }
+}
+
+impl TryFrom<String> for Window {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// The window SmartLead's `x-ratelimit-*` headers describe: the per-minute one, or the one
+/// closest to a minute.
+pub fn followed_window(windows: &[Window]) -> usize {
+    let minute = Duration::from_secs(60);
+    (0..windows.len())
+        .min_by_key(|&i| windows[i].period.abs_diff(minute))
+        .unwrap_or(0)
+}
+
+/// SmartLead's Standard plan, all three limits at once.
+pub const DEFAULT_WINDOWS: [&str; 3] = ["10/1s", "60/60s", "1000/1h"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawLimit")]
+pub struct LimitSettings {
+    /// Every window enforced together: `limit.windows`, or the one window of the older
+    /// `limit.requests` / `limit.period` form.
+    pub windows: Vec<Window>,
     pub max_wait: Duration,
     pub max_queue: usize,
-    #[serde(with = "humantime_serde")]
     pub margin: Duration,
     pub backend: LimitBackend,
-    /// Adopt SmartLead's `x-ratelimit-limit` when it is smaller than `requests`.
+    /// Adopt SmartLead's `x-ratelimit-limit` for the per-minute window when it is smaller.
     pub follow_upstream: bool,
+    /// With `upstream.allow_client_key`: most client-key quotas held at once.
+    pub max_client_keys: usize,
+}
+
+impl LimitSettings {
+    /// The quota as one window, as the older form gives it.
+    pub fn one_window(&mut self, requests: u32, period: Duration) {
+        self.windows = vec![Window::new(requests, period)];
+    }
+
+    /// The longest window's period.
+    pub fn longest(&self) -> Duration {
+        self.windows
+            .iter()
+            .map(|w| w.period)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Which configuration keys gave the windows, for errors.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.windows.is_empty() {
+            return Err(invalid("limit.windows", "at least one window is needed"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
+        RawLimit::default()
+            .try_into()
+            .expect("the default limit settings are valid")
+    }
+}
+
+/// `[limit]` as written; both forms of the quota are accepted, never together.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawLimit {
+    windows: Option<Vec<Window>>,
+    requests: Option<u32>,
+    #[serde(with = "humantime_serde::option")]
+    period: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    max_wait: Duration,
+    max_queue: usize,
+    #[serde(with = "humantime_serde")]
+    margin: Duration,
+    backend: LimitBackend,
+    follow_upstream: bool,
+    max_client_keys: usize,
+}
+
+impl Default for RawLimit {
+    fn default() -> Self {
         Self {
-            requests: 60,
-            period: Duration::from_secs(60),
+            windows: None,
+            requests: None,
+            period: None,
             max_wait: Duration::from_secs(30),
             max_queue: 10_000,
             margin: Duration::from_millis(50),
             backend: LimitBackend::Local,
             follow_upstream: false,
+            max_client_keys: 1000,
         }
     }
+}
+
+impl TryFrom<RawLimit> for LimitSettings {
+    type Error = String;
+
+    fn try_from(raw: RawLimit) -> Result<Self, String> {
+        let older = raw.requests.is_some() || raw.period.is_some();
+        let windows = match (raw.windows, older) {
+            (Some(_), true) => {
+                return Err(
+                    "limit.windows and limit.requests/limit.period are two forms of \
+                            the same quota: set one of them, not both"
+                        .into(),
+                );
+            }
+            (Some(windows), false) => windows,
+            (None, true) => {
+                let requests = raw.requests.unwrap_or(60);
+                if requests == 0 {
+                    return Err("limit.requests must be at least 1".into());
+                }
+                let period = raw.period.unwrap_or(Duration::from_secs(60));
+                if period.is_zero() || period > DAY {
+                    return Err("limit.period must be above 0 and at most 1day".into());
+                }
+                vec![Window::new(requests, period)]
+            }
+            (None, false) => DEFAULT_WINDOWS
+                .iter()
+                .map(|w| Window::parse(w).expect("the default windows parse"))
+                .collect(),
+        };
+        Ok(Self {
+            windows,
+            max_wait: raw.max_wait,
+            max_queue: raw.max_queue,
+            margin: raw.margin,
+            backend: raw.backend,
+            follow_upstream: raw.follow_upstream,
+            max_client_keys: raw.max_client_keys,
+        })
+    }
+}
+
+/// One more SmartLead account (`[[accounts]]`): its own key, quota and tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSettings {
+    /// `[a-z0-9_-]{1,32}`; shown in logs, metrics, status and errors.
+    pub name: String,
+    /// The environment variable holding the account's key (the only place it comes from).
+    pub key_env: String,
+    /// Its quota; `limit.windows` when absent.
+    #[serde(default)]
+    pub windows: Option<Vec<Window>>,
+    /// Access tokens whose requests use this account.
+    #[serde(default)]
+    pub tokens: Vec<SecretString>,
+    /// Read from `key_env` when the configuration is loaded.
+    #[serde(skip)]
+    pub key: Option<ApiKey>,
+}
+
+/// The account `SMARTLEAD_API_KEY` is for.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+fn valid_account_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -442,6 +647,11 @@ impl Settings {
         if let Some(key) = env.get(API_KEY_VAR).filter(|k| !k.is_empty()) {
             settings.upstream.api_key = Some(ApiKey::new(key.clone()));
         }
+        for account in &mut settings.accounts {
+            // Checked by validate, which names the account and the variable.
+            let key = env.get(&account.key_env).filter(|k| !k.is_empty());
+            account.key = key.map(|k| ApiKey::new(k.clone()));
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -480,7 +690,7 @@ impl Settings {
             Some(key) => key
                 .check()
                 .map_err(|reason| invalid("upstream.api_key", reason))?,
-            None if !u.allow_client_key => {
+            None if !u.allow_client_key && self.accounts.is_empty() => {
                 return Err(invalid(
                     "upstream.api_key",
                     format!(
@@ -492,16 +702,16 @@ impl Settings {
         }
 
         let l = &self.limit;
-        if l.requests == 0 {
-            return Err(invalid("limit.requests", "must be at least 1"));
-        }
-        positive("limit.period", l.period)?;
-        at_most("limit.period", l.period, DAY)?;
+        l.check()?;
         at_most("limit.max_wait", l.max_wait, DAY)?;
         at_most("limit.margin", l.margin, MINUTE)?;
         if l.max_queue == 0 {
             return Err(invalid("limit.max_queue", "must be at least 1"));
         }
+        if l.max_client_keys == 0 {
+            return Err(invalid("limit.max_client_keys", "must be at least 1"));
+        }
+        self.check_accounts()?;
 
         if l.backend == LimitBackend::Redis {
             let url = self.redis.url.expose_secret();
@@ -561,10 +771,71 @@ impl Settings {
         Ok(())
     }
 
-    /// Every secret in these settings, to keep out of answers and logs: the API key and
+    /// `[[accounts]]`: names, keys and tokens.
+    fn check_accounts(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        let mut tokens: std::collections::HashSet<&str> = self
+            .server
+            .access_tokens
+            .iter()
+            .map(|t| t.expose_secret())
+            .collect();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let at = |field: &str| format!("accounts[{i}].{field}");
+            if !valid_account_name(&a.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!("{:?} must be 1-32 of a-z, 0-9, _ and -", a.name),
+                ));
+            }
+            if a.name == DEFAULT_ACCOUNT {
+                return Err(invalid(
+                    at("name"),
+                    "\"default\" is SMARTLEAD_API_KEY's account; pick another name",
+                ));
+            }
+            if !names.insert(a.name.as_str()) {
+                return Err(invalid(at("name"), format!("{:?} is named twice", a.name)));
+            }
+            let here = |field: &str| format!("accounts[{}].{field}", a.name);
+            match &a.key {
+                None => {
+                    return Err(invalid(
+                        here("key_env"),
+                        format!(
+                            "the environment variable {:?} that holds the account's key is not set",
+                            a.key_env
+                        ),
+                    ));
+                }
+                Some(key) => key
+                    .check()
+                    .map_err(|reason| invalid(here("key_env"), reason))?,
+            }
+            if a.windows.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(here("windows"), "at least one window is needed"));
+            }
+            for t in &a.tokens {
+                if t.expose_secret().is_empty() {
+                    return Err(invalid(here("tokens"), "tokens must not be empty"));
+                }
+                if !tokens.insert(t.expose_secret()) {
+                    return Err(invalid(
+                        here("tokens"),
+                        "a token may belong to one account only",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every secret in these settings, to keep out of answers and logs: the API keys and
     /// the Redis password.
     pub fn secrets(&self) -> Secrets {
-        let secrets = Secrets::default().with_keys(self.upstream.api_key.iter());
+        let keys = self.upstream.api_key.iter();
+        let secrets = Secrets::default()
+            .with_keys(keys.chain(self.accounts.iter().filter_map(|a| a.key.as_ref())));
         match redis_password(self.redis.url.expose_secret()) {
             // A very short password would blank out every word that happens to match it.
             Some(p) if p.len() >= MIN_LOGGED_SECRET => secrets.with(&p),

@@ -134,8 +134,7 @@ async fn start_proxy(sim: &Sim) -> Result<String, String> {
     let mut s = Settings::default();
     s.upstream.base_url = sim.base_url().parse()?;
     s.upstream.api_key = Some(ApiKey::new(KEY));
-    s.limit.requests = QUOTA;
-    s.limit.period = PERIOD;
+    s.limit.one_window(QUOTA, PERIOD);
     s.limit.max_wait = Duration::from_secs(60);
     s.validate().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

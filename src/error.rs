@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::key::Secrets;
 use crate::leads::Refusal;
-use crate::limiter::{Limited, Status};
+use crate::limiter::{InForce, Limited, Status};
 use crate::served::Served;
 use crate::upstream::AttemptError;
 
@@ -30,15 +30,16 @@ pub struct Failed {
     pub cut: bool,
 }
 
-/// No quota slot in time: why, when one would be free, and the window that held the
-/// request back.
+/// No quota slot in time: why, when one would be free, the window that held the request
+/// back, and every window of the account's quota (as enforced: SmartLead's smaller
+/// per-minute limit when it is followed).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimited {
     pub why: Limited,
     pub retry_after: Duration,
-    /// The limit of that window in force (SmartLead's smaller one when followed).
-    pub limit: usize,
-    pub period: Duration,
+    pub window: InForce,
+    pub policy: Vec<InForce>,
+    pub account: std::sync::Arc<str>,
 }
 
 /// An auto-batched lead import that stopped at a failing batch.
@@ -86,9 +87,22 @@ pub enum ProxyError {
     /// A lead import refused before anything was sent.
     InvalidLeads(Box<Refusal>),
     /// No quota slot within the request's deadline, or the queue was full.
-    RateLimited(RateLimited),
+    RateLimited(Box<RateLimited>),
     /// The shared limiter is unreachable and `redis.on_error = "reject"`.
     LimiterUnavailable(String),
+    /// `X-SmartLead-Account` names no account of this proxy.
+    UnknownAccount(String),
+    /// No account was chosen and there is no `default` (no `SMARTLEAD_API_KEY`).
+    NoAccount,
+    /// The token belongs to one account and `X-SmartLead-Account` names another.
+    WrongAccount {
+        asked: String,
+        token_account: String,
+    },
+    /// `limit.max_client_keys` client-key quotas are held and none is idle.
+    TooManyClientKeys {
+        retry_after: Duration,
+    },
     /// `/readyz`: not ready, and why.
     NotReady {
         reason: &'static str,
@@ -128,6 +142,9 @@ impl ProxyError {
             BadPath(_) | BadHeader { .. } | BodyUnreadable | InvalidLeads(_) => {
                 StatusCode::BAD_REQUEST
             }
+            UnknownAccount(_) | NoAccount => StatusCode::BAD_REQUEST,
+            WrongAccount { .. } => StatusCode::FORBIDDEN,
+            TooManyClientKeys { .. } => StatusCode::SERVICE_UNAVAILABLE,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             Unauthorized => StatusCode::UNAUTHORIZED,
@@ -149,6 +166,9 @@ impl ProxyError {
             NotFound => "NOT_FOUND",
             MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             BadPath(_) | BadHeader { .. } | BodyUnreadable => "BAD_REQUEST",
+            UnknownAccount(_) | NoAccount => "BAD_REQUEST",
+            WrongAccount { .. } => "FORBIDDEN",
+            TooManyClientKeys { .. } => "UNAVAILABLE",
             InvalidLeads(_) => "VALIDATION_ERROR",
             PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             BodyStalled { .. } => "REQUEST_TIMEOUT",
@@ -200,6 +220,18 @@ impl ProxyError {
                 crate::limiter::retry_after_secs(r.retry_after)
             ),
             LimiterUnavailable(reason) => reason.clone(),
+            UnknownAccount(name) => format!("no account named {name:?} (X-SmartLead-Account)"),
+            NoAccount => "no account chosen, and this proxy has no default account \
+                          (SMARTLEAD_API_KEY is not set): name one in X-SmartLead-Account or \
+                          use one of its access tokens"
+                .into(),
+            WrongAccount {
+                asked,
+                token_account,
+            } => format!("this access token is for the account {token_account:?}, not {asked:?}"),
+            TooManyClientKeys { .. } => "the proxy holds as many client-key quotas as \
+                                         limit.max_client_keys allows, none of them idle"
+                .into(),
             NotReady { reason, .. } if *reason == "shutting_down" => {
                 "the proxy is shutting down".into()
             }
@@ -248,6 +280,26 @@ impl ProxyError {
                 d.insert("reason".into(), r.why.label().into());
                 let secs = crate::limiter::retry_after_secs(r.retry_after);
                 d.insert("retry_after".into(), secs.into());
+                d.insert("window".into(), r.window.label.clone().into());
+                d.insert("account".into(), (*r.account).into());
+            }
+            UnknownAccount(name) => {
+                d.insert("account".into(), name.clone().into());
+            }
+            NoAccount => {
+                d.insert("account".into(), crate::config::DEFAULT_ACCOUNT.into());
+            }
+            WrongAccount {
+                asked,
+                token_account,
+            } => {
+                d.insert("account".into(), asked.clone().into());
+                d.insert("token_account".into(), token_account.clone().into());
+            }
+            TooManyClientKeys { retry_after } => {
+                d.insert("reason".into(), "client_keys".into());
+                let secs = crate::limiter::retry_after_secs(*retry_after);
+                d.insert("retry_after".into(), secs.into());
             }
             NotReady { reason, limiter } => {
                 d.insert("reason".into(), (*reason).into());
@@ -270,14 +322,23 @@ impl ProxyError {
             ProxyError::RateLimited(r) => {
                 let secs = crate::limiter::retry_after_secs(r.retry_after);
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-                // draft-ietf-httpapi-ratelimit-headers: the window that held it back.
-                h.insert("ratelimit-limit", HeaderValue::from(r.limit));
+                // draft-ietf-httpapi-ratelimit-headers: the window that held it back...
+                h.insert("ratelimit-limit", HeaderValue::from(r.window.limit));
                 h.insert("ratelimit-remaining", HeaderValue::from(0));
                 h.insert("ratelimit-reset", HeaderValue::from(secs));
-                let policy = format!("{};w={}", r.limit, r.period.as_secs().max(1));
-                if let Ok(v) = HeaderValue::from_str(&policy) {
+                // ...and every window of the quota.
+                let policy: Vec<String> = r
+                    .policy
+                    .iter()
+                    .map(|w| format!("{};w={}", w.limit, w.period.as_secs().max(1)))
+                    .collect();
+                if let Ok(v) = HeaderValue::from_str(&policy.join(", ")) {
                     h.insert("ratelimit-policy", v);
                 }
+            }
+            ProxyError::TooManyClientKeys { retry_after } => {
+                let secs = crate::limiter::retry_after_secs(*retry_after);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             ProxyError::OutOfBodyMemory => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -604,6 +665,15 @@ fn hint(error: &ProxyError, served: &Served) -> String {
             r.field, r.constraint
         ),
         RateLimited(r) => rate_limit_hint(r),
+        UnknownAccount(_) | NoAccount => "name one of the proxy's accounts in \
+             X-SmartLead-Account ([[accounts]] names, or default), or send one of its access tokens"
+            .into(),
+        WrongAccount { .. } => "use the token of the account you name, or leave \
+             X-SmartLead-Account out: a token's requests use its own account"
+            .into(),
+        TooManyClientKeys { .. } => "too many distinct client keys are in use at once: retry \
+             after Retry-After, or raise limit.max_client_keys"
+            .into(),
         LimiterUnavailable(_) | NotReady { .. } | ShuttingDown => "the proxy is shutting down \
              or cannot reach its shared limiter (Redis, with redis.on_error = \"reject\"): retry \
              in a moment; GET /readyz says which"
@@ -642,12 +712,13 @@ fn rate_limit_hint(r: &RateLimited) -> String {
         Limited::PausedPastDeadline => format!(
             "SmartLead asked the proxy to pause for longer than this request may wait \
              (limit.max_wait); retry {after}. If this repeats, SmartLead's quota for the key \
-             is smaller than limit.requests: lower it or set limit.follow_upstream = true"
+             is smaller than limit.windows: lower its per-minute window or set \
+             limit.follow_upstream = true"
         ),
         Limited::PastDeadline => format!(
-            "no quota slot within limit.max_wait (or X-Request-Timeout): retry {after}, raise \
-             limit.max_wait, or send fewer requests; the quota itself is limit.requests per \
-             limit.period"
+            "no quota slot within limit.max_wait (or X-Request-Timeout): the {} window of \
+             account {} is full; retry {after}, raise limit.max_wait, or send fewer requests",
+            r.window.label, r.account
         ),
     }
 }
@@ -674,7 +745,7 @@ fn upstream_hint(status: StatusCode, attempts: u32, details: Option<&Value>) -> 
         },
         429 => format!(
             "SmartLead still answered 429 {tried}: its quota for this key is smaller than \
-             limit.requests; lower limit.requests or set limit.follow_upstream = true"
+             limit.windows; lower its per-minute window or set limit.follow_upstream = true"
         ),
         300..=399 => "SmartLead answered with a redirect, which the proxy does not follow: \
              check upstream.base_url (details.location says where it pointed)"
@@ -877,12 +948,13 @@ mod tests {
     #[tokio::test]
     async fn hints_follow_smartleads_status_table_and_the_proxys_own_cases() {
         let limited = |why| {
-            ProxyError::RateLimited(RateLimited {
+            ProxyError::RateLimited(Box::new(RateLimited {
                 why,
                 retry_after: Duration::from_secs(3),
-                limit: 60,
-                period: Duration::from_secs(60),
-            })
+                window: in_force("60/60s", 60, 60),
+                policy: vec![in_force("60/60s", 60, 60)],
+                account: "default".into(),
+            }))
         };
         let cases: Vec<(ProxyError, u32, &str)> = vec![
             (
@@ -896,7 +968,7 @@ mod tests {
             (ProxyError::NotFound, 0, "base URL"),
             (failed(409, None, "x"), 1, "safe to ignore"),
             (failed(422, None, "x"), 1, "fix the request"),
-            (failed(429, None, "x"), 4, "smaller than limit.requests"),
+            (failed(429, None, "x"), 4, "smaller than limit.windows"),
             (
                 failed(500, None, "x"),
                 4,
@@ -970,22 +1042,41 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_rate_limit_answer_says_which_window_and_when() {
-        let error = ProxyError::RateLimited(RateLimited {
+    fn in_force(label: &str, limit: usize, secs: u64) -> InForce {
+        InForce {
+            label: label.into(),
+            limit,
+            period: Duration::from_secs(secs),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_answer_says_which_window_and_when() {
+        let error = ProxyError::RateLimited(Box::new(RateLimited {
             why: Limited::PastDeadline,
             retry_after: Duration::from_millis(2500),
-            limit: 12,
-            period: Duration::from_secs(60),
-        });
+            window: in_force("1000/1h", 1000, 3600),
+            policy: vec![
+                in_force("10/1s", 10, 1),
+                in_force("60/60s", 12, 60),
+                in_force("1000/1h", 1000, 3600),
+            ],
+            account: "acme".into(),
+        }));
         let resp = answer(&error, &served(0), "rid", &Secrets::default());
         assert_eq!(resp.status(), 429);
-        let h = resp.headers();
+        let h = resp.headers().clone();
         assert_eq!(h["retry-after"], "3");
-        assert_eq!(h["ratelimit-limit"], "12");
+        assert_eq!(h["ratelimit-limit"], "1000");
         assert_eq!(h["ratelimit-remaining"], "0");
         assert_eq!(h["ratelimit-reset"], "3");
-        assert_eq!(h["ratelimit-policy"], "12;w=60");
+        assert_eq!(h["ratelimit-policy"], "10;w=1, 12;w=60, 1000;w=3600");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["details"]["window"], "1000/1h");
+        assert_eq!(v["error"]["details"]["account"], "acme");
     }
 
     #[tokio::test]

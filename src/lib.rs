@@ -25,6 +25,7 @@
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod body;
 pub mod config;
 pub mod demo;

@@ -1,8 +1,8 @@
 //! Prometheus metrics: every name in one place, the recorder installed once per process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -19,6 +19,7 @@ pub const QUOTA_REJECTED: &str = "smartlead_proxy_quota_rejected_total";
 pub const UPSTREAM_PAUSES: &str = "smartlead_proxy_upstream_pauses_total";
 pub const REDIS_ERRORS: &str = "smartlead_proxy_redis_errors_total";
 pub const LIMITER_DEGRADED: &str = "smartlead_proxy_limiter_degraded";
+pub const UNEXPECTED_UPSTREAM_429: &str = "smartlead_proxy_unexpected_upstream_429_total";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -98,31 +99,70 @@ fn intern(label: &str) -> &'static str {
     l
 }
 
-/// Counter and histogram handles per (route, status, source), so the hot path skips the
-/// registry's hashing and label allocation after the first request of a kind.
+/// Counter and histogram handles per (route, status, source, account), so the hot path
+/// skips the registry's hashing and label allocation after the first request of a kind.
 type RequestHandles = (metrics::Counter, metrics::Histogram);
-type RequestKey = (&'static str, u16, &'static str);
-type RequestCache = RwLock<std::collections::HashMap<RequestKey, RequestHandles>>;
+type RequestKey = (&'static str, u16, &'static str, Option<Arc<str>>);
+type RequestCache = RwLock<HashMap<RequestKey, RequestHandles>>;
 
-pub fn request_done(route: &'static str, status: u16, source: &'static str, elapsed: Duration) {
+/// Handles kept before new kinds of requests are counted without a cache (client-key
+/// accounts can make many).
+const MAX_CACHED: usize = 4096;
+
+/// One request done, with the account it used by name (none for the proxy's own routes
+/// and refusals before an account was chosen: those have no `account` label).
+pub fn request_done(
+    route: &'static str,
+    status: u16,
+    source: &'static str,
+    account: Option<&Arc<str>>,
+    elapsed: Duration,
+) {
     static CACHE: OnceLock<RequestCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (route, status, source);
-    let cached = cache
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
+    let key = (route, status, source, account.cloned());
+    let cached = read(cache).get(&key).cloned();
     let (count, duration) = cached.unwrap_or_else(|| {
-        let handles = (
-            counter!(REQUESTS, "route" => route, "status" => status.to_string(), "source" => source),
-            histogram!(REQUEST_DURATION, "route" => route),
-        );
-        cache.write().unwrap_or_else(|e| e.into_inner()).insert(key, handles.clone());
+        let status = status.to_string();
+        let count = match account {
+            Some(a) => counter!(REQUESTS, "route" => route, "status" => status, "source" => source, "account" => a.to_string()),
+            None => counter!(REQUESTS, "route" => route, "status" => status, "source" => source),
+        };
+        let handles = (count, histogram!(REQUEST_DURATION, "route" => route));
+        let mut cache = write(cache);
+        if cache.len() < MAX_CACHED {
+            cache.insert(key, handles.clone());
+        }
         handles
     });
     count.increment(1);
     duration.record(elapsed.as_secs_f64());
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A handle per account, made once.
+fn per_account<H: Clone>(
+    cache: &'static OnceLock<RwLock<HashMap<String, H>>>,
+    account: &str,
+    make: impl FnOnce() -> H,
+) -> H {
+    let cache = cache.get_or_init(Default::default);
+    if let Some(h) = read(cache).get(account) {
+        return h.clone();
+    }
+    let h = make();
+    let mut cache = write(cache);
+    if cache.len() < MAX_CACHED {
+        cache.insert(account.to_owned(), h.clone());
+    }
+    h
 }
 
 static IN_FLIGHT_NOW: AtomicI64 = AtomicI64::new(0);
@@ -145,11 +185,13 @@ impl Drop for InFlight {
 }
 
 /// Renders the scrape, first setting the gauges that are kept as plain counters on the
-/// hot path.
-pub fn render(queue_depth: usize) -> String {
+/// hot path: requests in flight, and the requests waiting in each account's queue.
+pub fn render(queues: &[(Arc<str>, usize)]) -> String {
     let handle = handle();
     gauge!(IN_FLIGHT).set(IN_FLIGHT_NOW.load(Ordering::Relaxed) as f64);
-    gauge!(QUEUE_DEPTH).set(queue_depth as f64);
+    for (account, waiting) in queues {
+        gauge!(QUEUE_DEPTH, "account" => account.to_string()).set(*waiting as f64);
+    }
     handle.render()
 }
 
@@ -173,18 +215,26 @@ pub fn retry(reason: &str) {
     counter!(RETRIES, "reason" => reason.to_owned()).increment(1);
 }
 
-pub fn limiter_wait(waited: Duration) {
-    static H: OnceLock<metrics::Histogram> = OnceLock::new();
-    H.get_or_init(|| histogram!(LIMITER_WAIT))
-        .record(waited.as_secs_f64());
+pub fn limiter_wait(account: &str, waited: Duration) {
+    static CACHE: OnceLock<RwLock<HashMap<String, metrics::Histogram>>> = OnceLock::new();
+    per_account(
+        &CACHE,
+        account,
+        || histogram!(LIMITER_WAIT, "account" => account.to_owned()),
+    )
+    .record(waited.as_secs_f64());
 }
 
-pub fn quota_rejected(reason: &'static str) {
-    counter!(QUOTA_REJECTED, "reason" => reason).increment(1);
+pub fn quota_rejected(account: &str, reason: &'static str) {
+    counter!(QUOTA_REJECTED, "reason" => reason, "account" => account.to_owned()).increment(1);
 }
 
-pub fn upstream_pause() {
-    counter!(UPSTREAM_PAUSES).increment(1);
+pub fn upstream_pause(account: &str) {
+    counter!(UPSTREAM_PAUSES, "account" => account.to_owned()).increment(1);
+}
+
+pub fn unexpected_upstream_429(account: &str) {
+    counter!(UNEXPECTED_UPSTREAM_429, "account" => account.to_owned()).increment(1);
 }
 
 pub fn redis_error() {

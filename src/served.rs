@@ -1,12 +1,15 @@
 //! How a request was served: what the access log, the metrics and the envelope's details
 //! say about its way through the quota and the upstream.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Served {
+    /// The account it used, by name (never a key).
+    pub account: Option<Arc<str>>,
     /// Upstream attempts made (retries included).
     pub attempts: u32,
     /// The answer's status came from SmartLead (not from the proxy itself).
@@ -24,6 +27,7 @@ pub struct Served {
 impl Served {
     /// Adds another exchange of the same request (an auto-batched import's batches).
     pub fn add(&mut self, other: Served) {
+        self.account = other.account.or(self.account.take());
         self.attempts += other.attempts;
         self.waited += other.waited;
         self.upstream_time += other.upstream_time;

@@ -243,6 +243,18 @@ fn usable<B>(resp: Response<B>) -> Result<Response<B>, AttemptError> {
 }
 
 /// `api_key` in any case, also percent- or plus-encoded.
+/// The `api_key` a client sent in `query` itself, decoded, if any.
+pub fn client_key(query: Option<&str>) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        if !is_api_key_name(name) || value.is_empty() {
+            return None;
+        }
+        let value = value.replace('+', " ");
+        Some(percent_decode_str(&value).decode_utf8_lossy().into_owned())
+    })
+}
+
 fn is_api_key_name(name: &str) -> bool {
     if !name.contains(['%', '+']) {
         return name.eq_ignore_ascii_case("api_key");

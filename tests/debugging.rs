@@ -298,7 +298,7 @@ async fn wrapped_upstream_errors_carry_the_action_for_their_status() {
             .times(3),
     );
     let hint = hint_for(proxy.get("/api/v1/campaigns").await, 429, "RATE_LIMITED").await;
-    assert!(hint.contains("smaller than limit.requests"), "{hint}");
+    assert!(hint.contains("smaller than limit.windows"), "{hint}");
     // Conforming envelopes are SmartLead's own words, passed through untouched.
     let own =
         json!({"error": {"code": "NOT_FOUND", "message": "Campaign not found", "details": {}}});
@@ -312,8 +312,7 @@ async fn wrapped_upstream_errors_carry_the_action_for_their_status() {
 async fn the_proxys_own_errors_carry_hints() {
     let (sim, proxy) = sim_and_proxy_with(|s| {
         s.server.max_body_bytes = 1024;
-        s.limit.requests = 1;
-        s.limit.period = Duration::from_secs(60);
+        s.limit.one_window(1, Duration::from_secs(60));
         s.limit.max_wait = Duration::from_millis(100);
     })
     .await;

@@ -462,8 +462,7 @@ async fn request_bodies_held_at_once_are_capped() {
     let (sim, proxy) = setup(|s| {
         s.server.max_body_bytes = 400_000;
         s.server.max_buffered_bytes = 1_000_000;
-        s.limit.requests = 1;
-        s.limit.period = Duration::from_millis(700);
+        s.limit.one_window(1, Duration::from_millis(700));
         s.limit.margin = Duration::ZERO;
     })
     .await;

@@ -93,8 +93,7 @@ async fn connect_and_trace_are_refused_before_anything_is_spent() {
     let sim = Sim::start(SimConfig::default()).await.unwrap();
     let mut s = settings(&sim.base_url());
     // One slot a minute: a request that spent it would hold back the GET below.
-    s.limit.requests = 1;
-    s.limit.period = Duration::from_secs(60);
+    s.limit.one_window(1, Duration::from_secs(60));
     s.limit.max_wait = Duration::from_millis(200);
     let proxy = spawn_proxy(s).await;
     for request in [

@@ -131,11 +131,11 @@ async fn metrics_move_with_traffic() {
         assert!(d >= by, "{series} grew by {d}, expected {by}:\n{after}");
     };
     grew(
-        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"200\",source=\"upstream\"}",
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"200\",source=\"upstream\",account=\"default\"}",
         1.0,
     );
     grew(
-        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns/{id}\",status=\"200\",source=\"upstream\"}",
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns/{id}\",status=\"200\",source=\"upstream\",account=\"default\"}",
         1.0,
     );
     grew(
@@ -152,8 +152,14 @@ async fn metrics_move_with_traffic() {
     );
     grew("smartlead_proxy_retries_total{reason=\"502\"}", 1.0);
     grew("smartlead_proxy_retries_total{reason=\"429\"}", 1.0);
-    grew("smartlead_proxy_upstream_pauses_total", 1.0);
-    grew("smartlead_proxy_limiter_wait_seconds_count", 4.0);
+    grew(
+        "smartlead_proxy_upstream_pauses_total{account=\"default\"}",
+        1.0,
+    );
+    grew(
+        "smartlead_proxy_limiter_wait_seconds_count{account=\"default\"}",
+        4.0,
+    );
     assert!(after.contains("# TYPE smartlead_proxy_request_duration_seconds histogram"));
     proxy.stop().await;
 }

@@ -346,11 +346,11 @@ async fn metrics_show_the_quota_at_work() {
     );
     let text = proxy.get("/metrics").await.text().await.unwrap();
     for needle in [
-        "smartlead_proxy_quota_rejected_total{reason=\"max_wait\"}",
+        "smartlead_proxy_quota_rejected_total{reason=\"max_wait\",account=\"default\"}",
         "smartlead_proxy_limiter_wait_seconds_bucket",
         "smartlead_proxy_limiter_queue_depth",
         "smartlead_proxy_upstream_attempts_total{outcome=\"200\"}",
-        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"429\",source=\"proxy\"}",
+        "smartlead_proxy_requests_total{route=\"/api/v1/campaigns\",status=\"429\",source=\"proxy\",account=\"default\"}",
         "smartlead_proxy_in_flight_requests",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::log::{Micros, SlotLog};
+use super::log::{Micros, SlotLog, Span};
 use super::{Answer, Backend, Limited, Refusal, Status, now};
-use crate::config::LimitSettings;
+use crate::config::Window;
 
 pub struct LocalBackend {
     log: Mutex<SlotLog>,
@@ -21,19 +21,23 @@ pub struct LocalBackend {
     state: &'static str,
 }
 
+/// The log's windows for `windows`: each period plus `margin`, in microseconds.
+pub fn spans(windows: &[Window], margin: Duration) -> Vec<Span> {
+    windows
+        .iter()
+        .map(|w| Span::new(w.requests as usize, micros(w.period + margin)))
+        .collect()
+}
+
 impl LocalBackend {
-    pub fn new(limit: &LimitSettings) -> Self {
-        Self::with_limit(
-            limit.requests as usize,
-            limit.period + limit.margin,
-            "local",
-        )
+    pub fn new(windows: &[Window], margin: Duration) -> Self {
+        Self::with_spans(spans(windows, margin), "local")
     }
 
-    /// A log of `requests` per `window` (`state` is what [`Status`] reports).
-    pub fn with_limit(requests: usize, window: Duration, state: &'static str) -> Self {
+    /// A log of these windows (`state` is what [`Status`] reports).
+    pub fn with_spans(spans: Vec<Span>, state: &'static str) -> Self {
         Self {
-            log: Mutex::new(SlotLog::new(requests, micros(window))),
+            log: Mutex::new(SlotLog::new(spans)),
             epoch: Instant::now(),
             moved: watch::channel(0).0,
             state,
@@ -52,9 +56,10 @@ impl LocalBackend {
         let now = self.now();
         match self.log().reserve(id, now, micros(max_wait)) {
             Ok(slot) => Ok(Duration::from_micros(slot - now)),
-            Err(slot) => Err(Refusal::RateLimited {
+            Err((slot, window)) => Err(Refusal::RateLimited {
                 retry_after: Duration::from_micros(slot - now),
                 why: Limited::PastDeadline,
+                window,
             }),
         }
     }
@@ -73,11 +78,16 @@ impl LocalBackend {
             .map(|s| Duration::from_micros(s.saturating_sub(now)))
     }
 
-    pub fn set_limit_now(&self, limit: usize) {
+    pub fn set_limit_now(&self, window: usize, limit: usize) {
         let now = self.now();
-        if self.log().set_limit(limit, now) {
+        if self.log().set_limit(window, limit, now) {
             self.moved.send_modify(|v| *v += 1);
         }
+    }
+
+    pub fn used_now(&self) -> Vec<usize> {
+        let now = self.now();
+        self.log().used(now)
     }
 
     pub fn cancel_now(&self, id: u64) {
@@ -127,9 +137,13 @@ impl Backend for LocalBackend {
         now(())
     }
 
-    fn set_limit(&self, limit: usize) -> Answer<'_, ()> {
-        self.set_limit_now(limit);
+    fn set_limit(&self, window: usize, limit: usize) -> Answer<'_, ()> {
+        self.set_limit_now(window, limit);
         now(())
+    }
+
+    fn used(&self) -> Answer<'_, Vec<usize>> {
+        now(self.used_now())
     }
 
     fn moved(&self) -> watch::Receiver<u64> {
@@ -154,11 +168,18 @@ mod tests {
 
     fn limiter(requests: u32, period: Duration, max_queue: usize) -> Arc<Limiter> {
         let mut s = Settings::default();
-        s.limit.requests = requests;
-        s.limit.period = period;
+        s.limit.one_window(requests, period);
         s.limit.margin = Duration::ZERO;
         s.limit.max_queue = max_queue;
-        Arc::new(Limiter::new(Arc::new(LocalBackend::new(&s.limit)), &s))
+        let backend = Arc::new(LocalBackend::new(&s.limit.windows, s.limit.margin));
+        let pause = Duration::from_secs(3600);
+        Arc::new(Limiter::new(
+            backend,
+            "default",
+            &s.limit.windows,
+            &s.limit,
+            pause,
+        ))
     }
 
     fn far() -> Instant {
@@ -203,7 +224,8 @@ mod tests {
             refusal,
             Refusal::RateLimited {
                 retry_after: Duration::from_secs(10),
-                why: Limited::PastDeadline
+                why: Limited::PastDeadline,
+                window: Some(0),
             }
         );
     }
@@ -221,7 +243,9 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(l.queued(), 2);
         match l.acquire(far()).await {
-            Err(Refusal::RateLimited { why, retry_after }) => {
+            Err(Refusal::RateLimited {
+                why, retry_after, ..
+            }) => {
                 assert_eq!(why, Limited::QueueFull);
                 assert_eq!(retry_after, Duration::from_secs(20));
             }

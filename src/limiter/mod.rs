@@ -1,16 +1,17 @@
-//! The shared quota: callers wait first-come first-served for a slot instead of failing.
+//! One account's quota: callers wait first-come first-served for a slot that every window
+//! of the account allows, instead of failing.
 //!
 //! [`Limiter`] owns what is the same for every backend (the bounded queue, deadlines,
-//! waiting, cancellation); a [`Backend`] owns the reservation log: [`local`] in-process,
-//! [`redis`] shared by every instance with the same `redis.key`. The arithmetic is in
-//! [`log`].
+//! waiting, cancellation, following SmartLead's own limit); a [`Backend`] owns the
+//! reservation log: [`local`] in-process, [`redis`] shared by every instance with the same
+//! `redis.key`. The arithmetic is in [`log`].
 
 pub mod local;
 pub mod log;
 pub mod redis;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, Either, Ready};
@@ -19,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Settings;
+use crate::config::{LimitSettings, Window};
 
 /// Why the quota said no.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +55,12 @@ impl Limited {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     /// No slot within the caller's deadline, or the queue is full: 429 `RATE_LIMITED`.
-    RateLimited { retry_after: Duration, why: Limited },
+    /// `window` is the index of the window that held it back, when one did.
+    RateLimited {
+        retry_after: Duration,
+        why: Limited,
+        window: Option<usize>,
+    },
     /// The shared limiter is unreachable and `redis.on_error = "reject"`: 503.
     Unavailable(String),
 }
@@ -96,84 +102,110 @@ pub trait Backend: Send + Sync + 'static {
     fn cancel(&self, id: u64) -> Answer<'_, ()>;
     /// Nothing starts for `pause`; waiting slots move later together.
     fn pause(&self, pause: Duration) -> Answer<'_, ()>;
-    /// The limit for reservations from now on (`limit.follow_upstream`).
-    fn set_limit(&self, limit: usize) -> Answer<'_, ()>;
+    /// The limit of window `window` from now on (`limit.follow_upstream`).
+    fn set_limit(&self, window: usize, limit: usize) -> Answer<'_, ()>;
+    /// Starts each window holds right now.
+    fn used(&self) -> Answer<'_, Vec<usize>>;
     /// Changes whenever waiting slots may have moved.
     fn moved(&self) -> watch::Receiver<u64>;
     fn status(&self) -> Status;
 }
 
-/// The per-process face of the quota.
+/// One account's quota, as this process sees it.
 pub struct Limiter {
     backend: Arc<dyn Backend>,
+    /// The account's name (never its key), for logs and metrics.
+    account: Arc<str>,
+    windows: Vec<Window>,
     waiting: AtomicUsize,
     max_queue: usize,
-    per_request: Duration,
-    period: Duration,
+    /// The longest gap between starts the windows allow for good: a full queue's
+    /// `Retry-After` is this per request ahead.
+    spacing: Duration,
+    /// The longest an upstream 429 pauses everyone.
+    longest_pause: Duration,
     ids: AtomicU64,
     follow: Follow,
+    /// When the last "SmartLead refused although the windows were kept" warning went out.
+    warned_429: std::sync::Mutex<Option<Instant>>,
 }
 
 /// What SmartLead's `x-ratelimit-*` headers have told us so far.
 struct Follow {
+    /// The window they describe (the per-minute one).
+    window: usize,
     configured: usize,
     enabled: bool,
     in_force: AtomicUsize,
-    warned: std::sync::atomic::AtomicBool,
+    warned: AtomicBool,
     /// The end of the latest pause asked for by `x-ratelimit-remaining: 0`.
     paused_until: std::sync::Mutex<Option<Instant>>,
-    longest_pause: Duration,
 }
+
+/// At most one "SmartLead refused anyway" warning per account in this long.
+const UNEXPECTED_429_QUIET: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limiter")
+            .field("account", &self.account)
             .field("status", &self.backend.status())
             .field("waiting", &self.waiting.load(Ordering::Relaxed))
             .finish()
     }
 }
 
+/// A window as it is enforced now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InForce {
+    pub label: String,
+    pub limit: usize,
+    pub period: Duration,
+}
+
 impl Limiter {
-    pub fn new(backend: Arc<dyn Backend>, settings: &Settings) -> Self {
-        let l = &settings.limit;
+    /// The quota of `account` with `windows` (and the rest of `limit`), on `backend`.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        account: &str,
+        windows: &[Window],
+        limit: &LimitSettings,
+        longest_pause: Duration,
+    ) -> Self {
+        let followed = crate::config::followed_window(windows);
+        let configured = windows.get(followed).map_or(1, |w| w.requests as usize);
         Self {
             backend,
+            account: account.into(),
+            windows: windows.to_vec(),
             waiting: AtomicUsize::new(0),
-            max_queue: l.max_queue,
-            per_request: l.period / l.requests,
-            period: l.period,
+            max_queue: limit.max_queue,
+            spacing: windows
+                .iter()
+                .map(Window::spacing)
+                .max()
+                .unwrap_or_default(),
+            longest_pause,
             // Random high bits keep ids unique across instances sharing one Redis log.
             ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
             follow: Follow {
-                configured: l.requests as usize,
-                enabled: l.follow_upstream,
-                in_force: AtomicUsize::new(l.requests as usize),
+                window: followed,
+                configured,
+                enabled: limit.follow_upstream,
+                in_force: AtomicUsize::new(configured),
                 warned: Default::default(),
                 paused_until: Default::default(),
-                longest_pause: l.period.max(settings.retry.max_delay),
             },
+            warned_429: Default::default(),
         }
     }
 
-    /// Builds the backend `limit.backend` names.
-    pub fn from_settings(settings: &Settings) -> Result<Self, String> {
-        let backend: Arc<dyn Backend> = match settings.limit.backend {
-            crate::config::LimitBackend::Local => {
-                Arc::new(local::LocalBackend::new(&settings.limit))
-            }
-            crate::config::LimitBackend::Redis => redis::RedisBackend::start(settings)?,
-        };
-        Ok(Self::new(backend, settings))
+    pub fn account(&self) -> &str {
+        &self.account
     }
 
     pub fn status(&self) -> Status {
         self.backend.status()
-    }
-
-    /// The limit in force (SmartLead's, when it is followed and smaller) and its period.
-    pub fn window(&self) -> (usize, Duration) {
-        (self.follow.in_force.load(Ordering::Relaxed), self.period)
     }
 
     /// Requests currently waiting for a slot in this process.
@@ -181,14 +213,75 @@ impl Limiter {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// The longest an upstream 429 pauses everyone (and the largest `Retry-After` a
+    /// client is given).
+    pub fn longest_pause(&self) -> Duration {
+        self.longest_pause
+    }
+
+    /// The window SmartLead's `x-ratelimit-*` headers describe.
+    pub fn followed(&self) -> usize {
+        self.follow.window
+    }
+
+    /// Window `k` as it is enforced now (SmartLead's smaller limit, when followed).
+    pub fn in_force(&self, k: usize) -> InForce {
+        let w = &self.windows[k.min(self.windows.len() - 1)];
+        let limit = if k == self.follow.window {
+            self.follow.in_force.load(Ordering::Relaxed)
+        } else {
+            w.requests as usize
+        };
+        InForce {
+            label: w.label().to_owned(),
+            limit,
+            period: w.period,
+        }
+    }
+
+    /// Every window as enforced now.
+    pub fn windows(&self) -> Vec<InForce> {
+        (0..self.windows.len()).map(|k| self.in_force(k)).collect()
+    }
+
+    /// Starts each window holds right now, with the windows.
+    pub async fn usage(&self) -> Vec<(InForce, usize)> {
+        let used = self.backend.used().await;
+        self.windows().into_iter().zip(used).collect()
+    }
+
     pub async fn pause(&self, pause: Duration) {
-        crate::metrics::upstream_pause();
+        crate::metrics::upstream_pause(&self.account);
         self.backend.pause(pause).await;
     }
 
+    /// SmartLead answered 429 although every window was kept: counted, and said once in a
+    /// while with each window's use at that moment.
+    pub async fn refused_anyway(&self) {
+        crate::metrics::unexpected_upstream_429(&self.account);
+        {
+            let mut last = self.warned_429.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < UNEXPECTED_429_QUIET) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let use_of: Vec<String> = self
+            .usage()
+            .await
+            .iter()
+            .map(|(w, used)| format!("{used}/{}", w.label.split_once('/').map_or("", |p| p.1)))
+            .collect();
+        tracing::warn!(
+            account = %self.account,
+            "SmartLead refused at {}: its limit is lower than limit.windows",
+            use_of.join(", ")
+        );
+    }
+
     /// Applies what SmartLead's `x-ratelimit-*` headers say: at `remaining: 0` every
-    /// instance pauses until the reset; a limit different from `limit.requests` is logged
-    /// once and, with `limit.follow_upstream`, the smaller of the two is used.
+    /// instance pauses until the reset; a limit different from the per-minute window's is
+    /// logged once and, with `limit.follow_upstream`, the smaller of the two is used.
     pub async fn observe(&self, headers: &HeaderMap) {
         if let Some(upstream) = header_number(headers, "x-ratelimit-limit") {
             self.follow_limit(upstream.max(1.0) as usize).await;
@@ -210,7 +303,7 @@ impl Limiter {
         if reset.is_zero() {
             return;
         }
-        let pause = reset.min(self.follow.longest_pause);
+        let pause = reset.min(self.longest_pause);
         let until = Instant::now() + pause;
         {
             let mut paused = self
@@ -225,6 +318,7 @@ impl Limiter {
             *paused = Some(until);
         }
         tracing::debug!(
+            account = %self.account,
             pause_ms = pause.as_millis() as u64,
             "SmartLead reports no requests left: pausing until its reset"
         );
@@ -239,10 +333,12 @@ impl Limiter {
             && !f.warned.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
+                account = %self.account,
                 configured = f.configured,
+                window = %self.windows[f.window],
                 upstream,
                 follow_upstream = f.enabled,
-                "SmartLead reports a rate limit different from limit.requests{}",
+                "SmartLead reports a rate limit different from the per-minute window{}",
                 if f.enabled && upstream < f.configured {
                     ": using SmartLead's"
                 } else {
@@ -257,8 +353,8 @@ impl Limiter {
         if f.in_force.load(Ordering::Relaxed) != want
             && f.in_force.swap(want, Ordering::Relaxed) != want
         {
-            tracing::info!(limit = want, "quota limit now in force");
-            self.backend.set_limit(want).await;
+            tracing::info!(account = %self.account, limit = want, window = %self.windows[f.window], "quota limit now in force");
+            self.backend.set_limit(f.window, want).await;
         }
     }
 
@@ -268,9 +364,13 @@ impl Limiter {
     pub async fn acquire(&self, deadline: Instant) -> Result<Duration, Refusal> {
         let result = self.wait_for_slot(deadline).await;
         match &result {
-            Ok(waited) => crate::metrics::limiter_wait(*waited),
-            Err(Refusal::RateLimited { why, .. }) => crate::metrics::quota_rejected(why.label()),
-            Err(Refusal::Unavailable(_)) => crate::metrics::quota_rejected("unavailable"),
+            Ok(waited) => crate::metrics::limiter_wait(&self.account, *waited),
+            Err(Refusal::RateLimited { why, .. }) => {
+                crate::metrics::quota_rejected(&self.account, why.label())
+            }
+            Err(Refusal::Unavailable(_)) => {
+                crate::metrics::quota_rejected(&self.account, "unavailable")
+            }
         }
         result
     }
@@ -307,6 +407,7 @@ impl Limiter {
                             return Err(Refusal::RateLimited {
                                 retry_after: wait,
                                 why: Limited::PausedPastDeadline,
+                                window: None,
                             });
                         }
                     }
@@ -322,10 +423,11 @@ impl Limiter {
         let seat = QueueSeat(&self.waiting);
         if before >= self.max_queue {
             // An honest estimate: the time the queue ahead needs to drain.
-            let retry_after = self.per_request * before.min(u32::MAX as usize) as u32;
+            let retry_after = self.spacing * before.min(u32::MAX as usize) as u32;
             return Err(Refusal::RateLimited {
                 retry_after,
                 why: Limited::QueueFull,
+                window: None,
             });
         }
         Ok(seat)

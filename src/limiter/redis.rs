@@ -1,14 +1,19 @@
-//! The shared backend: one reservation log in Redis for every instance with the same
-//! `redis.key`, one Lua script (one round trip, Redis `TIME`) per decision.
+//! The shared backend: one reservation log per account in Redis for every instance with
+//! the same `redis.key`, one Lua script (one round trip, Redis `TIME`) per decision.
 //!
-//! Keys are `{<key>}:log` (sorted set: member = reservation id, score = slot in µs),
-//! `{<key>}:pause` and `{<key>}:instances`, so a Redis Cluster keeps them in one slot; a
-//! pause is announced on the `{<key>}:moved` channel so waiters everywhere re-read their
-//! slots. When Redis cannot be reached (`redis.on_error = "local"`), the instance serves
-//! from a local log holding its share of the quota (quota ÷ live instances, seeded with
-//! its own recent starts) and merges that log back into Redis when it returns.
+//! An account's keys are `{<key>:<account>}:log` (sorted set: member = reservation id,
+//! score = slot in µs), `{<key>:<account>}:pause` and `{<key>:<account>}:limit` (the
+//! per-minute limit adopted from SmartLead), so a Redis Cluster keeps each account in one
+//! hash slot and spreads the accounts. A pause is announced on `{<key>:<account>}:moved`
+//! so waiters everywhere re-read their slots.
+//!
+//! [`RedisLink`] is what the accounts share: one connection, one pattern subscription for
+//! every account's announcements, one heartbeat (`{<key>}:instances`) and one health state.
+//! When Redis cannot be reached (`redis.on_error = "local"`), each account serves from a
+//! local log holding its share of its quota (÷ live instances, seeded with its own recent
+//! starts) and merges that log back into Redis when it returns.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -22,6 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::local::{LocalBackend, micros};
+use super::log::Span;
 use super::{Answer, Backend, Limited, Refusal, Status};
 use crate::config::{OnRedisError, Settings};
 
@@ -33,43 +39,61 @@ const PROBE: Duration = Duration::from_millis(250);
 /// An instance not heard from for this long no longer counts as live.
 const INSTANCE_TTL: Duration = Duration::from_secs(5);
 
-/// Prints a Lua number as an exact integer (the default `%.14g` would round µs times).
+/// Prints a Lua number as an exact integer (the default `%.14g` would round µs times),
+/// reads Redis `TIME`, and reads the windows: `ARGV[w]` is how many, then a limit and a
+/// length (µs) each.
 const LUA_PRELUDE: &str = r#"
 local function s(x) return string.format('%.0f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function windows(w, follow, adopted)
+  local out, longest = {}, 0
+  for k = 1, tonumber(ARGV[w]) do
+    local limit = tonumber(ARGV[w + 2 * k - 1])
+    local length = tonumber(ARGV[w + 2 * k])
+    if k == follow and adopted and adopted < limit then limit = adopted end
+    out[k] = {limit, length}
+    if length > longest then longest = length end
+  end
+  return out, longest
+end
 "#;
 
+/// KEYS: log, pause, limit. ARGV: id, max_wait, followed window (1-based), windows.
 const RESERVE: &str = r#"
-local limit = tonumber(ARGV[2])
-local adopted = tonumber(redis.call('GET', KEYS[3]) or ARGV[2])
-if adopted < limit then limit = adopted end
-local window = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - window))
-local slot = now
+local adopted = tonumber(redis.call('GET', KEYS[3]) or 'nil')
+local ws, longest = windows(4, tonumber(ARGV[3]), adopted)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - longest))
+local slot, binding = now, 0
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > slot then slot = paused end
 local n = redis.call('ZCARD', KEYS[1])
 if n > 0 then
   local last = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])
   if last > slot then slot = last end
-  if n >= limit then
-    local edge = tonumber(redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')[2]) + window
-    if edge > slot then slot = edge end
+  for k = 1, #ws do
+    local limit, length = ws[k][1], ws[k][2]
+    if n >= limit then
+      local edge = tonumber(redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')[2]) + length
+      if edge > slot or (edge == slot and binding == 0 and slot > now) then
+        slot = edge
+        binding = k
+      end
+    end
   end
 end
-if slot > now + tonumber(ARGV[4]) then return {0, s(slot - now)} end
+if slot > now + tonumber(ARGV[2]) then return {0, s(slot - now), binding} end
 redis.call('ZADD', KEYS[1], s(slot), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], s(math.ceil((slot - now + window) / 1000) + 1000))
-return {1, s(slot - now)}
+redis.call('PEXPIRE', KEYS[1], s(math.ceil((slot - now + longest) / 1000) + 1000))
+return {1, s(slot - now), binding}
 "#;
 
-/// A new limit for everyone: stored for the reserve script, and slots not yet started
-/// spaced out again under it.
+/// A new limit for the followed window, for everyone: stored for the reserve script, and
+/// slots not yet started spaced out again under every window. KEYS: log, limit. ARGV:
+/// limit, followed window (1-based), channel, windows.
 const SET_LIMIT: &str = r#"
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', 86400)
+local ws = windows(4, tonumber(ARGV[2]), tonumber(ARGV[1]))
 local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local ids, slots = {}, {}
 for i = 1, #all, 2 do
@@ -77,10 +101,13 @@ for i = 1, #all, 2 do
   slots[#slots + 1] = tonumber(all[i + 1])
 end
 local moved = 0
-for i = limit + 1, #slots do
+for i = 2, #slots do
   if slots[i] > now then
-    local want = slots[i - limit] + window
-    if slots[i - 1] > want then want = slots[i - 1] end
+    local want = slots[i - 1]
+    for k = 1, #ws do
+      local limit, length = ws[k][1], ws[k][2]
+      if i > limit and slots[i - limit] + length > want then want = slots[i - limit] + length end
+    end
     if want > slots[i] then
       slots[i] = want
       redis.call('ZADD', KEYS[1], s(want), ids[i])
@@ -90,6 +117,16 @@ for i = limit + 1, #slots do
 end
 if moved == 1 then redis.call('PUBLISH', ARGV[3], 'moved') end
 return moved
+"#;
+
+/// Starts each window holds now. KEYS: log. ARGV: windows from 1.
+const USED: &str = r#"
+local out = {}
+for k = 1, tonumber(ARGV[1]) do
+  local length = tonumber(ARGV[1 + 2 * k])
+  out[k] = redis.call('ZCOUNT', KEYS[1], '(' .. s(now - length), s(now))
+end
+return out
 "#;
 
 const WAIT_OF: &str = r#"
@@ -150,45 +187,43 @@ struct Scripts {
     cancel: Script,
     pause: Script,
     set_limit: Script,
+    used: Script,
     merge: Script,
     heartbeat: Script,
 }
 
-struct Keys {
-    log: String,
-    pause: String,
-    /// The limit adopted from SmartLead's headers (`limit.follow_upstream`).
-    limit: String,
-    instances: String,
-    channel: String,
-}
+type RedisResult<T> = Result<T, String>;
 
-pub struct RedisBackend {
+/// What every account's log shares: the connection, the subscription, the heartbeat and
+/// whether Redis can be reached.
+pub struct RedisLink {
     client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    keys: Keys,
+    base: String,
     instance: String,
-    /// The limit in force (`limit.requests`, or SmartLead's smaller one when followed).
-    limit: AtomicUsize,
-    window: Duration,
     on_error: OnRedisError,
     healthy: AtomicBool,
+    /// Instances sharing the quota, as the last heartbeat counted them.
     live: AtomicUsize,
-    /// Serving share while Redis is unreachable.
-    fallback: Mutex<Option<Arc<LocalBackend>>>,
-    /// This instance's recent shared starts, to seed a fallback.
-    own: Mutex<VecDeque<(Instant, u64)>>,
     detail: Mutex<Option<String>>,
-    moved: watch::Sender<u64>,
-    /// Dropped with the backend, which stops its background tasks.
+    /// Every account's log, by the channel its pauses are announced on.
+    logs: Mutex<HashMap<String, Weak<RedisBackend>>>,
+    /// Dropped with the link, which stops its background tasks.
     _stop: watch::Sender<()>,
 }
 
-type RedisResult<T> = Result<T, String>;
+impl std::fmt::Debug for RedisLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLink")
+            .field("key", &self.base)
+            .field("healthy", &self.healthy.load(Ordering::Relaxed))
+            .finish()
+    }
+}
 
-impl RedisBackend {
-    pub fn start(settings: &Settings) -> Result<Arc<dyn Backend>, String> {
+impl RedisLink {
+    pub fn start(settings: &Settings) -> Result<Arc<Self>, String> {
         let client = redis::Client::open(settings.redis.url.expose_secret())
             .map_err(|e| format!("redis.url: {e}"))?;
         let config = ConnectionManagerConfig::new()
@@ -198,9 +233,8 @@ impl RedisBackend {
             .set_max_delay(PROBE);
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| format!("redis: {e}"))?;
-        let base = &settings.redis.key;
         let (stop, stop_rx) = watch::channel(());
-        let backend = Arc::new(Self {
+        let link = Arc::new(Self {
             client,
             conn,
             scripts: Scripts {
@@ -209,31 +243,58 @@ impl RedisBackend {
                 cancel: script(CANCEL),
                 pause: script(PAUSE),
                 set_limit: script(SET_LIMIT),
+                used: script(USED),
                 merge: script(MERGE),
                 heartbeat: script(HEARTBEAT_SCRIPT),
             },
-            keys: Keys {
-                log: format!("{{{base}}}:log"),
-                pause: format!("{{{base}}}:pause"),
-                limit: format!("{{{base}}}:limit"),
-                instances: format!("{{{base}}}:instances"),
-                channel: format!("{{{base}}}:moved"),
-            },
+            base: settings.redis.key.clone(),
             instance: format!("{:016x}", rand::random::<u64>()),
-            limit: AtomicUsize::new(settings.limit.requests as usize),
-            window: settings.limit.period + settings.limit.margin,
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
             live: AtomicUsize::new(1),
-            fallback: Mutex::new(None),
-            own: Mutex::new(VecDeque::new()),
             detail: Mutex::new(None),
-            moved: watch::channel(0).0,
+            logs: Mutex::new(HashMap::new()),
             _stop: stop,
         });
-        tokio::spawn(maintain(Arc::downgrade(&backend), stop_rx.clone()));
-        tokio::spawn(listen(Arc::downgrade(&backend), stop_rx));
-        Ok(backend)
+        tokio::spawn(maintain(Arc::downgrade(&link), stop_rx.clone()));
+        tokio::spawn(listen(Arc::downgrade(&link), stop_rx));
+        Ok(link)
+    }
+
+    /// `account`'s log, with its windows; the followed window is `follow`.
+    pub fn log_for(
+        self: &Arc<Self>,
+        account: &str,
+        spans: Vec<Span>,
+        follow: usize,
+    ) -> Arc<RedisBackend> {
+        let prefix = format!("{{{}:{account}}}", self.base);
+        let backend = Arc::new(RedisBackend {
+            link: self.clone(),
+            keys: Keys {
+                log: format!("{prefix}:log"),
+                pause: format!("{prefix}:pause"),
+                limit: format!("{prefix}:limit"),
+                channel: format!("{prefix}:moved"),
+            },
+            windows: spans
+                .iter()
+                .flat_map(|s| [s.limit, s.length as usize])
+                .collect(),
+            spans: Mutex::new(spans),
+            follow,
+            fallback: Mutex::new(None),
+            own: Mutex::new(VecDeque::new()),
+            moved: watch::channel(0).0,
+        });
+        lock(&self.logs).insert(backend.keys.channel.clone(), Arc::downgrade(&backend));
+        backend
+    }
+
+    fn logs(&self) -> Vec<Arc<RedisBackend>> {
+        let mut logs = lock(&self.logs);
+        logs.retain(|_, b| b.strong_count() > 0);
+        logs.values().filter_map(Weak::upgrade).collect()
     }
 
     async fn call<T: redis::FromRedisValue>(
@@ -256,70 +317,155 @@ impl RedisBackend {
         self.healthy.load(Ordering::Acquire)
     }
 
-    fn fallback(&self) -> Option<Arc<LocalBackend>> {
-        lock(&self.fallback).clone()
-    }
-
-    /// Switches to the local share, once per outage.
+    /// Every account falls back to its local share (or rejects), once per outage.
     fn degrade(&self, reason: String) {
         if !self.healthy.swap(false, Ordering::AcqRel) {
             return;
         }
         crate::metrics::limiter_degraded(true);
         let live = self.live.load(Ordering::Relaxed).max(1);
-        let share = (self.limit.load(Ordering::Relaxed) / live).max(1);
         match self.on_error {
             OnRedisError::Local => {
-                let fb = LocalBackend::with_limit(share, self.window, "fallback");
-                let now = Instant::now();
-                for (slot, id) in lock(&self.own).iter() {
-                    let offset = micros_between(now, *slot);
-                    fb.record(offset, *id);
-                }
-                *lock(&self.fallback) = Some(Arc::new(fb));
-                tracing::warn!(%reason, share, live, "Redis unreachable: limiting locally to this instance's share of the quota");
+                tracing::warn!(%reason, live, "Redis unreachable: limiting locally to this instance's share of each account's quota");
             }
             OnRedisError::Reject => {
                 tracing::error!(%reason, "Redis unreachable: rejecting requests (redis.on_error = \"reject\")");
             }
         }
         *lock(&self.detail) = Some(reason);
+        for log in self.logs() {
+            log.moved.send_modify(|v| *v += 1);
+        }
     }
 
-    /// Rejoins the shared log, first telling it about the starts made meanwhile.
+    /// Back on the shared logs, after each account told its log about the starts it made
+    /// meanwhile.
     async fn recover(&self) -> RedisResult<()> {
-        if let Some(fb) = self.fallback() {
-            let recent = fb.recent();
-            if !recent.is_empty() {
-                let mut inv = self.scripts.merge.key(&self.keys.log);
-                inv.arg(micros(self.window));
-                for (offset, id) in recent {
-                    inv.arg(offset).arg(id.to_string());
-                }
-                self.call::<i64>(inv).await?;
-            }
+        for log in self.logs() {
+            log.merge_fallback().await?;
         }
-        *lock(&self.fallback) = None;
         *lock(&self.detail) = None;
         self.healthy.store(true, Ordering::Release);
         crate::metrics::limiter_degraded(false);
-        self.moved.send_modify(|v| *v += 1);
+        for log in self.logs() {
+            log.moved.send_modify(|v| *v += 1);
+        }
         tracing::info!("Redis reachable again: back on the shared quota");
         Ok(())
     }
 
     async fn heartbeat(&self) -> RedisResult<usize> {
-        let mut inv = self.scripts.heartbeat.key(&self.keys.instances);
+        let key = format!("{{{}}}:instances", self.base);
+        let mut inv = self.scripts.heartbeat.key(key);
         inv.arg(&self.instance).arg(micros(INSTANCE_TTL));
         let live: usize = self.call(inv).await?;
         self.live.store(live.max(1), Ordering::Relaxed);
         Ok(live)
     }
 
+    fn status(&self) -> Status {
+        let state = match (self.is_healthy(), self.on_error) {
+            (true, _) => "shared",
+            (false, OnRedisError::Local) => "fallback",
+            (false, OnRedisError::Reject) => "unavailable",
+        };
+        Status {
+            backend: "redis",
+            state,
+            detail: lock(&self.detail).clone(),
+        }
+    }
+}
+
+struct Keys {
+    log: String,
+    pause: String,
+    /// The per-minute limit adopted from SmartLead's headers (`limit.follow_upstream`).
+    limit: String,
+    channel: String,
+}
+
+/// One account's log in Redis.
+pub struct RedisBackend {
+    link: Arc<RedisLink>,
+    keys: Keys,
+    /// The windows as the scripts take them: a limit and a length (µs) each.
+    windows: Vec<usize>,
+    /// The windows, with the followed one's limit as it is in force.
+    spans: Mutex<Vec<Span>>,
+    /// The window SmartLead's headers describe (0-based).
+    follow: usize,
+    /// Serving share while Redis is unreachable.
+    fallback: Mutex<Option<Arc<LocalBackend>>>,
+    /// This instance's recent shared starts, to seed a fallback.
+    own: Mutex<VecDeque<(Instant, u64)>>,
+    moved: watch::Sender<u64>,
+}
+
+impl RedisBackend {
+    fn windows_args<'a>(&self, inv: &mut redis::ScriptInvocation<'a>) {
+        inv.arg(self.windows.len() / 2);
+        for n in &self.windows {
+            inv.arg(*n);
+        }
+    }
+
+    fn longest(&self) -> usize {
+        self.windows
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// This account's local share while Redis is unreachable, made on first use; `None`
+    /// with `on_error = "reject"`.
+    fn fallback(&self) -> Option<Arc<LocalBackend>> {
+        if self.link.is_healthy() || self.link.on_error == OnRedisError::Reject {
+            return lock(&self.fallback).clone();
+        }
+        let mut fallback = lock(&self.fallback);
+        if fallback.is_none() {
+            let live = self.link.live.load(Ordering::Relaxed).max(1);
+            let share: Vec<Span> = lock(&self.spans)
+                .iter()
+                .map(|s| Span::new((s.limit / live).max(1), s.length))
+                .collect();
+            let fb = LocalBackend::with_spans(share, "fallback");
+            let now = Instant::now();
+            for (slot, id) in lock(&self.own).iter() {
+                fb.record(micros_between(now, *slot), *id);
+            }
+            *fallback = Some(Arc::new(fb));
+        }
+        fallback.clone()
+    }
+
+    /// Writes the starts made on the local share into the shared log.
+    async fn merge_fallback(&self) -> RedisResult<()> {
+        let Some(fb) = lock(&self.fallback).clone() else {
+            return Ok(());
+        };
+        let recent = fb.recent();
+        if !recent.is_empty() {
+            let mut inv = self.link.scripts.merge.key(&self.keys.log);
+            inv.arg(self.longest());
+            for (offset, id) in recent {
+                inv.arg(offset).arg(id.to_string());
+            }
+            self.link.call::<i64>(inv).await?;
+        }
+        *lock(&self.fallback) = None;
+        Ok(())
+    }
+
     fn remember_own(&self, id: u64, wait: Duration) {
         let now = Instant::now();
+        let longest = Duration::from_micros(self.longest() as u64);
         let mut own = lock(&self.own);
-        while own.front().is_some_and(|(s, _)| *s + self.window <= now) {
+        while own.front().is_some_and(|(s, _)| *s + longest <= now) {
             own.pop_front();
         }
         own.push_back((now + wait, id));
@@ -330,31 +476,32 @@ impl RedisBackend {
             Some(fb) => fb.reserve_now(id, max_wait),
             None => Err(Refusal::Unavailable(format!(
                 "the shared rate limiter (Redis) is unreachable: {}",
-                lock(&self.detail).clone().unwrap_or_default()
+                lock(&self.link.detail).clone().unwrap_or_default()
             ))),
         }
     }
 
     async fn reserve_shared(&self, id: u64, max_wait: Duration) -> Result<Duration, Refusal> {
-        let mut inv = self.scripts.reserve.key(&self.keys.log);
+        let mut inv = self.link.scripts.reserve.key(&self.keys.log);
         inv.key(&self.keys.pause)
             .key(&self.keys.limit)
             .arg(id.to_string())
-            .arg(self.limit.load(Ordering::Relaxed))
-            .arg(micros(self.window))
-            .arg(micros(max_wait));
-        match self.call::<(i64, i64)>(inv).await {
-            Ok((1, wait)) => {
+            .arg(micros(max_wait))
+            .arg(self.follow + 1);
+        self.windows_args(&mut inv);
+        match self.link.call::<(i64, i64, i64)>(inv).await {
+            Ok((1, wait, _)) => {
                 let wait = Duration::from_micros(wait.max(0) as u64);
                 self.remember_own(id, wait);
                 Ok(wait)
             }
-            Ok((_, wait)) => Err(Refusal::RateLimited {
+            Ok((_, wait, binding)) => Err(Refusal::RateLimited {
                 retry_after: Duration::from_micros(wait.max(0) as u64),
                 why: Limited::PastDeadline,
+                window: usize::try_from(binding - 1).ok(),
             }),
             Err(e) => {
-                self.degrade(e);
+                self.link.degrade(e);
                 self.reserve_degraded(id, max_wait)
             }
         }
@@ -378,7 +525,7 @@ impl Backend for RedisBackend {
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>> {
         Either::Right(
             async move {
-                if self.is_healthy() {
+                if self.link.is_healthy() {
                     self.reserve_shared(id, max_wait).await
                 } else {
                     self.reserve_degraded(id, max_wait)
@@ -391,12 +538,12 @@ impl Backend for RedisBackend {
     fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>> {
         Either::Right(
             async move {
-                if let Some(w) = self.fallback().and_then(|fb| fb.wait_now(id)) {
+                if let Some(w) = lock(&self.fallback).clone().and_then(|fb| fb.wait_now(id)) {
                     return Some(w);
                 }
-                let mut inv = self.scripts.wait_of.key(&self.keys.log);
+                let mut inv = self.link.scripts.wait_of.key(&self.keys.log);
                 inv.arg(id.to_string());
-                match self.call::<i64>(inv).await {
+                match self.link.call::<i64>(inv).await {
                     Ok(w) if w >= 0 => Some(Duration::from_micros(w as u64)),
                     _ => None,
                 }
@@ -408,13 +555,13 @@ impl Backend for RedisBackend {
     fn cancel(&self, id: u64) -> Answer<'_, ()> {
         Either::Right(
             async move {
-                if let Some(fb) = self.fallback() {
+                if let Some(fb) = lock(&self.fallback).clone() {
                     fb.cancel_now(id);
                 }
-                if self.is_healthy() {
-                    let mut inv = self.scripts.cancel.key(&self.keys.log);
+                if self.link.is_healthy() {
+                    let mut inv = self.link.scripts.cancel.key(&self.keys.log);
                     inv.arg(id.to_string());
-                    let _ = self.call::<i64>(inv).await;
+                    let _ = self.link.call::<i64>(inv).await;
                 }
             }
             .boxed(),
@@ -424,16 +571,16 @@ impl Backend for RedisBackend {
     fn pause(&self, pause: Duration) -> Answer<'_, ()> {
         Either::Right(
             async move {
-                if let Some(fb) = self.fallback() {
+                if let Some(fb) = lock(&self.fallback).clone() {
                     fb.pause_now(pause);
                 }
-                if self.is_healthy() {
-                    let mut inv = self.scripts.pause.key(&self.keys.log);
+                if self.link.is_healthy() {
+                    let mut inv = self.link.scripts.pause.key(&self.keys.log);
                     inv.key(&self.keys.pause)
                         .arg(micros(pause))
                         .arg(&self.keys.channel);
-                    if let Err(e) = self.call::<i64>(inv).await {
-                        self.degrade(e);
+                    if let Err(e) = self.link.call::<i64>(inv).await {
+                        self.link.degrade(e);
                         if let Some(fb) = self.fallback() {
                             fb.pause_now(pause);
                         }
@@ -444,26 +591,46 @@ impl Backend for RedisBackend {
         )
     }
 
-    fn set_limit(&self, limit: usize) -> Answer<'_, ()> {
+    fn set_limit(&self, window: usize, limit: usize) -> Answer<'_, ()> {
         Either::Right(
             async move {
-                self.limit.store(limit, Ordering::Relaxed);
-                if let Some(fb) = self.fallback() {
-                    let live = self.live.load(Ordering::Relaxed).max(1);
-                    fb.set_limit_now((limit / live).max(1));
+                if let Some(span) = lock(&self.spans).get_mut(window) {
+                    span.limit = limit.max(1);
                 }
-                if self.is_healthy() {
-                    // The stored limit is kept a day: longer than any window, and rewritten by
-                    // whoever next sees SmartLead report a different one.
-                    let mut inv = self.scripts.set_limit.key(&self.keys.log);
+                if let Some(fb) = lock(&self.fallback).clone() {
+                    let live = self.link.live.load(Ordering::Relaxed).max(1);
+                    fb.set_limit_now(window, (limit / live).max(1));
+                }
+                if self.link.is_healthy() {
+                    // The stored limit is kept a day: longer than any window, and
+                    // rewritten by whoever next sees SmartLead report a different one.
+                    let mut inv = self.link.scripts.set_limit.key(&self.keys.log);
                     inv.key(&self.keys.limit)
                         .arg(limit)
-                        .arg(micros(self.window))
+                        .arg(window + 1)
                         .arg(&self.keys.channel);
-                    if let Err(e) = self.call::<i64>(inv).await {
-                        self.degrade(e);
+                    self.windows_args(&mut inv);
+                    if let Err(e) = self.link.call::<i64>(inv).await {
+                        self.link.degrade(e);
                     }
                 }
+            }
+            .boxed(),
+        )
+    }
+
+    fn used(&self) -> Answer<'_, Vec<usize>> {
+        Either::Right(
+            async move {
+                if let Some(fb) = lock(&self.fallback).clone() {
+                    return fb.used_now();
+                }
+                let mut inv = self.link.scripts.used.key(&self.keys.log);
+                self.windows_args(&mut inv);
+                self.link
+                    .call::<Vec<usize>>(inv)
+                    .await
+                    .unwrap_or_else(|_| vec![0; self.windows.len() / 2])
             }
             .boxed(),
         )
@@ -472,23 +639,14 @@ impl Backend for RedisBackend {
     fn moved(&self) -> watch::Receiver<u64> {
         let mut rx = self.moved.subscribe();
         // A waiter in the fallback also listens to the fallback's own moves.
-        if let Some(fb) = self.fallback() {
+        if let Some(fb) = lock(&self.fallback).clone() {
             rx = merge_moves(rx, fb.moved());
         }
         rx
     }
 
     fn status(&self) -> Status {
-        let state = match (self.is_healthy(), self.on_error) {
-            (true, _) => "shared",
-            (false, OnRedisError::Local) => "fallback",
-            (false, OnRedisError::Reject) => "unavailable",
-        };
-        Status {
-            backend: "redis",
-            state,
-            detail: lock(&self.detail).clone(),
-        }
+        self.link.status()
     }
 }
 
@@ -509,21 +667,21 @@ fn merge_moves(mut a: watch::Receiver<u64>, mut b: watch::Receiver<u64>) -> watc
 }
 
 /// Heartbeats while healthy; probes and rejoins while degraded.
-async fn maintain(backend: Weak<RedisBackend>, mut stop: watch::Receiver<()>) {
+async fn maintain(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
     loop {
-        let Some(b) = backend.upgrade() else { return };
-        let healthy = b.is_healthy();
-        match b.heartbeat().await {
+        let Some(l) = link.upgrade() else { return };
+        let healthy = l.is_healthy();
+        match l.heartbeat().await {
             Ok(_) if !healthy => {
-                if let Err(e) = b.recover().await {
+                if let Err(e) = l.recover().await {
                     tracing::debug!(error = %e, "rejoining the shared quota failed; will retry");
                 }
             }
             Ok(_) => {}
-            Err(e) => b.degrade(e),
+            Err(e) => l.degrade(e),
         }
-        let pause = if b.is_healthy() { HEARTBEAT } else { PROBE };
-        drop(b);
+        let pause = if l.is_healthy() { HEARTBEAT } else { PROBE };
+        drop(l);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
@@ -531,25 +689,49 @@ async fn maintain(backend: Weak<RedisBackend>, mut stop: watch::Receiver<()>) {
     }
 }
 
-/// Follows pause announcements from other instances.
-async fn listen(backend: Weak<RedisBackend>, mut stop: watch::Receiver<()>) {
+/// `*`, `?`, `[` and `\` are special in a subscription pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Follows pause announcements from other instances, for every account.
+async fn listen(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
     loop {
-        let Some(b) = backend.upgrade() else { return };
-        let (client, channel) = (b.client.clone(), b.keys.channel.clone());
-        drop(b);
+        let Some(l) = link.upgrade() else { return };
+        let client = l.client.clone();
+        let pattern = format!("{{{}:*}}:moved", glob_escape(&l.base));
+        drop(l);
         let connected = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub()).await;
         if let Ok(Ok(mut pubsub)) = connected
-            && pubsub.subscribe(&channel).await.is_ok()
+            && pubsub.psubscribe(&pattern).await.is_ok()
         {
+            // Anything may have moved while we were not listening.
+            match link.upgrade() {
+                Some(l) => {
+                    for log in l.logs() {
+                        log.moved.send_modify(|v| *v += 1);
+                    }
+                }
+                None => return,
+            }
             let mut messages = pubsub.on_message();
             loop {
-                // Anything may have moved while we were not listening.
-                match backend.upgrade() {
-                    Some(b) => b.moved.send_modify(|v| *v += 1),
-                    None => return,
-                }
                 tokio::select! {
-                    msg = messages.next() => if msg.is_none() { break },
+                    msg = messages.next() => {
+                        let Some(msg) = msg else { break };
+                        let Some(l) = link.upgrade() else { return };
+                        let log = lock(&l.logs).get(msg.get_channel_name()).and_then(Weak::upgrade);
+                        if let Some(log) = log {
+                            log.moved.send_modify(|v| *v += 1);
+                        }
+                    }
                     _ = stop.changed() => return,
                 }
             }

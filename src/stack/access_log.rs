@@ -97,7 +97,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn write(self, resp: &Response<Body>, served: Served) {
+    fn write(self, resp: &Response<Body>, served: &Served) {
         let elapsed = self.start.elapsed();
         let status = resp.status().as_u16();
         let route = self.route;
@@ -111,6 +111,7 @@ impl Entry {
                 route,
                 status,
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
+                account = served.account.as_deref().unwrap_or(""),
                 attempts = served.attempts,
                 queue_wait_ms = served.waited.as_secs_f64() * 1000.0,
                 upstream_ms = served.upstream_time.as_secs_f64() * 1000.0,
@@ -118,7 +119,7 @@ impl Entry {
             );
         }
         let source = if served.upstream { "upstream" } else { "proxy" };
-        crate::metrics::request_done(route, status, source, elapsed);
+        crate::metrics::request_done(route, status, source, served.account.as_ref(), elapsed);
     }
 }
 
@@ -140,7 +141,7 @@ where
         let this = self.project();
         let Ok(reply) = ready!(this.inner.poll(cx));
         if let Some(entry) = this.entry.take() {
-            entry.write(&reply.response, reply.served);
+            entry.write(&reply.response, &reply.served);
         }
         Poll::Ready(Ok(reply.response))
     }
@@ -161,6 +162,7 @@ mod tests {
             let served = Served {
                 attempts: 2,
                 upstream: true,
+                account: Some("acme".into()),
                 ..Served::default()
             };
             Ok::<_, Infallible>(Reply::new(resp, served))
@@ -175,9 +177,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.status(), 202);
-        let metrics = crate::metrics::render(0);
+        let metrics = crate::metrics::render(&[]);
         assert!(
-            metrics.contains(r#"route="/api/v1/campaigns/***",status="202",source="upstream""#),
+            metrics.contains(
+                r#"route="/api/v1/campaigns/***",status="202",source="upstream",account="acme""#
+            ),
             "{metrics}"
         );
         assert!(!metrics.contains("s3cr3t"));

@@ -163,7 +163,11 @@ mod tests {
             upstream: true,
             ..Served::default()
         };
-        let reply = through(Ok(Reply::new(Response::new(Body::from("ok")), served))).await;
+        let reply = through(Ok(Reply::new(
+            Response::new(Body::from("ok")),
+            served.clone(),
+        )))
+        .await;
         assert_eq!(reply.response.status(), 200);
         assert_eq!(reply.response.headers()[&ATTEMPTS_HEADER], "2");
         assert_eq!(reply.served, served);

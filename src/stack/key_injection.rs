@@ -1,6 +1,7 @@
-//! The key, both ways. Going out, the request gets the one allowed upstream target (scheme
-//! and host from `upstream.base_url`, a client's `api_key` replaced by the configured
-//! one) and loses the headers that never cross the proxy (hop-by-hop, `Host`, lengths).
+//! The key, both ways. Going out, the request gets the one allowed upstream target of its
+//! account (scheme and host from `upstream.base_url`, a client's `api_key` replaced by the
+//! account's) and loses the headers that never cross the proxy (hop-by-hop, `Host`,
+//! lengths).
 //! Coming back, every header of SmartLead's answer, success or error, is scrubbed of the
 //! proxy's secrets before a client can see it.
 
@@ -14,13 +15,13 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::{Failure, Reply};
+use crate::accounts::Account;
 use crate::error::ProxyError;
 use crate::key::Secrets;
-use crate::upstream::{Target, request_headers};
+use crate::upstream::request_headers;
 
 #[derive(Debug)]
 struct State {
-    target: Target,
     secrets: Secrets,
 }
 
@@ -30,10 +31,9 @@ pub struct KeyInjectionLayer {
 }
 
 impl KeyInjectionLayer {
-    pub fn new(target: Target, secrets: &Secrets) -> Self {
+    pub fn new(secrets: &Secrets) -> Self {
         Self {
             state: Arc::new(State {
-                target,
                 secrets: secrets.clone(),
             }),
         }
@@ -71,8 +71,15 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let target = self.state.target.uri(parts.uri.path(), parts.uri.query());
-        let uri = match target {
+        let Some(account) = parts.extensions.get::<Arc<Account>>() else {
+            // The caller layer always chooses one: a request without is a bug.
+            return KeyInjectionFuture::Refused {
+                failure: Some(Failure::early(ProxyError::Internal)),
+            };
+        };
+        let target = &account.target;
+        let host = target.host();
+        let uri = match target.uri(parts.uri.path(), parts.uri.query()) {
             Ok(uri) => uri,
             Err(why) => {
                 let failure = Failure::early(ProxyError::BadPath(why));
@@ -83,9 +90,7 @@ where
         };
         parts.uri = uri;
         parts.headers = request_headers(std::mem::take(&mut parts.headers));
-        parts
-            .headers
-            .insert(http::header::HOST, self.state.target.host());
+        parts.headers.insert(http::header::HOST, host);
         KeyInjectionFuture::Sent {
             call: self.inner.call(Request::from_parts(parts, body)),
             state: self.state.clone(),
@@ -136,7 +141,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UpstreamSettings;
     use crate::key::ApiKey;
     use crate::served::Served;
     use axum::body::Body;
@@ -146,12 +150,17 @@ mod tests {
     const KEY: &str = "k3y/secret+1";
 
     fn layer() -> KeyInjectionLayer {
-        let settings = UpstreamSettings {
-            base_url: "https://up.example/api/v1".parse().unwrap(),
-            api_key: Some(ApiKey::new(KEY)),
-            ..UpstreamSettings::default()
-        };
-        KeyInjectionLayer::new(Target::new(&settings), &ApiKey::new(KEY).secrets())
+        KeyInjectionLayer::new(&ApiKey::new(KEY).secrets())
+    }
+
+    /// A request for the `default` account, whose key is [`KEY`].
+    fn request(uri: &str) -> http::request::Builder {
+        let mut s = crate::config::Settings::default();
+        s.upstream.base_url = "https://up.example/api/v1".parse().unwrap();
+        s.upstream.api_key = Some(ApiKey::new(KEY));
+        let accounts = crate::accounts::Accounts::new(&s).unwrap();
+        let account = accounts.choose(None, None, None).unwrap();
+        Request::builder().uri(uri).extension(account)
     }
 
     /// Answers with the URI it was sent to in the body and the key in a header.
@@ -170,8 +179,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_request_goes_to_the_target_with_the_key_and_the_answer_comes_back_without() {
-        let req = Request::builder()
-            .uri("/api/v1/campaigns?api_key=theirs&limit=5")
+        let req = request("/api/v1/campaigns?api_key=theirs&limit=5")
             .header("host", "evil.example")
             .header("connection", "x-hop")
             .header("x-hop", "1")
@@ -201,7 +209,7 @@ mod tests {
             "/api/v1/a%2fb",
             "/api/v1/campaigns/1//leads",
         ] {
-            let req = Request::builder().uri(path).body(Bytes::new()).unwrap();
+            let req = request(path).body(Bytes::new()).unwrap();
             let err = layer().layer(echo_uri()).oneshot(req).await.unwrap_err();
             assert!(matches!(err.error, ProxyError::BadPath(_)), "{path}");
         }
@@ -220,10 +228,7 @@ mod tests {
             };
             Err::<Reply, _>(Failure::early(ProxyError::Upstream(Box::new(failed))))
         });
-        let req = Request::builder()
-            .uri("/api/v1/x")
-            .body(Bytes::new())
-            .unwrap();
+        let req = request("/api/v1/x").body(Bytes::new()).unwrap();
         let err = layer().layer(failing).oneshot(req).await.unwrap_err();
         match err.error {
             ProxyError::Upstream(f) => assert_eq!(f.headers["www-authenticate"], "***"),

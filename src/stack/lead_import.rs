@@ -157,7 +157,7 @@ where
         };
         match outcome {
             Ok(reply) => {
-                served.add(reply.served);
+                served.add(reply.served.clone());
                 let status = reply.response.status();
                 let answer = read_answer(reply, &state).await;
                 merged.add(batch, status, answer);
@@ -204,13 +204,16 @@ async fn read_answer(reply: Reply, state: &State) -> Value {
     answer
 }
 
-/// A request like the one `parts` describe, with another body.
+/// A request like the one `parts` describe (for the same account), with another body.
 fn like(parts: &Parts, body: Bytes) -> Request<Bytes> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
+    if let Some(account) = parts.extensions.get::<Arc<crate::accounts::Account>>() {
+        req.extensions_mut().insert(account.clone());
+    }
     req
 }
 

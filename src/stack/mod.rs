@@ -7,22 +7,24 @@
 //! 3. [`access_log`]: one log line and one metrics sample per request.
 //! 4. [`own_routes`]: `/healthz`, `/readyz`, `/metrics` and 404s go to the proxy's own
 //!    router; CONNECT and TRACE are refused; `/api/v1/*` goes on.
-//! 5. [`access_token`]: `Authorization: Bearer` when tokens are configured.
+//! 5. [`caller`]: `Authorization: Bearer` when tokens are configured, and the account
+//!    the request uses ([`crate::accounts`]).
 //! 6. [`envelope`]: every error below becomes SmartLead's JSON envelope (via
 //!    [`crate::error::answer`], the one place that answers), with `x-proxy-attempts`.
 //! 7. [`buffer`]: the body is read (bounded in size, time and total memory) so retries
 //!    can replay it.
 //! 8. [`lead_import`]: lead imports are checked before any quota is spent, and split into
 //!    batches when `leads.auto_batch` says so.
-//! 9. [`key_injection`]: the one allowed upstream target, with the key; secrets scrubbed
-//!    from every header that comes back.
-//! 10. [`quota_retry`]: a quota slot, an attempt, and another within the deadline while
-//!     the answer is worth retrying (one layer, one loop: they share one deadline).
+//! 9. [`key_injection`]: the one allowed upstream target, with the account's key;
+//!    secrets scrubbed from every header that comes back.
+//! 10. [`quota_retry`]: a slot of the account's quota, an attempt, and another within the
+//!     deadline while the answer is worth retrying (one layer, one loop: they share one
+//!     deadline).
 //! 11. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
 
 pub mod access_log;
-pub mod access_token;
 pub mod buffer;
+pub mod caller;
 pub mod envelope;
 pub mod key_injection;
 pub mod lead_import;
@@ -38,15 +40,14 @@ use axum::body::Body;
 use http::{HeaderMap, Request, Response};
 use tower::{Service, ServiceBuilder};
 
+use crate::accounts::Accounts;
 use crate::body::BodyBudget;
 use crate::config::Settings;
 use crate::error::ProxyError;
 use crate::key::Secrets;
-use crate::limiter::Limiter;
-use crate::retry::RetryBudget;
 use crate::served::Served;
 use crate::shutdown::Shutdown;
-use crate::upstream::{Target, UpstreamClient};
+use crate::upstream::UpstreamClient;
 
 /// An answer and how it was served.
 #[derive(Debug)]
@@ -97,22 +98,21 @@ impl Failure {
 pub struct Shared {
     pub settings: Settings,
     pub secrets: Secrets,
-    pub limiter: Arc<Limiter>,
-    pub retry_budget: Arc<RetryBudget>,
+    /// Every account, each with its key, quota and retry budget.
+    pub accounts: Arc<Accounts>,
     pub bodies: BodyBudget,
 }
 
 impl Shared {
-    /// The limiter `limit.backend` names, and the budgets, for `settings`.
+    /// The accounts (on the backend `limit.backend` names) and the body budget for
+    /// `settings`.
     pub fn new(settings: Settings) -> Result<Self, String> {
         // Installs the recorder before the first sample.
         crate::metrics::handle();
-        let limiter = Arc::new(Limiter::from_settings(&settings)?);
         Ok(Self {
             secrets: settings.secrets(),
-            retry_budget: Arc::new(RetryBudget::new(&settings.retry)),
+            accounts: Arc::new(Accounts::new(&settings)?),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
-            limiter,
             settings,
         })
     }
@@ -138,8 +138,8 @@ where
         .layer(request_id::RequestIdLayer)
         .layer(panic_guard::PanicGuardLayer)
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
-        .layer(own_routes::OwnRoutesLayer::new(&shared.limiter, shutdown))
-        .layer(access_token::AccessTokenLayer::new(&s.server.access_tokens))
+        .layer(own_routes::OwnRoutesLayer::new(&shared.accounts, shutdown))
+        .layer(caller::CallerLayer::new(&shared.accounts))
         .layer(envelope::EnvelopeLayer::new(&shared.secrets))
         .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))
         .layer(lead_import::LeadImportLayer::new(
@@ -147,10 +147,7 @@ where
             &s.upstream,
             &shared.secrets,
         ))
-        .layer(key_injection::KeyInjectionLayer::new(
-            Target::new(&s.upstream),
-            &shared.secrets,
-        ))
+        .layer(key_injection::KeyInjectionLayer::new(&shared.secrets))
         .layer(quota_retry::QuotaRetryLayer::new(shared, shutdown))
         .service(client)
 }

@@ -18,9 +18,9 @@ use serde_json::json;
 use tower::{Layer, Service};
 
 use super::Reply;
+use crate::accounts::Accounts;
 use crate::error::{ProxyError, answer, is_never_forwarded};
 use crate::key::Secrets;
-use crate::limiter::Limiter;
 use crate::served::Served;
 use crate::shutdown::Shutdown;
 use crate::upstream::API_PREFIX;
@@ -35,7 +35,7 @@ pub fn is_api(path: &str) -> bool {
 /// What the own routes report on.
 #[derive(Clone)]
 struct Health {
-    limiter: Arc<Limiter>,
+    accounts: Arc<Accounts>,
     shutdown: Shutdown,
 }
 
@@ -45,9 +45,9 @@ pub struct OwnRoutesLayer {
 }
 
 impl OwnRoutesLayer {
-    pub fn new(limiter: &Arc<Limiter>, shutdown: &Shutdown) -> Self {
+    pub fn new(accounts: &Arc<Accounts>, shutdown: &Shutdown) -> Self {
         let health = Health {
-            limiter: limiter.clone(),
+            accounts: accounts.clone(),
             shutdown: shutdown.clone(),
         };
         Self {
@@ -155,15 +155,29 @@ async fn readyz(State(health): State<Health>, req: Request<Body>) -> Response {
     if health.shutdown.has_begun() {
         return not_ready("shutting_down", None);
     }
-    let limiter = health.limiter.status();
+    let accounts = health.accounts.all();
+    // The backend is the same for every account: Redis is up for all or for none.
+    let Some(limiter) = accounts.first().map(|a| a.limiter.status()) else {
+        return axum::Json(json!({"status": "ready", "accounts": []})).into_response();
+    };
     if !limiter.is_ready() {
         return not_ready("redis_unavailable", Some(Box::new(limiter)));
     }
-    axum::Json(json!({"status": "ready", "limiter": limiter})).into_response()
+    let each: Vec<serde_json::Value> = accounts
+        .iter()
+        .map(|a| json!({"name": &*a.name, "limiter": a.limiter.status(), "waiting": a.limiter.queued()}))
+        .collect();
+    axum::Json(json!({"status": "ready", "limiter": limiter, "accounts": each})).into_response()
 }
 
 async fn metrics(State(health): State<Health>) -> Response {
-    let body = crate::metrics::render(health.limiter.queued());
+    let queues: Vec<(Arc<str>, usize)> = health
+        .accounts
+        .all()
+        .iter()
+        .map(|a| (a.name.clone(), a.limiter.queued()))
+        .collect();
+    let body = crate::metrics::render(&queues);
     (
         [(
             http::header::CONTENT_TYPE,
@@ -197,12 +211,10 @@ mod tests {
     use tower::ServiceExt;
 
     fn layer() -> OwnRoutesLayer {
-        let settings = crate::Settings::default();
-        let limiter = Arc::new(Limiter::new(
-            Arc::new(crate::limiter::local::LocalBackend::new(&settings.limit)),
-            &settings,
-        ));
-        OwnRoutesLayer::new(&limiter, &Shutdown::default())
+        let mut settings = crate::Settings::default();
+        settings.upstream.api_key = Some(crate::key::ApiKey::new("k"));
+        let accounts = Arc::new(Accounts::new(&settings).unwrap());
+        OwnRoutesLayer::new(&accounts, &Shutdown::default())
     }
 
     /// Answers 299 for anything that reaches it.

@@ -113,7 +113,7 @@ fn panicked(seen: Option<Seen>) -> Response<Body> {
         latency_ms = seen.start.elapsed().as_secs_f64() * 1000.0,
         "request ended in a panic (a bug): answered 500"
     );
-    crate::metrics::request_done("other", 500, "proxy", seen.start.elapsed());
+    crate::metrics::request_done("other", 500, "proxy", None, seen.start.elapsed());
     answer(
         &ProxyError::Internal,
         &Served::default(),

@@ -23,12 +23,13 @@ use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{Failure, Reply, Shared};
+use crate::accounts::Account;
 use crate::body::{IdleTimeout, READ_CAP, decode_body, read_capped};
 use crate::config::{LogSettings, RetrySettings};
 use crate::error::{Failed, ProxyError, RateLimited};
 use crate::key::Secrets;
-use crate::limiter::{Limiter, Refusal};
-use crate::retry::{self, RetryBudget, Safety};
+use crate::limiter::Refusal;
+use crate::retry::{self, Safety};
 use crate::served::Served;
 use crate::shutdown::Shutdown;
 use crate::traffic::{self, Traffic};
@@ -47,15 +48,10 @@ const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// What the loop needs, and nothing else.
 #[derive(Debug)]
 struct Quota {
-    limiter: Arc<Limiter>,
-    budget: Arc<RetryBudget>,
     retry: RetrySettings,
     max_wait: Duration,
     /// Per attempt, to the answer's head; also how long a body may stall.
     upstream_timeout: Duration,
-    /// The longest an upstream 429 pauses everyone, and the largest `Retry-After` a
-    /// client is given.
-    longest_pause: Duration,
     /// The upstream's base path, which targets start with (the rest is what
     /// `retry.idempotent_posts` patterns match).
     base_path: String,
@@ -74,12 +70,9 @@ impl QuotaRetryLayer {
         let s = &shared.settings;
         Self {
             quota: Arc::new(Quota {
-                limiter: shared.limiter.clone(),
-                budget: shared.retry_budget.clone(),
                 retry: s.retry.clone(),
                 max_wait: s.limit.max_wait,
                 upstream_timeout: s.upstream.timeout,
-                longest_pause: s.limit.period.max(s.retry.max_delay),
                 base_path: s.upstream.base_url.path().to_owned(),
                 log: s.log.clone(),
                 secrets: shared.secrets.clone(),
@@ -154,12 +147,18 @@ where
     B::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
+    // The caller layer always chooses one: a request without is a bug.
+    let account = parts
+        .extensions
+        .get::<Arc<Account>>()
+        .cloned()
+        .ok_or_else(|| Failure::early(ProxyError::Internal))?;
     let timeout = request_timeout(&parts.headers).map_err(Failure::early)?;
     let logged = traffic::wanted(&quota.log, &parts.headers);
     parts.headers.remove(REQUEST_TIMEOUT_HEADER);
     parts.headers.remove(traffic::DEBUG_HEADER);
-    quota.budget.deposit();
-    let mut attempts = Attempts::new(&quota, inner, parts, body, timeout, logged);
+    account.retry_budget.deposit();
+    let mut attempts = Attempts::new(&quota, account, inner, parts, body, timeout, logged);
     let outcome = tokio::select! {
         outcome = attempts.run() => outcome,
         _ = quota.shutdown.aborted() => Err(ProxyError::ShuttingDown),
@@ -193,6 +192,8 @@ fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> 
 /// The loop's state: the request, its deadlines and what happened so far.
 struct Attempts<'q, S> {
     quota: &'q Quota,
+    /// Its quota, retry budget and how long its pauses may be.
+    account: Arc<Account>,
     inner: S,
     parts: Parts,
     body: Bytes,
@@ -214,6 +215,7 @@ where
 {
     fn new(
         quota: &'q Quota,
+        account: Arc<Account>,
         inner: S,
         parts: Parts,
         body: Bytes,
@@ -241,25 +243,29 @@ where
             ))
         });
         Self {
+            served: Served {
+                upstream: true,
+                account: Some(account.name.clone()),
+                ..Served::default()
+            },
             quota,
+            account,
             inner,
             parts,
             body,
             safety,
             start_by,
             give_up_at,
-            served: Served {
-                upstream: true,
-                ..Served::default()
-            },
             traffic,
         }
     }
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
         let quota = self.quota;
+        let account = self.account.clone();
+        let limiter = &account.limiter;
         loop {
-            match quota.limiter.acquire(self.start_by).await {
+            match limiter.acquire(self.start_by).await {
                 Ok(waited) => self.served.waited += waited,
                 Err(refusal) => return Err(self.refused(refusal)),
             }
@@ -268,7 +274,7 @@ where
             let began = Instant::now();
             let sent = self.send(timeout).await;
             if let Ok(resp) = &sent {
-                quota.limiter.observe(resp.headers()).await;
+                limiter.observe(resp.headers()).await;
             }
             let status = sent.as_ref().ok().map(Response::status);
             let outcome = match (&status, &sent) {
@@ -312,11 +318,15 @@ where
                 }
             };
             self.served.upstream_time += began.elapsed();
+            let limited = matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
+            if limited {
+                // Every window was kept, so SmartLead's own limit is lower.
+                limiter.refused_anyway().await;
+            }
             if !retryable || self.served.attempts > quota.retry.max_retries {
                 return Err(self.last(last));
             }
-            let limited = matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
-            if !limited && !quota.budget.withdraw() {
+            if !limited && !account.retry_budget.withdraw() {
                 self.served.budget_exhausted = true;
                 tracing::warn!(
                     attempt = self.served.attempts,
@@ -328,7 +338,7 @@ where
             crate::metrics::retry(outcome);
             if limited {
                 // The quota is shared: everyone pauses, and the limiter spaces the restart.
-                quota.limiter.pause(self.pause_for(asked)).await;
+                limiter.pause(self.pause_for(asked)).await;
                 continue;
             }
             match self.wait_or_give_up(asked) {
@@ -358,7 +368,7 @@ where
     /// broken response, never a truncated one passed off as complete).
     fn success(&self, resp: Response<B>, took: Duration) -> Response<Body> {
         let (mut head, body) = resp.into_parts();
-        own_retry_after(&mut head.headers, self.quota.longest_pause);
+        own_retry_after(&mut head.headers, self.account.limiter.longest_pause());
         let body = IdleTimeout::new(body, self.quota.upstream_timeout);
         let body = match &self.traffic {
             Some(t) => {
@@ -372,21 +382,28 @@ where
     /// The last error, as the client will get it.
     fn last(&self, mut error: ProxyError) -> ProxyError {
         if let ProxyError::Upstream(failed) = &mut error {
-            own_retry_after(&mut failed.headers, self.quota.longest_pause);
+            own_retry_after(&mut failed.headers, self.account.limiter.longest_pause());
         }
         error
     }
 
     fn refused(&self, refusal: Refusal) -> ProxyError {
         match refusal {
-            Refusal::RateLimited { retry_after, why } => {
-                let (limit, period) = self.quota.limiter.window();
-                ProxyError::RateLimited(RateLimited {
+            Refusal::RateLimited {
+                retry_after,
+                why,
+                window,
+            } => {
+                let limiter = &self.account.limiter;
+                // A full queue or a pause names the window SmartLead's headers describe.
+                let window = limiter.in_force(window.unwrap_or(limiter.followed()));
+                ProxyError::RateLimited(Box::new(RateLimited {
                     why,
                     retry_after,
-                    limit,
-                    period,
-                })
+                    window,
+                    policy: limiter.windows(),
+                    account: self.account.name.clone(),
+                }))
             }
             Refusal::Unavailable(reason) => ProxyError::LimiterUnavailable(reason),
         }
@@ -411,7 +428,7 @@ where
     /// How long an upstream 429 pauses the whole limiter.
     fn pause_for(&self, asked: Option<Duration>) -> Duration {
         let asked = asked.unwrap_or(self.quota.retry.base_delay);
-        asked.min(self.quota.longest_pause)
+        asked.min(self.account.limiter.longest_pause())
     }
 }
 
@@ -518,8 +535,15 @@ mod tests {
     ) -> Result<Reply, Failure> {
         QuotaRetryLayer::new(shared, &Shutdown::default())
             .layer(upstream.clone())
-            .oneshot(req)
+            .oneshot(for_default(shared, req))
             .await
+    }
+
+    /// The request, for the `default` account (the caller layer's choice).
+    fn for_default(shared: &Shared, mut req: Request<Bytes>) -> Request<Bytes> {
+        let account = shared.accounts.choose(None, None, None).unwrap();
+        req.extensions_mut().insert(account);
+        req
     }
 
     fn get() -> Request<Bytes> {
@@ -543,8 +567,8 @@ mod tests {
         );
         assert_eq!(
             reply.response.headers()[header::RETRY_AFTER],
-            "60",
-            "the proxy's own value, capped"
+            "3600",
+            "the proxy's own value, capped at the longest window (1h)"
         );
     }
 
@@ -557,7 +581,7 @@ mod tests {
         match err.error {
             ProxyError::Upstream(f) => {
                 assert_eq!(f.status, 504);
-                assert_eq!(f.headers[header::RETRY_AFTER], "60");
+                assert_eq!(f.headers[header::RETRY_AFTER], "3600");
             }
             other => panic!("{other:?}"),
         }
@@ -577,8 +601,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_slot_before_the_deadline_is_an_honest_429_at_once() {
         let shared = shared(|s| {
-            s.limit.requests = 1;
-            s.limit.period = Duration::from_secs(60);
+            s.limit.one_window(1, Duration::from_secs(60));
             s.limit.max_wait = Duration::from_secs(5);
         });
         let upstream = Scripted::new(&[]);
@@ -589,7 +612,10 @@ mod tests {
         match err.error {
             ProxyError::RateLimited(r) => {
                 assert_eq!(r.retry_after, Duration::from_secs(60));
-                assert_eq!((r.limit, r.period), (1, Duration::from_secs(60)));
+                assert_eq!(
+                    (r.window.limit, r.window.period),
+                    (1, Duration::from_secs(60))
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -613,15 +639,17 @@ mod tests {
     #[tokio::test]
     async fn waiting_requests_are_answered_503_when_the_grace_runs_out() {
         let shared = shared(|s| {
-            s.limit.requests = 1;
-            s.limit.period = Duration::from_secs(60);
+            s.limit.one_window(1, Duration::from_secs(60));
             s.limit.max_wait = Duration::from_secs(120);
         });
         let upstream = Scripted::new(&[]);
         let shutdown = Shutdown::default();
         let svc = QuotaRetryLayer::new(&shared, &shutdown).layer(upstream.clone());
-        svc.clone().oneshot(get()).await.unwrap();
-        let mut req = get();
+        svc.clone()
+            .oneshot(for_default(&shared, get()))
+            .await
+            .unwrap();
+        let mut req = for_default(&shared, get());
         req.headers_mut().remove(REQUEST_TIMEOUT_HEADER);
         let waiting = tokio::spawn(svc.oneshot(req));
         tokio::time::sleep(Duration::from_millis(50)).await;

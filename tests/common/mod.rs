@@ -62,7 +62,7 @@ pub fn settings(base_url: &str) -> Settings {
     s.retry.max_retries = 0;
     s.retry.base_delay = Duration::from_millis(10);
     s.retry.max_delay = Duration::from_millis(200);
-    s.limit.requests = 10_000;
+    s.limit.one_window(10_000, Duration::from_secs(60));
     s.validate().expect("test settings are valid");
     s
 }
@@ -235,8 +235,7 @@ pub fn quota_settings(
     redis: Option<(&str, &str)>,
 ) -> Settings {
     let mut s = settings(base_url);
-    s.limit.requests = requests;
-    s.limit.period = period;
+    s.limit.one_window(requests, period);
     s.limit.max_wait = Duration::from_secs(30);
     // The margin must cover the jitter between a slot and its arrival upstream; on a
     // loaded 2-core CI machine running many tests at once that is far above the

@@ -1,0 +1,333 @@
+//! The SmartLead accounts one proxy serves, each with its own key, quota (windows,
+//! queue, pause, SmartLead's own limit followed, Redis keys) and retry budget:
+//! `default` (`SMARTLEAD_API_KEY`), one per `[[accounts]]` table, and, with
+//! `upstream.allow_client_key`, one per client key, made on first use.
+//!
+//! [`Accounts::choose`] picks a request's account: its access token's, else the one
+//! `X-SmartLead-Account` names, else its own client key's (with `allow_client_key`),
+//! else `default`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+
+use crate::config::{
+    DEFAULT_ACCOUNT, LimitBackend, LimitSettings, Settings, UpstreamSettings, Window,
+};
+use crate::error::ProxyError;
+use crate::key::ApiKey;
+use crate::limiter::local::{LocalBackend, spans};
+use crate::limiter::redis::RedisLink;
+use crate::limiter::{Backend, Limiter};
+use crate::retry::RetryBudget;
+use crate::upstream::Target;
+
+/// The request header naming an account; the proxy's, never forwarded.
+pub const ACCOUNT_HEADER: &str = "x-smartlead-account";
+
+/// One SmartLead account as the request path uses it.
+#[derive(Debug)]
+pub struct Account {
+    /// `default`, an `[[accounts]]` name, or `key:<8 hex>` for a client key: never a key.
+    pub name: Arc<str>,
+    pub target: Target,
+    pub limiter: Arc<Limiter>,
+    pub retry_budget: RetryBudget,
+    /// When a request last chose it (client-key accounts are dropped once idle).
+    last_used: Mutex<Instant>,
+}
+
+impl Account {
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Makes each account's limiter on the configured backend.
+#[derive(Debug)]
+struct Quotas {
+    limit: LimitSettings,
+    retry: crate::config::RetrySettings,
+    link: Option<Arc<RedisLink>>,
+}
+
+impl Quotas {
+    fn new(settings: &Settings) -> Result<Self, String> {
+        let link = match settings.limit.backend {
+            LimitBackend::Local => None,
+            LimitBackend::Redis => Some(RedisLink::start(settings)?),
+        };
+        Ok(Self {
+            limit: settings.limit.clone(),
+            retry: settings.retry.clone(),
+            link,
+        })
+    }
+
+    /// An account's parts: its name (shown), the name its Redis keys use, its windows.
+    fn account(&self, name: &str, stored_as: &str, windows: &[Window], target: Target) -> Account {
+        let spans = spans(windows, self.limit.margin);
+        let follow = crate::config::followed_window(windows);
+        let backend: Arc<dyn Backend> = match &self.link {
+            Some(link) => link.log_for(stored_as, spans, follow),
+            None => Arc::new(LocalBackend::with_spans(spans, "local")),
+        };
+        let longest = windows.iter().map(|w| w.period).max().unwrap_or_default();
+        let limiter = Limiter::new(
+            backend,
+            name,
+            windows,
+            &self.limit,
+            longest.max(self.retry.max_delay),
+        );
+        Account {
+            name: name.into(),
+            target,
+            limiter: Arc::new(limiter),
+            retry_budget: RetryBudget::new(&self.retry),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+}
+
+/// A token, and the account it is bound to (`None`: any).
+#[derive(Debug)]
+struct Token {
+    secret: SecretString,
+    account: Option<Arc<Account>>,
+}
+
+/// Every account of this proxy.
+#[derive(Debug)]
+pub struct Accounts {
+    default: Option<Arc<Account>>,
+    named: HashMap<String, Arc<Account>>,
+    tokens: Vec<Token>,
+    client_keys: Option<ClientKeys>,
+}
+
+impl Accounts {
+    pub fn new(settings: &Settings) -> Result<Self, String> {
+        let quotas = Arc::new(Quotas::new(settings)?);
+        let windows = &settings.limit.windows;
+        let upstream = &settings.upstream;
+        let fixed = |key: Option<ApiKey>| {
+            Target::new(&UpstreamSettings {
+                api_key: key,
+                allow_client_key: false,
+                ..upstream.clone()
+            })
+        };
+        // With allow_client_key and no key of its own, `default` forwards what it gets.
+        let default = (upstream.api_key.is_some() || upstream.allow_client_key).then(|| {
+            let target = fixed(upstream.api_key.clone());
+            Arc::new(quotas.account(DEFAULT_ACCOUNT, DEFAULT_ACCOUNT, windows, target))
+        });
+        let mut named = HashMap::new();
+        if let Some(d) = &default {
+            named.insert(DEFAULT_ACCOUNT.to_owned(), d.clone());
+        }
+        let mut tokens: Vec<Token> = settings
+            .server
+            .access_tokens
+            .iter()
+            .map(|t| Token {
+                secret: t.clone(),
+                account: None,
+            })
+            .collect();
+        for a in &settings.accounts {
+            let windows = a.windows.as_deref().unwrap_or(windows);
+            let account = Arc::new(quotas.account(&a.name, &a.name, windows, fixed(a.key.clone())));
+            for t in &a.tokens {
+                tokens.push(Token {
+                    secret: t.clone(),
+                    account: Some(account.clone()),
+                });
+            }
+            named.insert(a.name.clone(), account);
+        }
+        let client_keys = upstream
+            .allow_client_key
+            .then(|| ClientKeys::new(settings, quotas.clone()));
+        Ok(Self {
+            default,
+            named,
+            tokens,
+            client_keys,
+        })
+    }
+
+    /// Every account in use: the configured ones, then the client keys' (for `/readyz`,
+    /// metrics and status).
+    pub fn all(&self) -> Vec<Arc<Account>> {
+        let mut all: Vec<Arc<Account>> = self.named.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(keys) = &self.client_keys {
+            all.extend(keys.all());
+        }
+        all
+    }
+
+    /// Once any token is configured, every `/api/v1` request needs one.
+    pub fn tokens_required(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Whether client keys get quotas of their own (`upstream.allow_client_key`).
+    pub fn keeps_client_keys(&self) -> bool {
+        self.client_keys.is_some()
+    }
+
+    /// The account a request uses: its token's (when tokens are configured, a token is
+    /// required), else the one it names, else its own key's, else `default`.
+    pub fn choose(
+        &self,
+        token: Option<&str>,
+        named: Option<&str>,
+        client_key: Option<&str>,
+    ) -> Result<Arc<Account>, ProxyError> {
+        let bound = if self.tokens_required() {
+            let token = token.ok_or(ProxyError::Unauthorized)?;
+            self.token(token).ok_or(ProxyError::Unauthorized)?
+        } else {
+            None
+        };
+        let chosen = match (bound, named) {
+            (Some(account), Some(asked)) if *account.name != *asked => {
+                return Err(ProxyError::WrongAccount {
+                    asked: asked.to_owned(),
+                    token_account: account.name.to_string(),
+                });
+            }
+            (Some(account), _) => account,
+            (None, Some(asked)) => self
+                .named
+                .get(asked)
+                .cloned()
+                .ok_or_else(|| ProxyError::UnknownAccount(asked.to_owned()))?,
+            (None, None) => match (&self.client_keys, client_key) {
+                (Some(keys), Some(key)) => keys.get(key)?,
+                _ => self.default.clone().ok_or(ProxyError::NoAccount)?,
+            },
+        };
+        chosen.touch();
+        Ok(chosen)
+    }
+
+    /// The token's account (`Some(None)`: a token for any account), comparing every token
+    /// in constant time without stopping at the first match.
+    fn token(&self, presented: &str) -> Option<Option<Arc<Account>>> {
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(
+                presented
+                    .as_bytes()
+                    .ct_eq(t.secret.expose_secret().as_bytes()),
+            ) {
+                found = Some(t.account.clone());
+            }
+        }
+        found
+    }
+}
+
+/// One quota per client key, identified by a keyed hash of the key (HMAC-SHA-256), never
+/// the key: in memory, in Redis keys (`{<redis.key>:key:<32 hex>}`) and wherever it is
+/// shown (`key:<8 hex>`). The hash is keyed with `redis.key`, so every instance sharing a
+/// quota gives a client key the same one.
+#[derive(Debug)]
+struct ClientKeys {
+    hmac: HmacKey,
+    quotas: Arc<Quotas>,
+    windows: Vec<Window>,
+    target: Target,
+    max: usize,
+    /// A quota idle this long is dropped: its windows hold none of its starts any more.
+    idle_after: Duration,
+    held: Mutex<HashMap<[u8; 32], Arc<Account>>>,
+}
+
+struct HmacKey(ring::hmac::Key);
+
+impl std::fmt::Debug for HmacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HmacKey")
+    }
+}
+
+impl ClientKeys {
+    fn new(settings: &Settings, quotas: Arc<Quotas>) -> Self {
+        let salt = format!("smartlead-proxy client keys/{}", settings.redis.key);
+        let windows = settings.limit.windows.clone();
+        let longest = windows.iter().map(|w| w.period).max().unwrap_or_default();
+        Self {
+            hmac: HmacKey(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                salt.as_bytes(),
+            )),
+            quotas,
+            windows,
+            target: Target::new(&UpstreamSettings {
+                api_key: None,
+                allow_client_key: true,
+                ..settings.upstream.clone()
+            }),
+            max: settings.limit.max_client_keys,
+            idle_after: longest + settings.limit.margin + settings.limit.max_wait,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<Account>> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<Arc<Account>> = held.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    fn get(&self, key: &str) -> Result<Arc<Account>, ProxyError> {
+        let tag = ring::hmac::sign(&self.hmac.0, key.as_bytes());
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(tag.as_ref());
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(account) = held.get(&hash) {
+            return Ok(account.clone());
+        }
+        if held.len() >= self.max {
+            // Drop quotas idle past their longest window; none in use is ever dropped.
+            held.retain(|_, a| Arc::strong_count(a) > 1 || a.idle_for() < self.idle_after);
+        }
+        if held.len() >= self.max {
+            let soonest = held
+                .values()
+                .map(|a| self.idle_after.saturating_sub(a.idle_for()))
+                .min()
+                .unwrap_or(self.idle_after);
+            return Err(ProxyError::TooManyClientKeys {
+                retry_after: soonest,
+            });
+        }
+        let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("key:{}", &hex[..8]);
+        let stored_as = format!("key:{}", &hex[..32]);
+        let account =
+            Arc::new(
+                self.quotas
+                    .account(&name, &stored_as, &self.windows, self.target.clone()),
+            );
+        held.insert(hash, account.clone());
+        Ok(account)
+    }
+}

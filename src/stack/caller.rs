@@ -1,0 +1,255 @@
+//! Who is calling, and for which account. With tokens configured (`server.access_tokens`
+//! or an account's `tokens`), `/api/v1/*` needs `Authorization: Bearer <token>` (compared
+//! in constant time); the account is the token's, else the one `X-SmartLead-Account`
+//! names, else the client's own key's (with `upstream.allow_client_key`), else `default`.
+//! Refusals (401, an unknown account 400, another account's token 403) are answered here,
+//! nothing sent; the proxy's headers go no further. The chosen account travels down in
+//! the request's extensions.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, header};
+use tower::{Layer, Service};
+
+use super::Reply;
+use crate::accounts::{ACCOUNT_HEADER, Accounts};
+use crate::error::answer;
+use crate::key::Secrets;
+use crate::served::Served;
+
+#[derive(Clone, Debug)]
+pub struct CallerLayer {
+    accounts: Arc<Accounts>,
+}
+
+impl CallerLayer {
+    pub fn new(accounts: &Arc<Accounts>) -> Self {
+        Self {
+            accounts: accounts.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for CallerLayer {
+    type Service = Caller<S>;
+
+    fn layer(&self, inner: S) -> Caller<S> {
+        Caller {
+            inner,
+            accounts: self.accounts.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Caller<S> {
+    inner: S,
+    accounts: Arc<Accounts>,
+}
+
+impl<S, B> Service<Request<B>> for Caller<S>
+where
+    S: Service<Request<B>, Response = Reply, Error = Infallible>,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = CallerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let accounts = &self.accounts;
+        let headers = req.headers();
+        let token = accounts
+            .tokens_required()
+            .then(|| headers.get(header::AUTHORIZATION))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer);
+        let named = headers
+            .get(ACCOUNT_HEADER)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").trim());
+        let own_key = accounts
+            .keeps_client_keys()
+            .then(|| crate::upstream::client_key(req.uri().query()))
+            .flatten();
+        let chosen = accounts.choose(token, named, own_key.as_deref());
+        let account = match chosen {
+            Ok(account) => account,
+            Err(refused) => {
+                let id = super::request_id::of(req.headers());
+                let resp = answer(&refused, &Served::default(), id, Secrets::empty());
+                return CallerFuture::Refused {
+                    reply: Some(Reply::new(resp, Served::default())),
+                };
+            }
+        };
+        let headers = req.headers_mut();
+        if accounts.tokens_required() {
+            headers.remove(header::AUTHORIZATION);
+        }
+        headers.remove(ACCOUNT_HEADER);
+        req.extensions_mut().insert(account);
+        CallerFuture::Allowed {
+            call: self.inner.call(req),
+        }
+    }
+}
+
+/// The token from `Bearer <token>` (scheme case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pin_project_lite::pin_project! {
+    #[project = Projected]
+    pub enum CallerFuture<F> {
+        Allowed { #[pin] call: F },
+        Refused { reply: Option<Reply> },
+    }
+}
+
+impl<F> Future for CallerFuture<F>
+where
+    F: Future<Output = Result<Reply, Infallible>>,
+{
+    type Output = Result<Reply, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projected::Allowed { call } => call.poll(cx),
+            Projected::Refused { reply } => {
+                Poll::Ready(Ok(reply.take().expect("polled after completion")))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::Account;
+    use crate::config::{AccountSettings, Settings};
+    use crate::key::ApiKey;
+    use axum::body::Body;
+    use http::Response;
+    use secrecy::SecretString;
+    use tower::ServiceExt;
+
+    /// Answers 200 with the account it was given and the headers that reached it.
+    fn inner() -> impl Service<Request<()>, Response = Reply, Error = Infallible> + Clone {
+        tower::service_fn(|req: Request<()>| async move {
+            let account = req.extensions().get::<Arc<Account>>().unwrap();
+            let seen = format!(
+                "{} auth={} header={}",
+                account.name,
+                req.headers().contains_key(header::AUTHORIZATION),
+                req.headers().contains_key(ACCOUNT_HEADER)
+            );
+            Ok::<_, Infallible>(Reply::new(
+                Response::new(Body::from(seen)),
+                Served::default(),
+            ))
+        })
+    }
+
+    fn accounts(tokens: &[&str], acme_tokens: &[&str]) -> Arc<Accounts> {
+        let mut s = Settings::default();
+        s.upstream.api_key = Some(ApiKey::new("default-key"));
+        s.server.access_tokens = tokens.iter().map(|t| SecretString::from(*t)).collect();
+        s.accounts.push(AccountSettings {
+            name: "acme".into(),
+            key_env: "ACME".into(),
+            windows: None,
+            tokens: acme_tokens.iter().map(|t| SecretString::from(*t)).collect(),
+            key: Some(ApiKey::new("acme-key")),
+        });
+        Arc::new(Accounts::new(&s).unwrap())
+    }
+
+    async fn call(
+        accounts: &Arc<Accounts>,
+        auth: Option<&str>,
+        named: Option<&str>,
+    ) -> (u16, String) {
+        let mut req = Request::builder().uri("/api/v1/campaigns");
+        if let Some(a) = auth {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        if let Some(n) = named {
+            req = req.header(ACCOUNT_HEADER, n);
+        }
+        let reply = CallerLayer::new(accounts)
+            .layer(inner())
+            .oneshot(req.body(()).unwrap())
+            .await
+            .unwrap();
+        let status = reply.response.status().as_u16();
+        let body = axum::body::to_bytes(reply.response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn without_tokens_the_header_or_default_chooses() {
+        let a = accounts(&[], &[]);
+        assert_eq!(
+            call(&a, None, None).await,
+            (200, "default auth=false header=false".into())
+        );
+        assert_eq!(
+            call(&a, Some("Bearer x"), Some("acme")).await,
+            (200, "acme auth=true header=false".into())
+        );
+        let (status, body) = call(&a, None, Some("nope")).await;
+        assert_eq!(status, 400);
+        assert!(body.contains(r#""account":"nope""#), "{body}");
+    }
+
+    #[tokio::test]
+    async fn with_tokens_a_right_one_is_needed_and_chooses_its_account() {
+        let a = accounts(&["global"], &["acme-token"]);
+        assert_eq!(
+            call(&a, Some("Bearer acme-token"), None).await,
+            (200, "acme auth=false header=false".into())
+        );
+        assert_eq!(call(&a, Some("Bearer global"), None).await.0, 200);
+        assert_eq!(
+            call(&a, Some("Bearer global"), Some("acme")).await,
+            (200, "acme auth=false header=false".into())
+        );
+        assert_eq!(
+            call(&a, Some("Bearer acme-token"), Some("acme")).await.0,
+            200
+        );
+        let (status, body) = call(&a, Some("Bearer acme-token"), Some("default")).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("FORBIDDEN"));
+        for wrong in [None, Some("Bearer nope"), Some("Basic acme-token")] {
+            assert_eq!(call(&a, wrong, None).await.0, 401, "{wrong:?}");
+        }
+        // Tokens of an account alone also make tokens required.
+        let only_acme = accounts(&[], &["acme-token"]);
+        assert_eq!(call(&only_acme, None, None).await.0, 401);
+    }
+
+    #[test]
+    fn parses_bearer() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer "), None);
+    }
+}
