@@ -1,6 +1,7 @@
 //! Quota efficiency under 10× oversubscription: the proxy (one instance, and three sharing
-//! one Redis) against the retry recipe from SmartLead's error-handling guide (the guide recipe), on the same simulated SmartLead
-//! in the same run.
+//! one Redis) against the retry recipe from SmartLead's error-handling guide (the guide
+//! recipe), on the same simulated SmartLead in the same run; then the proxy against a
+//! SmartLead with three windows at once, as its plans have.
 //!
 //! `cargo bench --bench quota` (BENCH_SECONDS, default 30, sets the length of each run).
 
@@ -43,10 +44,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 async fn start_proxy(sim: &Sim, redis_key: Option<&str>) -> std::net::SocketAddr {
+    start_proxy_with(sim, redis_key, |s| s.limit.one_window(QUOTA, PERIOD)).await
+}
+
+async fn start_proxy_with(
+    sim: &Sim,
+    redis_key: Option<&str>,
+    quota: impl FnOnce(&mut Settings),
+) -> std::net::SocketAddr {
     let mut s = Settings::default();
     s.upstream.base_url = sim.base_url().parse().unwrap();
     s.upstream.api_key = Some(ApiKey::new(KEY));
-    s.limit.one_window(QUOTA, PERIOD);
+    quota(&mut s);
     s.limit.margin = Duration::from_millis(20);
     s.limit.max_wait = Duration::from_secs(60);
     s.log.level = "warn".into();
@@ -84,22 +93,48 @@ async fn guide_request(c: &reqwest::Client, url: &str) -> bool {
     false
 }
 
+/// The offered load and what the quota allows of it.
+struct Load {
+    workers: usize,
+    /// Each worker wants one request this often.
+    every: Duration,
+    /// Upstream starts the quota allows in the run.
+    possible: f64,
+}
+
 async fn run(name: &str, targets: Vec<String>, guide: bool, sim: &Sim, seconds: u64) -> Report {
+    let load = Load {
+        workers: WORKERS,
+        every: PERIOD,
+        possible: QUOTA as f64 * (seconds as f64 / PERIOD.as_secs_f64()),
+    };
+    run_load(name, targets, guide, sim, seconds, load).await
+}
+
+async fn run_load(
+    name: &str,
+    targets: Vec<String>,
+    guide: bool,
+    sim: &Sim,
+    seconds: u64,
+    load: Load,
+) -> Report {
     sim.reset();
     let c = reqwest::Client::builder()
-        .pool_max_idle_per_host(WORKERS)
+        .pool_max_idle_per_host(load.workers)
         .build()
         .unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for w in 0..WORKERS {
+    let (workers, every) = (load.workers, load.every);
+    for w in 0..workers {
         let (c, tally) = (c.clone(), tally.clone());
         let url = targets[w % targets.len()].clone();
         tasks.push(tokio::spawn(async move {
             // Spread the first requests over one period, then one per period each.
-            let mut next = start + PERIOD.mul_f64(w as f64 / WORKERS as f64);
+            let mut next = start + every.mul_f64(w as f64 / workers as f64);
             while next < end {
                 tokio::time::sleep_until(next).await;
                 let sent = Instant::now();
@@ -118,7 +153,7 @@ async fn run(name: &str, targets: Vec<String>, guide: bool, sim: &Sim, seconds: 
                 } else {
                     t.failed += 1;
                 }
-                next = (next + PERIOD).max(Instant::now());
+                next = (next + every).max(Instant::now());
             }
         }));
     }
@@ -131,7 +166,7 @@ async fn run(name: &str, targets: Vec<String>, guide: bool, sim: &Sim, seconds: 
         .iter()
         .filter(|r| !r.rate_limited && r.at < end)
         .count();
-    let possible = QUOTA as f64 * (seconds as f64 / PERIOD.as_secs_f64());
+    let possible = load.possible;
     let t = tally.lock().unwrap();
     let mut waits = t.waits.clone();
     waits.sort();
@@ -161,6 +196,7 @@ async fn main() {
         period: PERIOD,
         latency: Duration::from_millis(5),
         record: true,
+        ..SimConfig::default()
     })
     .await
     .unwrap();
@@ -222,4 +258,55 @@ async fn main() {
             guide.failed
         );
     }
+    three_windows(seconds).await;
+}
+
+/// SmartLead's plans hold several limits at once; scaled down: 4 per second, 12 per 5 s,
+/// 30 per 15 s (a sustained 2 per second), against 10× that demand.
+async fn three_windows(seconds: u64) {
+    let windows = [
+        (4, Duration::from_secs(1)),
+        (12, Duration::from_secs(5)),
+        (30, Duration::from_secs(15)),
+    ];
+    let sim = Sim::start(SimConfig {
+        api_key: Some(KEY.into()),
+        windows: windows.to_vec(),
+        latency: Duration::from_millis(5),
+        record: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let proxy = start_proxy_with(&sim, None, |s| {
+        s.limit.windows = windows
+            .iter()
+            .map(|(n, p)| smartlead_proxy::config::Window::new(*n, *p))
+            .collect();
+    })
+    .await;
+    // The tightest window's sustained rate is what the upstream can take.
+    let tightest = windows
+        .iter()
+        .map(|(n, p)| *n as f64 / p.as_secs_f64())
+        .fold(f64::INFINITY, f64::min);
+    let load = Load {
+        workers: 40,
+        every: Duration::from_secs(2),
+        possible: tightest * seconds as f64,
+    };
+    let url = format!("http://{proxy}/api/v1/campaigns");
+    let r = run_load("1 proxy, 3 windows", vec![url], false, &sim, seconds, load).await;
+    println!(
+        "\nthree windows at once (4/1s, 12/5s, 30/15s), 40 workers each wanting 1 request per 2s (10x)"
+    );
+    println!(
+        "{:<22} {:>9.1}% {:>13} {:>14} {:>8.2}s {:>8.2}s   (goodput: of the tightest window's rate, {tightest:.1}/s)",
+        r.name,
+        r.goodput,
+        r.upstream_429,
+        r.failed,
+        r.p50.as_secs_f64(),
+        r.p99.as_secs_f64()
+    );
 }

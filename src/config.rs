@@ -837,15 +837,11 @@ impl Settings {
         let secrets = Secrets::default()
             .with_keys(keys.chain(self.accounts.iter().filter_map(|a| a.key.as_ref())));
         match redis_password(self.redis.url.expose_secret()) {
-            // A very short password would blank out every word that happens to match it.
-            Some(p) if p.len() >= MIN_LOGGED_SECRET => secrets.with(&p),
-            _ => secrets,
+            Some(p) => secrets.with(&p),
+            None => secrets,
         }
     }
 }
-
-/// Passwords shorter than this are not searched for in logs and answers.
-const MIN_LOGGED_SECRET: usize = 6;
 
 fn redis_password(url: &str) -> Option<String> {
     let url = url::Url::parse(url).ok()?;
@@ -888,6 +884,89 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(vars: &[(&str, &str)], file: Option<&str>) -> Result<Settings, ConfigError> {
+        let mut env: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.entry(API_KEY_VAR.into())
+            .or_insert_with(|| "key".into());
+        let path = file.map(|text| {
+            let path =
+                std::env::temp_dir().join(format!("slp-config-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        Settings::load_from(Path::new("/nonexistent"), path.as_deref(), &env)
+    }
+
+    fn labels(s: &Settings) -> Vec<&str> {
+        s.limit.windows.iter().map(Window::label).collect()
+    }
+
+    #[test]
+    fn the_quota_has_two_forms_never_both() {
+        assert_eq!(labels(&load(&[], None).unwrap()), DEFAULT_WINDOWS);
+        let pro = [("SMARTLEAD_PROXY__LIMIT__WINDOWS", "20/1s,120/60s,3000/1h")];
+        assert_eq!(
+            labels(&load(&pro, None).unwrap()),
+            ["20/1s", "120/60s", "3000/1h"]
+        );
+        let older = load(&[("SMARTLEAD_PROXY__LIMIT__REQUESTS", "5")], None).unwrap();
+        assert_eq!(
+            older.limit.windows,
+            [Window::new(5, Duration::from_secs(60))]
+        );
+        let older = load(&[], Some("[limit]\nperiod = \"10s\"\n")).unwrap();
+        assert_eq!(
+            older.limit.windows,
+            [Window::new(60, Duration::from_secs(10))]
+        );
+        let both = load(&pro, Some("[limit]\nrequests = 5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            both.contains("limit.windows") && both.contains("limit.requests"),
+            "{both}"
+        );
+        for bad in ["ten/1s", "10", "0/1s", "10/2days", "10/0s"] {
+            let err = load(&[("SMARTLEAD_PROXY__LIMIT__WINDOWS", bad)], None).unwrap_err();
+            assert!(err.to_string().contains("limit.windows"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn accounts_take_their_keys_from_the_environment_only() {
+        let file = "[[accounts]]\nname = \"acme\"\nkey_env = \"KEY_ACME\"\nwindows = [\"5/1s\"]\ntokens = [\"t-acme\"]\n";
+        let s = load(&[("KEY_ACME", "acme-key-123")], Some(file)).unwrap();
+        assert_eq!(s.accounts[0].windows.as_ref().unwrap()[0].label(), "5/1s");
+        assert!(s.accounts[0].key.is_some());
+        assert!(
+            !format!("{s:?}").contains("acme-key-123"),
+            "Debug redacts the key"
+        );
+        let missing = load(&[], Some(file)).unwrap_err().to_string();
+        assert!(
+            missing.contains("accounts[acme].key_env") && missing.contains("KEY_ACME"),
+            "{missing}"
+        );
+        let named = |name: &str| format!("[[accounts]]\nname = \"{name}\"\nkey_env = \"K\"\n");
+        for bad in ["Acme", "default", "a b", ""] {
+            let err = load(&[("K", "some-key-1")], Some(&named(bad)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("accounts[0].name"), "{bad}: {err}");
+        }
+        let twice = format!("{}{}", named("x"), named("x"));
+        assert!(load(&[("K", "some-key-1")], Some(&twice)).is_err());
+        // With accounts, SMARTLEAD_API_KEY may be left out: there is then no default.
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("KEY_ACME".into(), "acme-key-123".into());
+        let path = std::env::temp_dir().join(format!("slp-config-{}.toml", uuid::Uuid::new_v4()));
+        std::fs::write(&path, file).unwrap();
+        assert!(Settings::load_from(Path::new("/nonexistent"), Some(&path), &env).is_ok());
+    }
 
     #[test]
     fn base_url_is_checked_and_credentials_masked() {

@@ -52,6 +52,7 @@ pub async fn run() -> Result<(), String> {
         period: PERIOD,
         latency: Duration::from_millis(20),
         record: false,
+        ..SimConfig::default()
     };
     let start_sim = || async {
         Sim::start(config.clone())

@@ -19,6 +19,10 @@ pub use find::MIN_RUN;
 /// What a secret is replaced with wherever it would otherwise be shown.
 pub const REDACTED: &str = "***";
 
+/// Secrets shorter than this (no SmartLead key is) are not searched for in text: they
+/// would match ordinary words. They are still redacted as `api_key` values.
+pub const MIN_SEARCHED: usize = 6;
+
 /// The key. `Debug` prints `[REDACTED]`; there is no `Display`, so it can only leave the
 /// process through [`ApiKey::query_value`].
 #[derive(Clone, Deserialize)]
@@ -100,9 +104,10 @@ impl Secrets {
         EMPTY.get_or_init(Secrets::default)
     }
 
-    /// These secrets and one more (blank ones are ignored).
+    /// These secrets and one more (blank and very short ones are ignored: see
+    /// [`MIN_SEARCHED`]).
     pub fn with(&self, secret: &str) -> Self {
-        if secret.trim().is_empty() {
+        if secret.trim().len() < MIN_SEARCHED {
             return self.clone();
         }
         let mut patterns = self.patterns.to_vec();
@@ -339,6 +344,13 @@ mod tests {
         let out = v.to_string();
         assert!(!out.to_ascii_lowercase().contains("k3y-secret"), "{out}");
         assert!(!s.scrub_json(&mut v), "clean now");
+    }
+
+    #[test]
+    fn very_short_secrets_are_not_searched_for() {
+        let s = ApiKey::new("k").secrets();
+        assert!(s.is_empty());
+        assert_eq!(s.redact("workers=2 api_key=k"), "workers=2 api_key=***");
     }
 
     #[test]

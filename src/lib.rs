@@ -8,7 +8,8 @@
 //!   [`stack`] and its own upstream connection pool.
 //! - [`stack::request_id`] → [`stack::panic_guard`] → [`stack::access_log`] (with
 //!   [`metrics`]) → [`stack::own_routes`] (`/healthz`, `/readyz`, `/metrics`; CONNECT and
-//!   TRACE refused) → [`stack::access_token`] → [`stack::envelope`] (every error becomes
+//!   TRACE refused) → [`stack::caller`] (the token, and the account the request uses:
+//!   [`accounts`]) → [`stack::envelope`] (every error becomes
 //!   the JSON envelope in [`error::answer`], the one place that answers) →
 //!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::lead_import`] (the
 //!   lead-import guard and batching; [`leads`]) → [`stack::key_injection`] (the target
@@ -79,8 +80,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() && settings.server.access_tokens.is_empty() {
-        tracing::warn!(%addr, "listening beyond loopback without server.access_tokens: anyone who can reach this port can spend the API quota");
+    let tokens = !settings.server.access_tokens.is_empty()
+        || settings.accounts.iter().any(|a| !a.tokens.is_empty());
+    if !addr.ip().is_loopback() && !tokens {
+        tracing::warn!(%addr, "listening beyond loopback without access tokens (server.access_tokens, or an account's tokens): anyone who can reach this port can spend the API quota");
     }
     let workers = settings.server.worker_count();
     let shared = stack::Shared::new(settings).map_err(RunError::Setup)?;

@@ -42,11 +42,19 @@ enum Command {
         /// The only API key accepted; empty accepts any (or none).
         #[arg(long, env = "SIM_API_KEY", default_value = "sim-key")]
         api_key: String,
+        /// More keys accepted besides --api-key, each with a quota of its own (several
+        /// accounts).
+        #[arg(long, value_delimiter = ',')]
+        more_keys: Vec<String>,
         /// Requests allowed per key in any window of --period; 0 for no limit.
         #[arg(long, default_value_t = 60)]
         requests: u32,
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         period: Duration,
+        /// Several limits per key at once instead of --requests/--period, like a SmartLead
+        /// plan: "10/1s,60/60s,1000/1h".
+        #[arg(long, value_delimiter = ',', value_parser = parse_window)]
+        windows: Vec<(u32, Duration)>,
         /// Added before every answer.
         #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
         latency: Duration,
@@ -88,15 +96,19 @@ async fn dispatch(cli: Cli) -> ExitCode {
             host,
             port,
             api_key,
+            more_keys,
             requests,
             period,
+            windows,
             latency,
             no_record,
         }) => {
             let config = sim::SimConfig {
                 api_key: (!api_key.is_empty()).then_some(api_key),
+                more_keys,
                 requests,
                 period,
+                windows,
                 latency,
                 record: !no_record,
             };
@@ -127,6 +139,12 @@ async fn dispatch(cli: Cli) -> ExitCode {
         }
         None => serve(cli.config).await,
     }
+}
+
+/// `"N/duration"`, as in `limit.windows`.
+fn parse_window(text: &str) -> Result<(u32, Duration), String> {
+    let w = smartlead_proxy::config::Window::parse(text)?;
+    Ok((w.requests, w.period))
 }
 
 async fn serve(config: Option<PathBuf>) -> ExitCode {

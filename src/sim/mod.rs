@@ -21,11 +21,17 @@ use tokio::time::Instant;
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// The only key accepted; `None` accepts any key, or none.
+    /// The key accepted; `None` accepts any key, or none.
     pub api_key: Option<String>,
-    /// Requests allowed per key in any sliding window of `period`; 0 for no limit.
+    /// More keys accepted besides `api_key` (several accounts), each with a quota of its own.
+    pub more_keys: Vec<String>,
+    /// Requests allowed per key in any sliding window of `period`; 0 for no limit. Used
+    /// when `windows` is empty.
     pub requests: u32,
     pub period: Duration,
+    /// Several limits per key at once (`(10, 1s), (60, 60s), ...`), as SmartLead's plans
+    /// have; `x-ratelimit-*` describe the one closest to a minute.
+    pub windows: Vec<(u32, Duration)>,
     /// Added before every answer.
     pub latency: Duration,
     /// Keep every request for [`Sim::requests`] (off for long benchmarks).
@@ -36,8 +42,10 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             api_key: Some("sim-key".into()),
+            more_keys: Vec::new(),
             requests: 60,
             period: Duration::from_secs(60),
+            windows: Vec::new(),
             latency: Duration::ZERO,
             record: true,
         }
@@ -275,30 +283,71 @@ impl SimState {
         Some(action)
     }
 
-    /// Strict sliding window: Ok(remaining) when admitted, Err(retry_after) when not.
+    /// The windows enforced per key: `windows`, else `requests` per `period` (none when
+    /// `requests` is 0).
+    pub(crate) fn limits(&self) -> Vec<(u32, Duration)> {
+        if !self.config.windows.is_empty() {
+            return self.config.windows.clone();
+        }
+        if self.config.requests == 0 {
+            return Vec::new();
+        }
+        vec![(self.config.requests, self.config.period)]
+    }
+
+    /// The window the `x-ratelimit-*` headers describe: the one closest to a minute.
+    pub(crate) fn described(&self) -> Option<(u32, Duration)> {
+        self.limits()
+            .into_iter()
+            .min_by_key(|(_, p)| p.abs_diff(Duration::from_secs(60)))
+    }
+
+    pub(crate) fn key_ok(&self, key: &str) -> bool {
+        match &self.config.api_key {
+            Some(k) => k == key || self.config.more_keys.iter().any(|m| m == key),
+            None => true,
+        }
+    }
+
+    /// Strict sliding windows, every one at once: Ok((remaining, reset)) of the described
+    /// window when admitted, Err(retry_after) when not.
     fn admit(&self, key: &str, now: Instant) -> Result<(u32, Duration), Duration> {
-        let (limit, period) = (self.config.requests as usize, self.config.period);
-        if limit == 0 {
+        let limits = self.limits();
+        let Some(described) = self.described() else {
             return Ok((u32::MAX, Duration::ZERO));
-        }
-        let mut windows = lock(&self.windows);
-        let window = windows.entry(key.to_owned()).or_default();
-        while window
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= period)
-        {
-            window.pop_front();
-        }
-        let reset = |w: &VecDeque<Instant>| {
-            w.front().map_or(Duration::ZERO, |t| {
-                (*t + period).saturating_duration_since(now)
-            })
         };
-        if window.len() >= limit {
-            return Err(reset(window));
+        let longest = limits.iter().map(|(_, p)| *p).max().unwrap_or_default();
+        let mut windows = lock(&self.windows);
+        let starts = windows.entry(key.to_owned()).or_default();
+        while starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= longest)
+        {
+            starts.pop_front();
         }
-        window.push_back(now);
-        Ok(((limit - window.len()) as u32, reset(window)))
+        // Starts within `period` of now, and the oldest of them.
+        let within = |starts: &VecDeque<Instant>, period: Duration| {
+            let first = starts.partition_point(|t| now.duration_since(*t) >= period);
+            (starts.len() - first, starts.get(first).copied())
+        };
+        let mut wait = Duration::ZERO;
+        for (n, period) in &limits {
+            let (count, _) = within(starts, *period);
+            if count >= *n as usize {
+                let edge = starts[starts.len() - *n as usize] + *period;
+                wait = wait.max(edge.saturating_duration_since(now));
+            }
+        }
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        starts.push_back(now);
+        let (n, period) = described;
+        let (count, oldest) = within(starts, period);
+        let reset = oldest.map_or(Duration::ZERO, |t| {
+            (t + period).saturating_duration_since(now)
+        });
+        Ok((n.saturating_sub(count as u32), reset))
     }
 }
 

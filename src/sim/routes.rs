@@ -92,7 +92,7 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
             rate_limited: admitted.is_err(),
         });
     }
-    let limit = state.config.requests;
+    let limit = state.described().map_or(0, |(n, _)| n);
     let (remaining, reset) = match admitted {
         Ok(r) => r,
         Err(retry_after) => return rate_limited(limit, retry_after),
@@ -128,11 +128,7 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
             if let Some(FaultAction::Delay { ms }) = other {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
-            let key_ok = match &state.config.api_key {
-                Some(k) => *k == key,
-                None => true,
-            };
-            if key_ok {
+            if state.key_ok(&key) {
                 next.run(Request::from_parts(parts, Body::from(body))).await
             } else {
                 envelope(

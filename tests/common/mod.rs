@@ -110,6 +110,11 @@ pub fn logged(request_id: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Everything the in-process proxies of this test binary logged so far.
+pub fn captured_text() -> String {
+    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
+}
+
 /// Whether any captured log line contains `text`.
 pub fn any_log_contains(text: &str) -> bool {
     let logs = captured_logs().lock().unwrap();
