@@ -115,7 +115,7 @@ async fn decisions(accounts: Vec<Arc<Account>>) -> f64 {
         async move {
             account
                 .limiter
-                .acquire(Instant::now() + Duration::from_secs(1))
+                .acquire(Instant::now() + Duration::from_secs(1), &Default::default())
                 .await
                 .is_ok()
         }

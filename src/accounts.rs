@@ -101,11 +101,71 @@ impl Quotas {
     }
 }
 
-/// A token, and the account it is bound to (`None`: any).
+/// A token, its name when it was written `"name:token"`, and the account it is bound to
+/// (`None`: any).
 #[derive(Debug)]
 struct Token {
-    secret: SecretString,
+    /// As written: a client may present all of it, so a plain token with a colon in it
+    /// keeps working.
+    written: SecretString,
+    /// The part after `name:`, when it has a name.
+    secret: Option<SecretString>,
+    name: Option<Arc<str>>,
     account: Option<Arc<Account>>,
+}
+
+impl Token {
+    fn new(written: &SecretString, account: Option<Arc<Account>>) -> Self {
+        let named = written
+            .expose_secret()
+            .split_once(':')
+            .filter(|(name, token)| {
+                !token.is_empty() && !name.contains(':') && crate::client::valid_client_id(name)
+            });
+        Self {
+            written: written.clone(),
+            secret: named.map(|(_, token)| SecretString::from(token)),
+            name: named.map(|(name, _)| name.into()),
+            account,
+        }
+    }
+
+    /// Compared in constant time, both forms every time.
+    fn matches(&self, presented: &str) -> bool {
+        let presented = presented.as_bytes();
+        let whole = presented.ct_eq(self.written.expose_secret().as_bytes());
+        let part = match &self.secret {
+            Some(s) => presented.ct_eq(s.expose_secret().as_bytes()),
+            None => subtle::Choice::from(0),
+        };
+        bool::from(whole | part)
+    }
+}
+
+/// What the caller layer decided about a request, for the layers below: the account it
+/// uses and who it is for.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub account: Arc<Account>,
+    pub who: crate::client::Who,
+}
+
+impl Call {
+    /// For `account`, from no one in particular (in-process callers and tests).
+    pub fn anonymous(account: Arc<Account>) -> Self {
+        Self {
+            account,
+            who: Default::default(),
+        }
+    }
+}
+
+/// The account a request uses, and the name of the token it came with (its client, when
+/// it sent no `X-Client-Id`).
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub account: Arc<Account>,
+    pub token_name: Option<Arc<str>>,
 }
 
 /// Every account of this proxy.
@@ -142,19 +202,13 @@ impl Accounts {
             .server
             .access_tokens
             .iter()
-            .map(|t| Token {
-                secret: t.clone(),
-                account: None,
-            })
+            .map(|t| Token::new(t, None))
             .collect();
         for a in &settings.accounts {
             let windows = a.windows.as_deref().unwrap_or(windows);
             let account = Arc::new(quotas.account(&a.name, &a.name, windows, fixed(a.key.clone())));
             for t in &a.tokens {
-                tokens.push(Token {
-                    secret: t.clone(),
-                    account: Some(account.clone()),
-                });
+                tokens.push(Token::new(t, Some(account.clone())));
             }
             named.insert(a.name.clone(), account);
         }
@@ -197,12 +251,13 @@ impl Accounts {
         token: Option<&str>,
         named: Option<&str>,
         client_key: Option<&str>,
-    ) -> Result<Arc<Account>, ProxyError> {
-        let bound = if self.tokens_required() {
+    ) -> Result<Chosen, ProxyError> {
+        let (bound, token_name) = if self.tokens_required() {
             let token = token.ok_or(ProxyError::Unauthorized)?;
-            self.token(token).ok_or(ProxyError::Unauthorized)?
+            let found = self.token(token).ok_or(ProxyError::Unauthorized)?;
+            (found.account.clone(), found.name.clone())
         } else {
-            None
+            (None, None)
         };
         let chosen = match (bound, named) {
             (Some(account), Some(asked)) if *account.name != *asked => {
@@ -223,20 +278,19 @@ impl Accounts {
             },
         };
         chosen.touch();
-        Ok(chosen)
+        Ok(Chosen {
+            account: chosen,
+            token_name,
+        })
     }
 
-    /// The token's account (`Some(None)`: a token for any account), comparing every token
-    /// in constant time without stopping at the first match.
-    fn token(&self, presented: &str) -> Option<Option<Arc<Account>>> {
+    /// The token presented, comparing every token in constant time without stopping at
+    /// the first match.
+    fn token(&self, presented: &str) -> Option<&Token> {
         let mut found = None;
         for t in &self.tokens {
-            if bool::from(
-                presented
-                    .as_bytes()
-                    .ct_eq(t.secret.expose_secret().as_bytes()),
-            ) {
-                found = Some(t.account.clone());
+            if t.matches(presented) {
+                found = Some(t);
             }
         }
         found

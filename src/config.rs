@@ -327,7 +327,18 @@ pub struct LimitSettings {
     pub follow_upstream: bool,
     /// With `upstream.allow_client_key`: most client-key quotas held at once.
     pub max_client_keys: usize,
+    /// A governor cap per client (`limit.per_client`), checked before any queueing.
+    pub per_client: Option<Window>,
+    /// Fair-share weights by client (default 1).
+    pub client_weights: HashMap<String, u32>,
+    /// Most requests of one client waiting in an account's line (default `max_queue`).
+    pub max_queue_per_client: usize,
+    /// Honour `X-Priority`.
+    pub allow_priority: bool,
 }
+
+/// The largest weight `limit.client_weights` accepts: a turn is split into this many.
+pub const MAX_CLIENT_WEIGHT: u32 = 1000;
 
 impl LimitSettings {
     /// The quota as one window, as the older form gives it.
@@ -377,6 +388,10 @@ struct RawLimit {
     backend: LimitBackend,
     follow_upstream: bool,
     max_client_keys: usize,
+    per_client: String,
+    client_weights: HashMap<String, u32>,
+    max_queue_per_client: Option<usize>,
+    allow_priority: bool,
 }
 
 impl Default for RawLimit {
@@ -391,6 +406,10 @@ impl Default for RawLimit {
             backend: LimitBackend::Local,
             follow_upstream: false,
             max_client_keys: 1000,
+            per_client: String::new(),
+            client_weights: HashMap::new(),
+            max_queue_per_client: None,
+            allow_priority: true,
         }
     }
 }
@@ -425,6 +444,26 @@ impl TryFrom<RawLimit> for LimitSettings {
                 .map(|w| Window::parse(w).expect("the default windows parse"))
                 .collect(),
         };
+        let per_client = match raw.per_client.trim() {
+            "" | "off" => None,
+            text => Some(Window::parse(text).map_err(|e| format!("limit.per_client: {e}"))?),
+        };
+        for (client, weight) in &raw.client_weights {
+            if !crate::client::valid_client_id(client) {
+                return Err(format!(
+                    "limit.client_weights: {client:?} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)"
+                ));
+            }
+            if !(1..=MAX_CLIENT_WEIGHT).contains(weight) {
+                return Err(format!(
+                    "limit.client_weights: the weight of {client:?} must be 1 to {MAX_CLIENT_WEIGHT}"
+                ));
+            }
+        }
+        let max_queue_per_client = raw.max_queue_per_client.unwrap_or(raw.max_queue);
+        if max_queue_per_client == 0 {
+            return Err("limit.max_queue_per_client must be at least 1".into());
+        }
         Ok(Self {
             windows,
             max_wait: raw.max_wait,
@@ -433,6 +472,10 @@ impl TryFrom<RawLimit> for LimitSettings {
             backend: raw.backend,
             follow_upstream: raw.follow_upstream,
             max_client_keys: raw.max_client_keys,
+            per_client,
+            client_weights: raw.client_weights,
+            max_queue_per_client,
+            allow_priority: raw.allow_priority,
         })
     }
 }

@@ -40,6 +40,8 @@ pub struct RateLimited {
     pub window: InForce,
     pub policy: Vec<InForce>,
     pub account: std::sync::Arc<str>,
+    /// The client, when it alone was refused (its cap, its share of the queue).
+    pub client: Option<String>,
 }
 
 /// An auto-batched lead import that stopped at a failing batch.
@@ -282,6 +284,9 @@ impl ProxyError {
                 d.insert("retry_after".into(), secs.into());
                 d.insert("window".into(), r.window.label.clone().into());
                 d.insert("account".into(), (*r.account).into());
+                if let Some(client) = &r.client {
+                    d.insert("client".into(), client.clone().into());
+                }
             }
             UnknownAccount(name) => {
                 d.insert("account".into(), name.clone().into());
@@ -717,8 +722,17 @@ fn rate_limit_hint(r: &RateLimited) -> String {
         ),
         Limited::PastDeadline => format!(
             "no quota slot within limit.max_wait (or X-Request-Timeout): the {} window of \
-             account {} is full; retry {after}, raise limit.max_wait, or send fewer requests",
+             account {} is full, or other clients' turns come first; retry {after}, raise \
+             limit.max_wait, or send fewer requests",
             r.window.label, r.account
+        ),
+        Limited::ClientQueueFull => format!(
+            "this client already has limit.max_queue_per_client requests waiting; retry \
+             {after}, or wait for earlier answers before sending more"
+        ),
+        Limited::ClientCap => format!(
+            "this client is over its own cap of {} (limit.per_client); retry {after}",
+            r.window.label
         ),
     }
 }
@@ -954,6 +968,7 @@ mod tests {
                 window: in_force("60/60s", 60, 60),
                 policy: vec![in_force("60/60s", 60, 60)],
                 account: "default".into(),
+                client: None,
             }))
         };
         let cases: Vec<(ProxyError, u32, &str)> = vec![
@@ -1007,6 +1022,12 @@ mod tests {
             ),
             (limited(Limited::QueueFull), 0, "limit.max_queue"),
             (limited(Limited::PastDeadline), 0, "limit.max_wait"),
+            (
+                limited(Limited::ClientQueueFull),
+                0,
+                "limit.max_queue_per_client",
+            ),
+            (limited(Limited::ClientCap), 0, "limit.per_client"),
             (
                 limited(Limited::PausedPastDeadline),
                 0,
@@ -1062,6 +1083,7 @@ mod tests {
                 in_force("1000/1h", 1000, 3600),
             ],
             account: "acme".into(),
+            client: None,
         }));
         let resp = answer(&error, &served(0), "rid", &Secrets::default());
         assert_eq!(resp.status(), 429);

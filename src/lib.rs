@@ -28,6 +28,7 @@
 
 pub mod accounts;
 pub mod body;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -131,7 +132,7 @@ pub async fn run(
 
 /// What one serving thread serves with.
 struct Thread {
-    incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>,
     shared: stack::Shared,
     shutdown: Shutdown,
     client: UpstreamClient,

@@ -8,6 +8,8 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::client::{ClientId, Priority};
+
 pub const REQUESTS: &str = "smartlead_proxy_requests_total";
 pub const REQUEST_DURATION: &str = "smartlead_proxy_request_duration_seconds";
 pub const IN_FLIGHT: &str = "smartlead_proxy_in_flight_requests";
@@ -20,6 +22,7 @@ pub const UPSTREAM_PAUSES: &str = "smartlead_proxy_upstream_pauses_total";
 pub const REDIS_ERRORS: &str = "smartlead_proxy_redis_errors_total";
 pub const LIMITER_DEGRADED: &str = "smartlead_proxy_limiter_degraded";
 pub const UNEXPECTED_UPSTREAM_429: &str = "smartlead_proxy_unexpected_upstream_429_total";
+pub const CLIENT_WAIT: &str = "smartlead_proxy_client_wait_seconds";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -27,6 +30,8 @@ const BUCKETS: &[f64] = &[
 ];
 /// Distinct route labels kept before new ones become `other`.
 const MAX_ROUTES: usize = 200;
+/// Clients with a `client` label of their own; the rest are `other`.
+pub const MAX_CLIENT_LABELS: usize = 20;
 
 /// The process-wide handle that renders `/metrics`.
 pub fn handle() -> &'static PrometheusHandle {
@@ -185,14 +190,45 @@ impl Drop for InFlight {
 }
 
 /// Renders the scrape, first setting the gauges that are kept as plain counters on the
-/// hot path: requests in flight, and the requests waiting in each account's queue.
-pub fn render(queues: &[(Arc<str>, usize)]) -> String {
+/// hot path: requests in flight, and the requests waiting in each account's line by
+/// priority.
+pub fn render(queues: &[(Arc<str>, [usize; 3])]) -> String {
     let handle = handle();
     gauge!(IN_FLIGHT).set(IN_FLIGHT_NOW.load(Ordering::Relaxed) as f64);
-    for (account, waiting) in queues {
-        gauge!(QUEUE_DEPTH, "account" => account.to_string()).set(*waiting as f64);
+    for (account, depth) in queues {
+        for (priority, waiting) in Priority::ALL.iter().zip(depth) {
+            gauge!(QUEUE_DEPTH, "account" => account.to_string(), "priority" => priority.label())
+                .set(*waiting as f64);
+        }
     }
     handle.render()
+}
+
+/// How long a client's requests waited for their quota slots. The first
+/// [`MAX_CLIENT_LABELS`] clients to wait in line (the busy ones: a client that never
+/// queues needs no label) get a label of their own for the process's life, so the label
+/// set stays bounded; every other client is `other`.
+pub fn client_wait(client: &ClientId, waited: Duration) {
+    static NAMED: OnceLock<RwLock<HashMap<ClientId, metrics::Histogram>>> = OnceLock::new();
+    static OTHER: OnceLock<metrics::Histogram> = OnceLock::new();
+    let named = NAMED.get_or_init(Default::default);
+    if let Some(h) = read(named).get(client) {
+        h.record(waited.as_secs_f64());
+        return;
+    }
+    let other = || OTHER.get_or_init(|| histogram!(CLIENT_WAIT, "client" => "other"));
+    if waited.is_zero() {
+        other().record(0.0);
+        return;
+    }
+    let mut named = write(named);
+    if named.len() < MAX_CLIENT_LABELS && !matches!(client, ClientId::Anonymous) {
+        let h = histogram!(CLIENT_WAIT, "client" => client.to_string());
+        h.record(waited.as_secs_f64());
+        named.insert(client.clone(), h);
+    } else {
+        other().record(waited.as_secs_f64());
+    }
 }
 
 pub fn upstream_attempt(outcome: &str) {

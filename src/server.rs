@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,6 +24,8 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tower::{Service, ServiceExt};
 
+use crate::client::Peer;
+
 /// Most request headers accepted (hyper's default, stated here).
 pub const MAX_HEADERS: usize = 100;
 
@@ -39,18 +42,18 @@ fn builder(header_read_timeout: Duration) -> http1::Builder {
 /// the senders on return tells the threads to stop serving new connections.
 pub async fn accept(
     listener: TcpListener,
-    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
+    workers: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
     let mut next = 0;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted.and_then(|(s, _)| s.into_std()) {
-                Ok(stream) => {
+            accepted = listener.accept() => match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     // A worker that is gone has stopped; its connection is just closed.
-                    let _ = workers[next].send(stream);
+                    let _ = workers[next].send((stream, peer));
                     next = (next + 1) % workers.len();
                 }
                 Err(e) => {
@@ -67,7 +70,7 @@ pub async fn accept(
 /// Serves the connections this thread is dealt with `stack` until the acceptor stops,
 /// then returns the handle that drains them.
 pub async fn serve_connections<S>(
-    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     stack: S,
     header_read_timeout: Duration,
 ) -> GracefulShutdown
@@ -80,7 +83,7 @@ where
 {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(header_read_timeout));
-    while let Some(stream) = incoming.recv().await {
+    while let Some((stream, peer)) = incoming.recv().await {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {
@@ -90,8 +93,13 @@ where
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let stack = stack.clone();
-        let service =
-            hyper::service::service_fn(move |req| stack.clone().oneshot(detach_head(req)));
+        // The peer tells clients apart when nothing else does (crate::client).
+        let peer = Peer(peer.ip().to_canonical());
+        let service = hyper::service::service_fn(move |req| {
+            let mut req = detach_head(req);
+            req.extensions_mut().insert(peer);
+            stack.clone().oneshot(req)
+        });
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
         tokio::spawn(async move {
             let conn = builder.serve_connection(io, service);

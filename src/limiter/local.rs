@@ -123,8 +123,8 @@ impl Backend for LocalBackend {
         now(self.reserve_now(id, max_wait))
     }
 
-    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>> {
-        now(self.wait_now(id))
+    fn waits_of<'a>(&'a self, ids: &'a [u64]) -> Answer<'a, Vec<Option<Duration>>> {
+        now(ids.iter().map(|id| self.wait_now(*id)).collect())
     }
 
     fn cancel(&self, id: u64) -> Answer<'_, ()> {
@@ -195,7 +195,7 @@ mod tests {
         for i in 0..6 {
             let (l, order) = (l.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
-                l.acquire(far()).await.unwrap();
+                l.acquire(far(), &Default::default()).await.unwrap();
                 order.lock().unwrap().push((i, start.elapsed().as_secs()));
             }));
             tokio::task::yield_now().await;
@@ -213,10 +213,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_late_slot_is_refused_at_once_with_an_honest_retry_after() {
         let l = limiter(1, Duration::from_secs(10), 100);
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         let asked = Instant::now();
         let refusal = l
-            .acquire(Instant::now() + Duration::from_secs(4))
+            .acquire(Instant::now() + Duration::from_secs(4), &Default::default())
             .await
             .unwrap_err();
         assert_eq!(asked.elapsed(), Duration::ZERO, "no sleeping to find out");
@@ -233,16 +233,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_is_refused_at_once() {
         let l = limiter(1, Duration::from_secs(10), 2);
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let l = l.clone();
-                tokio::spawn(async move { l.acquire(far()).await })
+                tokio::spawn(async move { l.acquire(far(), &Default::default()).await })
             })
             .collect();
         tokio::task::yield_now().await;
         assert_eq!(l.queued(), 2);
-        match l.acquire(far()).await {
+        match l.acquire(far(), &Default::default()).await {
             Err(Refusal::RateLimited {
                 why, retry_after, ..
             }) => {
@@ -260,15 +260,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_cancelled_waiter_gives_its_slot_back() {
         let l = limiter(1, Duration::from_secs(10), 100);
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         let l2 = l.clone();
-        let gone = tokio::spawn(async move { l2.acquire(far()).await });
+        let gone = tokio::spawn(async move { l2.acquire(far(), &Default::default()).await });
         tokio::task::yield_now().await;
         gone.abort();
         let _ = gone.await;
         tokio::task::yield_now().await; // the cancel runs
         let start = Instant::now();
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         assert_eq!(
             start.elapsed(),
             Duration::from_secs(10),
@@ -281,19 +281,24 @@ mod tests {
     async fn a_pause_holds_back_waiters_and_new_arrivals() {
         let l = limiter(5, Duration::from_secs(10), 100);
         let start = Instant::now();
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         l.pause(Duration::from_secs(3)).await;
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_past_the_deadline_refuses_the_waiter() {
         let l = limiter(1, Duration::from_secs(10), 100);
-        l.acquire(far()).await.unwrap();
+        l.acquire(far(), &Default::default()).await.unwrap();
         let l2 = l.clone();
-        let waiter =
-            tokio::spawn(async move { l2.acquire(Instant::now() + Duration::from_secs(12)).await });
+        let waiter = tokio::spawn(async move {
+            l2.acquire(
+                Instant::now() + Duration::from_secs(12),
+                &Default::default(),
+            )
+            .await
+        });
         tokio::task::yield_now().await;
         l.pause(Duration::from_secs(15)).await;
         match waiter.await.unwrap() {

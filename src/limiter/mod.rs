@@ -1,11 +1,13 @@
-//! One account's quota: callers wait first-come first-served for a slot that every window
-//! of the account allows, instead of failing.
+//! One account's quota: callers wait for a slot that every window of the account allows,
+//! instead of failing.
 //!
 //! [`Limiter`] owns what is the same for every backend (the bounded queue, deadlines,
 //! waiting, cancellation, following SmartLead's own limit); a [`Backend`] owns the
 //! reservation log: [`local`] in-process, [`redis`] shared by every instance with the same
-//! `redis.key`. The arithmetic is in [`log`].
+//! `redis.key`. The arithmetic is in [`log`]. The log hands out slots in arrival order;
+//! [`fair`] decides which of this process's waiters uses which of the slots they hold.
 
+pub mod fair;
 pub mod local;
 pub mod log;
 pub mod redis;
@@ -17,10 +19,11 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, Either, Ready};
 use http::HeaderMap;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::{LimitSettings, Window};
+use fair::{Effects, Key, Turn, Who};
 
 /// Why the quota said no.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +34,10 @@ pub enum Limited {
     PausedPastDeadline,
     /// `limit.max_queue` requests are already waiting here.
     QueueFull,
+    /// `limit.max_queue_per_client` of this client's requests are already waiting here.
+    ClientQueueFull,
+    /// The client is over `limit.per_client`.
+    ClientCap,
 }
 
 impl Limited {
@@ -39,6 +46,8 @@ impl Limited {
             Limited::PastDeadline => "no quota slot frees up within this request's max_wait",
             Limited::PausedPastDeadline => "SmartLead asked to pause past this request's max_wait",
             Limited::QueueFull => "the proxy's queue is full",
+            Limited::ClientQueueFull => "this client's share of the proxy's queue is full",
+            Limited::ClientCap => "this client is over its own cap (limit.per_client)",
         }
     }
 
@@ -46,7 +55,8 @@ impl Limited {
         match self {
             Limited::PastDeadline => "max_wait",
             Limited::PausedPastDeadline => "paused",
-            Limited::QueueFull => "queue_full",
+            Limited::QueueFull | Limited::ClientQueueFull => "queue_full",
+            Limited::ClientCap => "client_cap",
         }
     }
 }
@@ -96,8 +106,9 @@ pub fn now<'a, T>(value: T) -> Answer<'a, T> {
 pub trait Backend: Send + Sync + 'static {
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
-    /// Time left until the reservation's slot, which a pause may have moved.
-    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>>;
+    /// Time left until each reservation's slot, which a pause may have moved (`None`: the
+    /// log no longer has it).
+    fn waits_of<'a>(&'a self, ids: &'a [u64]) -> Answer<'a, Vec<Option<Duration>>>;
     /// Gives back a slot that has not started.
     fn cancel(&self, id: u64) -> Answer<'_, ()>;
     /// Nothing starts for `pause`; waiting slots move later together.
@@ -119,6 +130,16 @@ pub struct Limiter {
     windows: Vec<Window>,
     waiting: AtomicUsize,
     max_queue: usize,
+    max_queue_per_client: usize,
+    /// This process's waiters and the slots they hold, in the order they are served.
+    line: std::sync::Mutex<fair::Queue>,
+    /// How many are in `line`: with none, a slot free now is taken without the lock.
+    in_line: AtomicUsize,
+    /// The latest `moved` version the line's slots were re-read for.
+    retimed: AtomicU64,
+    /// The longest anyone may wait: how far ahead a slot is reserved for a request that
+    /// may go before others.
+    max_wait: Duration,
     /// The longest gap between starts the windows allow for good: a full queue's
     /// `Retry-After` is this per request ahead.
     spacing: Duration,
@@ -180,6 +201,11 @@ impl Limiter {
             windows: windows.to_vec(),
             waiting: AtomicUsize::new(0),
             max_queue: limit.max_queue,
+            max_queue_per_client: limit.max_queue_per_client,
+            line: Default::default(),
+            in_line: AtomicUsize::new(0),
+            retimed: AtomicU64::new(0),
+            max_wait: limit.max_wait,
             spacing: windows
                 .iter()
                 .map(Window::spacing)
@@ -211,6 +237,15 @@ impl Limiter {
     /// Requests currently waiting for a slot in this process.
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting in line in this process, by priority (high, normal, low).
+    pub fn depth(&self) -> [usize; 3] {
+        self.line().depth()
+    }
+
+    fn line(&self) -> std::sync::MutexGuard<'_, fair::Queue> {
+        self.line.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The longest an upstream 429 pauses everyone (and the largest `Retry-After` a
@@ -358,13 +393,17 @@ impl Limiter {
         }
     }
 
-    /// Waits for a slot that starts no later than `deadline`; returns how long it waited.
-    /// Refuses at once when the slot would come too late. Dropping the future while it
-    /// waits gives the slot back.
-    pub async fn acquire(&self, deadline: Instant) -> Result<Duration, Refusal> {
-        let result = self.wait_for_slot(deadline).await;
+    /// Waits for a slot that starts no later than `deadline`, in `who`'s turn; returns
+    /// how long it waited. Refuses at once when the slot would come too late, and later
+    /// when others served first move its slot past the deadline. Dropping the future
+    /// while it waits gives a slot back.
+    pub async fn acquire(&self, deadline: Instant, who: &Who) -> Result<Duration, Refusal> {
+        let result = self.wait_for_slot(deadline, who).await;
         match &result {
-            Ok(waited) => crate::metrics::limiter_wait(&self.account, *waited),
+            Ok(waited) => {
+                crate::metrics::limiter_wait(&self.account, *waited);
+                crate::metrics::client_wait(&who.client, *waited);
+            }
             Err(Refusal::RateLimited { why, .. }) => {
                 crate::metrics::quota_rejected(&self.account, why.label())
             }
@@ -375,47 +414,105 @@ impl Limiter {
         result
     }
 
-    async fn wait_for_slot(&self, deadline: Instant) -> Result<Duration, Refusal> {
+    async fn wait_for_slot(&self, deadline: Instant, who: &Who) -> Result<Duration, Refusal> {
         let arrived = Instant::now();
         let _queued = self.enter_queue()?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let mut moved = self.backend.moved();
         moved.borrow_and_update();
-        let max_wait = deadline.saturating_duration_since(arrived);
-        let wait = self.backend.reserve(id, max_wait).await?;
-        if wait.is_zero() {
+        let own = deadline.saturating_duration_since(arrived);
+        // With others in line this one may go before some of them: it reserves as far
+        // ahead as anyone may wait, and its place in line decides which slot it uses.
+        let ahead = if self.in_line.load(Ordering::Acquire) > 0 {
+            own.max(self.max_wait)
+        } else {
+            own
+        };
+        let wait = self.backend.reserve(id, ahead).await?;
+        if wait.is_zero() && self.in_line.load(Ordering::Acquire) == 0 {
             return Ok(arrived.elapsed());
         }
-        let mut reservation = Reservation {
-            backend: self.backend.clone(),
-            id,
-            held: true,
-        };
-        let mut start_at = Instant::now() + wait;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(start_at) => break,
-                changed = moved.changed() => {
-                    if changed.is_err() {
-                        // The backend is gone; keep the slot we have.
-                        tokio::time::sleep_until(start_at).await;
-                        break;
-                    }
-                    if let Some(wait) = self.backend.wait_of(id).await {
-                        start_at = Instant::now() + wait;
-                        if start_at > deadline {
-                            return Err(Refusal::RateLimited {
-                                retry_after: wait,
-                                why: Limited::PausedPastDeadline,
-                                window: None,
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        reservation.held = false;
+        let place = self.join(who, deadline, (Instant::now() + wait, id))?;
+        place.wait(&mut moved, deadline).await?;
         Ok(arrived.elapsed())
+    }
+
+    /// Gets in line holding the slot `slot`, unless the client's share of the line is
+    /// full or its place comes after its deadline.
+    fn join(
+        &self,
+        who: &Who,
+        deadline: Instant,
+        slot: (Instant, u64),
+    ) -> Result<Place<'_>, Refusal> {
+        let wake = Arc::new(Notify::new());
+        let key = self.with_line(|line, fx| {
+            if let Err(held) = line.seat(&who.client, self.max_queue_per_client) {
+                fx.give_back.push(slot.1);
+                return Err(Refusal::RateLimited {
+                    retry_after: self.spacing * held.min(u32::MAX as usize) as u32,
+                    why: Limited::ClientQueueFull,
+                    window: None,
+                });
+            }
+            let joined = line.join(who, deadline, wake.clone(), slot, Instant::now(), fx);
+            if joined.is_err() {
+                line.unseat(&who.client);
+            }
+            joined
+        })?;
+        Ok(Place {
+            limiter: self,
+            key,
+            client: who.client.clone(),
+            wake,
+        })
+    }
+
+    /// Runs `change` on the line, then wakes whoever it says and gives back the slots
+    /// nobody holds any more.
+    fn with_line<T>(&self, change: impl FnOnce(&mut fair::Queue, &mut Effects) -> T) -> T {
+        let mut fx = Effects::default();
+        let out = {
+            let mut line = self.line();
+            let out = change(&mut line, &mut fx);
+            self.in_line.store(line.len(), Ordering::Release);
+            out
+        };
+        fx.wake_all();
+        for id in fx.give_back {
+            self.give_back(id);
+        }
+        out
+    }
+
+    fn give_back(&self, id: u64) {
+        // A local log cancels as the call is made; a shared one needs its round trip
+        // driven, and the caller may be gone by then.
+        if let Either::Right(_) = self.backend.cancel(id) {
+            let backend = self.backend.clone();
+            tokio::spawn(async move { backend.cancel(id).await });
+        }
+    }
+
+    /// Re-reads the line's slots after the log moved them (once per `version`); waiters
+    /// whose slot moved past their deadline are refused.
+    async fn retime(&self, version: u64) {
+        if self.retimed.fetch_max(version, Ordering::AcqRel) >= version {
+            return;
+        }
+        let ids = self.line().held();
+        if ids.is_empty() {
+            return;
+        }
+        let waits = self.backend.waits_of(&ids).await;
+        let now = Instant::now();
+        let times: Vec<(u64, Instant)> = ids
+            .iter()
+            .zip(waits)
+            .filter_map(|(id, wait)| wait.map(|w| (*id, now + w)))
+            .collect();
+        self.with_line(|line, fx| line.retime(&times, now, fx));
     }
 
     fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
@@ -442,23 +539,67 @@ impl Drop for QueueSeat<'_> {
     }
 }
 
-/// A granted slot not yet used; dropped unused (the caller went away) it is given back.
-struct Reservation {
-    backend: Arc<dyn Backend>,
-    id: u64,
-    held: bool,
+/// How long past its deadline a waiter whose turn has not come waits for the ones ahead
+/// (already due) to go, before it is refused anyway.
+const LATE: Duration = Duration::from_millis(10);
+
+/// A request's place in line. Dropped before its turn (the caller went away), it leaves,
+/// and the slot it would have used goes to the next in line.
+struct Place<'a> {
+    limiter: &'a Limiter,
+    key: Key,
+    client: fair::ClientId,
+    wake: Arc<Notify>,
 }
 
-impl Drop for Reservation {
+impl Place<'_> {
+    /// Until its turn comes (or it is refused). The first in line sleeps until its slot
+    /// and re-reads the slots when the log moves them; the others wait to be woken.
+    async fn wait(
+        &self,
+        moved: &mut watch::Receiver<u64>,
+        deadline: Instant,
+    ) -> Result<(), Refusal> {
+        let limiter = self.limiter;
+        let mut follow_moves = true;
+        loop {
+            let turn = limiter.with_line(|line, fx| line.turn(self.key, Instant::now(), fx));
+            match turn {
+                Turn::Go => return Ok(()),
+                Turn::Refused(refusal) => return Err(refusal),
+                Turn::At(at) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = self.wake.notified() => {}
+                    changed = moved.changed(), if follow_moves => match changed {
+                        Ok(()) => {
+                            let version = *moved.borrow_and_update();
+                            limiter.retime(version).await;
+                        }
+                        // The backend is gone: the slots stay where they are.
+                        Err(_) => follow_moves = false,
+                    },
+                },
+                Turn::Wait => tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep_until(deadline + LATE) => {
+                        return Err(Refusal::RateLimited {
+                            retry_after: limiter.spacing,
+                            why: Limited::PastDeadline,
+                            window: None,
+                        });
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl Drop for Place<'_> {
     fn drop(&mut self) {
-        if !self.held {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let backend = self.backend.clone();
-            let id = self.id;
-            rt.spawn(async move { backend.cancel(id).await });
-        }
+        self.limiter.with_line(|line, fx| {
+            line.leave(self.key, fx);
+            line.unseat(&self.client);
+        });
     }
 }
 

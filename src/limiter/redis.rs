@@ -129,12 +129,21 @@ end
 return out
 "#;
 
-const WAIT_OF: &str = r#"
-local slot = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not slot then return '-1' end
-local w = tonumber(slot) - now
-if w < 0 then w = 0 end
-return s(w)
+/// Time left until each reservation's slot (µs, -1 when the log no longer has it).
+/// KEYS: log. ARGV: ids.
+const WAITS_OF: &str = r#"
+local out = {}
+for i, id in ipairs(ARGV) do
+  local slot = redis.call('ZSCORE', KEYS[1], id)
+  if slot then
+    local w = tonumber(slot) - now
+    if w < 0 then w = 0 end
+    out[i] = s(w)
+  else
+    out[i] = '-1'
+  end
+end
+return out
 "#;
 
 const CANCEL: &str = r#"
@@ -183,7 +192,7 @@ fn script(body: &str) -> Script {
 
 struct Scripts {
     reserve: Script,
-    wait_of: Script,
+    waits_of: Script,
     cancel: Script,
     pause: Script,
     set_limit: Script,
@@ -239,7 +248,7 @@ impl RedisLink {
             conn,
             scripts: Scripts {
                 reserve: script(RESERVE),
-                wait_of: script(WAIT_OF),
+                waits_of: script(WAITS_OF),
                 cancel: script(CANCEL),
                 pause: script(PAUSE),
                 set_limit: script(SET_LIMIT),
@@ -535,17 +544,22 @@ impl Backend for RedisBackend {
         )
     }
 
-    fn wait_of(&self, id: u64) -> Answer<'_, Option<Duration>> {
+    fn waits_of<'a>(&'a self, ids: &'a [u64]) -> Answer<'a, Vec<Option<Duration>>> {
         Either::Right(
             async move {
-                if let Some(w) = lock(&self.fallback).clone().and_then(|fb| fb.wait_now(id)) {
-                    return Some(w);
+                if let Some(fb) = lock(&self.fallback).clone() {
+                    return ids.iter().map(|id| fb.wait_now(*id)).collect();
                 }
-                let mut inv = self.link.scripts.wait_of.key(&self.keys.log);
-                inv.arg(id.to_string());
-                match self.link.call::<i64>(inv).await {
-                    Ok(w) if w >= 0 => Some(Duration::from_micros(w as u64)),
-                    _ => None,
+                let mut inv = self.link.scripts.waits_of.key(&self.keys.log);
+                for id in ids {
+                    inv.arg(id.to_string());
+                }
+                match self.link.call::<Vec<i64>>(inv).await {
+                    Ok(waits) if waits.len() == ids.len() => waits
+                        .into_iter()
+                        .map(|w| (w >= 0).then(|| Duration::from_micros(w as u64)))
+                        .collect(),
+                    _ => vec![None; ids.len()],
                 }
             }
             .boxed(),

@@ -2,34 +2,141 @@
 //! or an account's `tokens`), `/api/v1/*` needs `Authorization: Bearer <token>` (compared
 //! in constant time); the account is the token's, else the one `X-SmartLead-Account`
 //! names, else the client's own key's (with `upstream.allow_client_key`), else `default`.
-//! Refusals (401, an unknown account 400, another account's token 403) are answered here,
-//! nothing sent; the proxy's headers go no further. The chosen account travels down in
-//! the request's extensions.
+//! The client is `X-Client-Id`, else the token's name, else the peer address; its
+//! priority is `X-Priority`. A client over `limit.per_client` is refused here, before
+//! any queueing. Refusals (401, a bad header or an unknown account 400, another
+//! account's token 403, a client's cap 429) are answered here, nothing sent; the proxy's
+//! headers go no further. The account and the client travel down in the request's
+//! extensions ([`Call`]).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, header};
+use http::{HeaderMap, Request, header};
 use tower::{Layer, Service};
 
 use super::Reply;
-use crate::accounts::{ACCOUNT_HEADER, Accounts};
-use crate::error::answer;
+use crate::accounts::{ACCOUNT_HEADER, Account, Accounts, Call};
+use crate::client::{
+    CLIENT_HEADER, ClientCaps, ClientId, PRIORITY_HEADER, Peer, Priority, Who, valid_client_id,
+};
+use crate::config::{LimitSettings, Window};
+use crate::error::{ProxyError, RateLimited, answer};
 use crate::key::Secrets;
+use crate::limiter::{InForce, Limited};
 use crate::served::Served;
+
+/// How clients are told apart and held to their caps: the same for every serving thread.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    /// `limit.per_client`, and the buckets holding every client to it.
+    cap: Option<(Window, Arc<ClientCaps>)>,
+    weights: Arc<HashMap<String, u32>>,
+    allow_priority: bool,
+}
+
+impl Clients {
+    pub fn new(limit: &LimitSettings) -> Self {
+        Self {
+            cap: limit
+                .per_client
+                .clone()
+                .map(|w| (w.clone(), Arc::new(ClientCaps::new(w.requests, w.period)))),
+            weights: Arc::new(limit.client_weights.clone()),
+            allow_priority: limit.allow_priority,
+        }
+    }
+
+    /// Who the request is for: its `X-Client-Id`, else its token's name, else its peer.
+    fn who(
+        &self,
+        headers: &HeaderMap,
+        token_name: Option<Arc<str>>,
+        peer: Option<&Peer>,
+    ) -> Result<Who, ProxyError> {
+        let client = match headers.get(CLIENT_HEADER) {
+            Some(v) => match v.to_str().map(str::trim) {
+                Ok(id) if valid_client_id(id) => ClientId::Named(id.into()),
+                _ => {
+                    return Err(ProxyError::BadHeader {
+                        name: CLIENT_HEADER,
+                        expected: "1 to 64 characters of A-Z a-z 0-9 . _ : -",
+                    });
+                }
+            },
+            None => match (token_name, peer) {
+                (Some(name), _) => ClientId::Named(name),
+                (None, Some(peer)) => ClientId::Peer(peer.0),
+                (None, None) => ClientId::Anonymous,
+            },
+        };
+        let priority = match headers.get(PRIORITY_HEADER) {
+            Some(v) if self.allow_priority => {
+                v.to_str()
+                    .ok()
+                    .and_then(Priority::parse)
+                    .ok_or(ProxyError::BadHeader {
+                        name: PRIORITY_HEADER,
+                        expected: "high, normal or low",
+                    })?
+            }
+            _ => Priority::Normal,
+        };
+        let weight = if self.weights.is_empty() {
+            1
+        } else {
+            self.weights
+                .get(client.to_string().as_str())
+                .copied()
+                .unwrap_or(1)
+        };
+        Ok(Who {
+            client,
+            priority,
+            weight,
+        })
+    }
+
+    /// A 429 when the client is over `limit.per_client`.
+    fn check_cap(&self, who: &Who, account: &Account) -> Result<(), ProxyError> {
+        let Some((window, caps)) = &self.cap else {
+            return Ok(());
+        };
+        let Err(retry_after) = caps.check(&who.client) else {
+            return Ok(());
+        };
+        crate::metrics::quota_rejected(&account.name, Limited::ClientCap.label());
+        let cap = InForce {
+            label: window.to_string(),
+            limit: window.requests as usize,
+            period: window.period,
+        };
+        Err(ProxyError::RateLimited(Box::new(RateLimited {
+            why: Limited::ClientCap,
+            retry_after,
+            window: cap.clone(),
+            policy: vec![cap],
+            account: account.name.clone(),
+            client: Some(who.client.to_string()),
+        })))
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct CallerLayer {
     accounts: Arc<Accounts>,
+    clients: Clients,
 }
 
 impl CallerLayer {
-    pub fn new(accounts: &Arc<Accounts>) -> Self {
+    pub fn new(accounts: &Arc<Accounts>, clients: &Clients) -> Self {
         Self {
             accounts: accounts.clone(),
+            clients: clients.clone(),
         }
     }
 }
@@ -41,6 +148,7 @@ impl<S> Layer<S> for CallerLayer {
         Caller {
             inner,
             accounts: self.accounts.clone(),
+            clients: self.clients.clone(),
         }
     }
 }
@@ -49,21 +157,12 @@ impl<S> Layer<S> for CallerLayer {
 pub struct Caller<S> {
     inner: S,
     accounts: Arc<Accounts>,
+    clients: Clients,
 }
 
-impl<S, B> Service<Request<B>> for Caller<S>
-where
-    S: Service<Request<B>, Response = Reply, Error = Infallible>,
-{
-    type Response = Reply;
-    type Error = Infallible;
-    type Future = CallerFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+impl<S> Caller<S> {
+    /// The account and the client, or the answer refusing the request.
+    fn decide<B>(&self, req: &Request<B>) -> Result<Call, (ProxyError, Served)> {
         let accounts = &self.accounts;
         let headers = req.headers();
         let token = accounts
@@ -79,23 +178,59 @@ where
             .keeps_client_keys()
             .then(|| crate::upstream::client_key(req.uri().query()))
             .flatten();
-        let chosen = accounts.choose(token, named, own_key.as_deref());
-        let account = match chosen {
-            Ok(account) => account,
-            Err(refused) => {
+        let chosen = accounts
+            .choose(token, named, own_key.as_deref())
+            .map_err(|e| (e, Served::default()))?;
+        let served = || Served {
+            account: Some(chosen.account.name.clone()),
+            ..Served::default()
+        };
+        let peer = req.extensions().get::<Peer>();
+        let who = self
+            .clients
+            .who(headers, chosen.token_name.clone(), peer)
+            .map_err(|e| (e, served()))?;
+        self.clients
+            .check_cap(&who, &chosen.account)
+            .map_err(|e| (e, served()))?;
+        Ok(Call {
+            account: chosen.account,
+            who,
+        })
+    }
+}
+
+impl<S, B> Service<Request<B>> for Caller<S>
+where
+    S: Service<Request<B>, Response = Reply, Error = Infallible>,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = CallerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let call = match self.decide(&req) {
+            Ok(call) => call,
+            Err((refused, served)) => {
                 let id = super::request_id::of(req.headers());
-                let resp = answer(&refused, &Served::default(), id, Secrets::empty());
+                let resp = answer(&refused, &served, id, Secrets::empty());
                 return CallerFuture::Refused {
-                    reply: Some(Reply::new(resp, Served::default())),
+                    reply: Some(Reply::new(resp, served)),
                 };
             }
         };
         let headers = req.headers_mut();
-        if accounts.tokens_required() {
+        if self.accounts.tokens_required() {
             headers.remove(header::AUTHORIZATION);
         }
         headers.remove(ACCOUNT_HEADER);
-        req.extensions_mut().insert(account);
+        headers.remove(CLIENT_HEADER);
+        headers.remove(PRIORITY_HEADER);
+        req.extensions_mut().insert(call);
         CallerFuture::Allowed {
             call: self.inner.call(req),
         }
@@ -138,7 +273,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounts::Account;
     use crate::config::{AccountSettings, Settings};
     use crate::key::ApiKey;
     use axum::body::Body;
@@ -149,7 +283,7 @@ mod tests {
     /// Answers 200 with the account it was given and the headers that reached it.
     fn inner() -> impl Service<Request<()>, Response = Reply, Error = Infallible> + Clone {
         tower::service_fn(|req: Request<()>| async move {
-            let account = req.extensions().get::<Arc<Account>>().unwrap();
+            let account = &req.extensions().get::<Call>().unwrap().account;
             let seen = format!(
                 "{} auth={} header={}",
                 account.name,
@@ -189,7 +323,8 @@ mod tests {
         if let Some(n) = named {
             req = req.header(ACCOUNT_HEADER, n);
         }
-        let reply = CallerLayer::new(accounts)
+        let clients = Clients::new(&Default::default());
+        let reply = CallerLayer::new(accounts, &clients)
             .layer(inner())
             .oneshot(req.body(()).unwrap())
             .await

@@ -15,7 +15,7 @@ use http::Request;
 use tower::{Layer, Service};
 
 use super::{Failure, Reply};
-use crate::accounts::Account;
+use crate::accounts::Call;
 use crate::error::ProxyError;
 use crate::key::Secrets;
 use crate::upstream::request_headers;
@@ -71,13 +71,13 @@ where
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let Some(account) = parts.extensions.get::<Arc<Account>>() else {
+        let Some(call) = parts.extensions.get::<Call>() else {
             // The caller layer always chooses one: a request without is a bug.
             return KeyInjectionFuture::Refused {
                 failure: Some(Failure::early(ProxyError::Internal)),
             };
         };
-        let target = &account.target;
+        let target = &call.account.target;
         let host = target.host();
         let uri = match target.uri(parts.uri.path(), parts.uri.query()) {
             Ok(uri) => uri,
@@ -159,7 +159,7 @@ mod tests {
         s.upstream.base_url = "https://up.example/api/v1".parse().unwrap();
         s.upstream.api_key = Some(ApiKey::new(KEY));
         let accounts = crate::accounts::Accounts::new(&s).unwrap();
-        let account = accounts.choose(None, None, None).unwrap();
+        let account = Call::anonymous(accounts.choose(None, None, None).unwrap().account);
         Request::builder().uri(uri).extension(account)
     }
 

@@ -211,8 +211,8 @@ fn like(parts: &Parts, body: Bytes) -> Request<Bytes> {
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
-    if let Some(account) = parts.extensions.get::<Arc<crate::accounts::Account>>() {
-        req.extensions_mut().insert(account.clone());
+    if let Some(call) = parts.extensions.get::<crate::accounts::Call>() {
+        req.extensions_mut().insert(call.clone());
     }
     req
 }

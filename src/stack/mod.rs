@@ -7,8 +7,9 @@
 //! 3. [`access_log`]: one log line and one metrics sample per request.
 //! 4. [`own_routes`]: `/healthz`, `/readyz`, `/metrics` and 404s go to the proxy's own
 //!    router; CONNECT and TRACE are refused; `/api/v1/*` goes on.
-//! 5. [`caller`]: `Authorization: Bearer` when tokens are configured, and the account
-//!    the request uses ([`crate::accounts`]).
+//! 5. [`caller`]: `Authorization: Bearer` when tokens are configured, the account the
+//!    request uses ([`crate::accounts`]), and the client it is for ([`crate::client`]:
+//!    its priority, weight and `limit.per_client` cap).
 //! 6. [`envelope`]: every error below becomes SmartLead's JSON envelope (via
 //!    [`crate::error::answer`], the one place that answers), with `x-proxy-attempts`.
 //! 7. [`buffer`]: the body is read (bounded in size, time and total memory) so retries
@@ -100,6 +101,8 @@ pub struct Shared {
     pub secrets: Secrets,
     /// Every account, each with its key, quota and retry budget.
     pub accounts: Arc<Accounts>,
+    /// How clients are told apart and held to their caps.
+    pub clients: caller::Clients,
     pub bodies: BodyBudget,
 }
 
@@ -112,6 +115,7 @@ impl Shared {
         Ok(Self {
             secrets: settings.secrets(),
             accounts: Arc::new(Accounts::new(&settings)?),
+            clients: caller::Clients::new(&settings.limit),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
             settings,
         })
@@ -139,7 +143,7 @@ where
         .layer(panic_guard::PanicGuardLayer)
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
         .layer(own_routes::OwnRoutesLayer::new(&shared.accounts, shutdown))
-        .layer(caller::CallerLayer::new(&shared.accounts))
+        .layer(caller::CallerLayer::new(&shared.accounts, &shared.clients))
         .layer(envelope::EnvelopeLayer::new(&shared.secrets))
         .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))
         .layer(lead_import::LeadImportLayer::new(

@@ -171,11 +171,11 @@ async fn readyz(State(health): State<Health>, req: Request<Body>) -> Response {
 }
 
 async fn metrics(State(health): State<Health>) -> Response {
-    let queues: Vec<(Arc<str>, usize)> = health
+    let queues: Vec<(Arc<str>, [usize; 3])> = health
         .accounts
         .all()
         .iter()
-        .map(|a| (a.name.clone(), a.limiter.queued()))
+        .map(|a| (a.name.clone(), a.limiter.depth()))
         .collect();
     let body = crate::metrics::render(&queues);
     (

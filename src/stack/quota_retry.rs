@@ -23,12 +23,13 @@ use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{Failure, Reply, Shared};
-use crate::accounts::Account;
+use crate::accounts::{Account, Call};
 use crate::body::{IdleTimeout, READ_CAP, decode_body, read_capped};
+use crate::client::Who;
 use crate::config::{LogSettings, RetrySettings};
 use crate::error::{Failed, ProxyError, RateLimited};
 use crate::key::Secrets;
-use crate::limiter::Refusal;
+use crate::limiter::{Limited, Refusal};
 use crate::retry::{self, Safety};
 use crate::served::Served;
 use crate::shutdown::Shutdown;
@@ -148,17 +149,16 @@ where
 {
     let (mut parts, body) = req.into_parts();
     // The caller layer always chooses one: a request without is a bug.
-    let account = parts
+    let call = parts
         .extensions
-        .get::<Arc<Account>>()
-        .cloned()
+        .remove::<Call>()
         .ok_or_else(|| Failure::early(ProxyError::Internal))?;
     let timeout = request_timeout(&parts.headers).map_err(Failure::early)?;
     let logged = traffic::wanted(&quota.log, &parts.headers);
     parts.headers.remove(REQUEST_TIMEOUT_HEADER);
     parts.headers.remove(traffic::DEBUG_HEADER);
-    account.retry_budget.deposit();
-    let mut attempts = Attempts::new(&quota, account, inner, parts, body, timeout, logged);
+    call.account.retry_budget.deposit();
+    let mut attempts = Attempts::new(&quota, call, inner, parts, body, timeout, logged);
     let outcome = tokio::select! {
         outcome = attempts.run() => outcome,
         _ = quota.shutdown.aborted() => Err(ProxyError::ShuttingDown),
@@ -194,6 +194,8 @@ struct Attempts<'q, S> {
     quota: &'q Quota,
     /// Its quota, retry budget and how long its pauses may be.
     account: Arc<Account>,
+    /// Whose turn in the account's line each attempt waits for.
+    who: Who,
     inner: S,
     parts: Parts,
     body: Bytes,
@@ -215,7 +217,7 @@ where
 {
     fn new(
         quota: &'q Quota,
-        account: Arc<Account>,
+        Call { account, who }: Call,
         inner: S,
         parts: Parts,
         body: Bytes,
@@ -250,6 +252,7 @@ where
             },
             quota,
             account,
+            who,
             inner,
             parts,
             body,
@@ -265,7 +268,7 @@ where
         let account = self.account.clone();
         let limiter = &account.limiter;
         loop {
-            match limiter.acquire(self.start_by).await {
+            match limiter.acquire(self.start_by, &self.who).await {
                 Ok(waited) => self.served.waited += waited,
                 Err(refusal) => return Err(self.refused(refusal)),
             }
@@ -403,6 +406,7 @@ where
                     window,
                     policy: limiter.windows(),
                     account: self.account.name.clone(),
+                    client: (why == Limited::ClientQueueFull).then(|| self.who.client.to_string()),
                 }))
             }
             Refusal::Unavailable(reason) => ProxyError::LimiterUnavailable(reason),
@@ -541,7 +545,7 @@ mod tests {
 
     /// The request, for the `default` account (the caller layer's choice).
     fn for_default(shared: &Shared, mut req: Request<Bytes>) -> Request<Bytes> {
-        let account = shared.accounts.choose(None, None, None).unwrap();
+        let account = Call::anonymous(shared.accounts.choose(None, None, None).unwrap().account);
         req.extensions_mut().insert(account);
         req
     }
