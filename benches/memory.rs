@@ -32,10 +32,11 @@ async fn queued(addr: &str) -> f64 {
         .text()
         .await
         .unwrap();
+    // Summed over its labels (by account, then by priority too, in newer builds).
     text.lines()
-        .find_map(|l| l.strip_prefix("smartlead_proxy_limiter_queue_depth "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| l.starts_with("smartlead_proxy_limiter_queue_depth"))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// The floor: hyper's HTTP/1 server on one thread, every request left pending.

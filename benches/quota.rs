@@ -1,7 +1,9 @@
 //! Quota efficiency under 10× oversubscription: the proxy (one instance, and three sharing
 //! one Redis) against the retry recipe from SmartLead's error-handling guide (the guide
 //! recipe), on the same simulated SmartLead in the same run; then the proxy against a
-//! SmartLead with three windows at once, as its plans have.
+//! SmartLead with three windows at once, as its plans have; then one bulk client and
+//! twenty interactive ones sharing a quota, served fairly and (for comparison) as one
+//! first-come first-served line.
 //!
 //! `cargo bench --bench quota` (BENCH_SECONDS, default 30, sets the length of each run).
 
@@ -55,8 +57,8 @@ async fn start_proxy_with(
     let mut s = Settings::default();
     s.upstream.base_url = sim.base_url().parse().unwrap();
     s.upstream.api_key = Some(ApiKey::new(KEY));
-    quota(&mut s);
     s.limit.margin = Duration::from_millis(20);
+    quota(&mut s);
     s.limit.max_wait = Duration::from_secs(60);
     s.log.level = "warn".into();
     if let Some(k) = redis_key {
@@ -180,6 +182,20 @@ async fn run_load(
     }
 }
 
+/// A simulated SmartLead enforcing one window of `requests` per `period`.
+async fn one_window_sim(requests: u32, period: Duration) -> Sim {
+    Sim::start(SimConfig {
+        api_key: Some(KEY.into()),
+        requests,
+        period,
+        latency: Duration::from_millis(5),
+        record: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::main]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -190,16 +206,7 @@ async fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
-    let sim = Sim::start(SimConfig {
-        api_key: Some(KEY.into()),
-        requests: QUOTA,
-        period: PERIOD,
-        latency: Duration::from_millis(5),
-        record: true,
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = one_window_sim(QUOTA, PERIOD).await;
     println!(
         "quota {QUOTA} per {}s, {WORKERS} workers each wanting 1 request per {}s (10x), {seconds}s per run\n",
         PERIOD.as_secs(),
@@ -259,6 +266,163 @@ async fn main() {
         );
     }
     three_windows(seconds).await;
+    mixed().await;
+}
+
+/// The mixed run's quota: one window of this many per second.
+const MIXED_RATE: u32 = 100;
+const MIXED_WINDOW: Duration = Duration::from_secs(1);
+/// A hundred requests leave at each window's edge: the margin covers the spread of their
+/// arrival on a loaded 2-core machine.
+const MIXED_MARGIN: Duration = Duration::from_millis(150);
+const BULK: usize = 1000;
+const INTERACTIVE: usize = 20;
+const EACH: usize = 5;
+
+/// How a mixed run went.
+struct Mixed {
+    /// From the first bulk request to its last answer.
+    bulk_done: Duration,
+    bulk_failed: usize,
+    /// Upstream starts over what the window allowed while bulk had requests waiting.
+    goodput: f64,
+    interactive: Vec<Duration>,
+    interactive_failed: usize,
+    upstream_429: usize,
+}
+
+/// One bulk client queues `BULK` requests at once; meanwhile (unless `alone`) twenty
+/// interactive clients each send `EACH`, one after another, a second apart. With `fifo`
+/// the interactive ones say they are the bulk client: one line, first come first served.
+async fn mixed_run(sim: &Sim, proxy: std::net::SocketAddr, alone: bool, fifo: bool) -> Mixed {
+    // The previous run's last slots still hold the window: start once they are out of it.
+    tokio::time::sleep(MIXED_WINDOW + MIXED_MARGIN + Duration::from_millis(100)).await;
+    sim.reset();
+    let url = format!("http://{proxy}/api/v1/campaigns");
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(BULK + INTERACTIVE)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    let bulk: Vec<_> = (0..BULK)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.get(&url).header("x-client-id", "bulk").send().await;
+                (r.is_ok_and(|r| r.status().is_success()), Instant::now())
+            })
+        })
+        .collect();
+    let interactive: Vec<_> = (0..if alone { 0 } else { INTERACTIVE })
+        .map(|i| {
+            let (c, url) = (c.clone(), url.clone());
+            let id = if fifo {
+                "bulk".to_owned()
+            } else {
+                format!("ui-{i}")
+            };
+            tokio::spawn(async move {
+                let mut waits = Vec::new();
+                let mut failed = 0;
+                tokio::time::sleep_until(start + Duration::from_millis(500 + 200 * i as u64)).await;
+                for _ in 0..EACH {
+                    let sent = Instant::now();
+                    let r = c.get(&url).header("x-client-id", &id).send().await;
+                    if r.is_ok_and(|r| r.status().is_success()) {
+                        waits.push(sent.elapsed());
+                    } else {
+                        failed += 1;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                (waits, failed)
+            })
+        })
+        .collect();
+    let (mut bulk_failed, mut last) = (0, start);
+    for t in bulk {
+        let (ok, at) = t.await.unwrap();
+        bulk_failed += usize::from(!ok);
+        last = last.max(at);
+    }
+    let (mut waits, mut interactive_failed) = (Vec::new(), 0);
+    for t in interactive {
+        let (w, f) = t.await.unwrap();
+        waits.extend(w);
+        interactive_failed += f;
+    }
+    waits.sort();
+    let served = sim
+        .requests()
+        .iter()
+        .filter(|r| !r.rate_limited && r.at <= last)
+        .count();
+    // Starts the window allowed from the first to the last bulk answer: one window's worth
+    // at once, then the rate.
+    let window = MIXED_WINDOW;
+    let possible = MIXED_RATE as f64 * (1.0 + (last - start).saturating_sub(window).as_secs_f64());
+    Mixed {
+        bulk_done: last - start,
+        bulk_failed,
+        goodput: 100.0 * served as f64 / possible,
+        interactive: waits,
+        interactive_failed,
+        upstream_429: sim.stats().rate_limited,
+    }
+}
+
+/// 1 bulk client × 1,000 plus 20 interactive × 5 on a quota of 100 per second: the
+/// interactive ones should wait about one window at most, the quota stay fully used.
+async fn mixed() {
+    let window = MIXED_WINDOW;
+    let sim = one_window_sim(MIXED_RATE, window).await;
+    let proxy = start_proxy_with(&sim, None, |s| {
+        s.limit.one_window(MIXED_RATE, window);
+        s.limit.margin = MIXED_MARGIN;
+    })
+    .await;
+    println!(
+        "\nmixed: 1 bulk client x {BULK} (all at once) + {INTERACTIVE} interactive x {EACH} (1 per second each), quota {MIXED_RATE}/1s"
+    );
+    println!(
+        "{:<22} {:>10} {:>9} {:>7} {:>16} {:>16} {:>13}",
+        "", "bulk done", "goodput", "errors", "interactive p50", "interactive p99", "upstream 429"
+    );
+    let runs = [
+        ("bulk alone", true, false),
+        ("mixed, fair", false, false),
+        ("mixed, one FIFO line", false, true),
+    ];
+    let mut results = Vec::new();
+    for (name, alone, fifo) in runs {
+        let m = mixed_run(&sim, proxy, alone, fifo).await;
+        let p = |q: f64| {
+            if m.interactive.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.2}s", percentile(&m.interactive, q).as_secs_f64())
+            }
+        };
+        println!(
+            "{name:<22} {:>9.2}s {:>8.1}% {:>7} {:>16} {:>16} {:>13}",
+            m.bulk_done.as_secs_f64(),
+            m.goodput,
+            m.bulk_failed + m.interactive_failed,
+            p(0.5),
+            p(0.99),
+            m.upstream_429
+        );
+        results.push(m);
+    }
+    let (alone, fair) = (&results[0], &results[1]);
+    let p99 = percentile(&fair.interactive, 0.99);
+    println!(
+        "interactive p99 / window: {:.2} (target <= 1.2); goodput mixed/alone: {:.2}; FIFO p99 / window: {:.2}",
+        p99.as_secs_f64() / window.as_secs_f64(),
+        fair.goodput / alone.goodput.max(0.1),
+        percentile(&results[2].interactive, 0.99).as_secs_f64() / window.as_secs_f64()
+    );
 }
 
 /// SmartLead's plans hold several limits at once; scaled down: 4 per second, 12 per 5 s,

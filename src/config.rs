@@ -1012,6 +1012,49 @@ mod tests {
     }
 
     #[test]
+    fn fairness_settings_are_checked() {
+        let s = load(&[], None).unwrap();
+        assert_eq!(s.limit.per_client, None);
+        assert_eq!(s.limit.max_queue_per_client, s.limit.max_queue);
+        assert!(s.limit.allow_priority);
+        let file = "[limit]\nper_client = \"30/60s\"\nmax_queue = 50\nclient_weights = { UI = 4, \"batch.eu-1\" = 2 }\n";
+        let s = load(&[], Some(file)).unwrap();
+        let cap = s.limit.per_client.unwrap();
+        assert_eq!((cap.requests, cap.period), (30, Duration::from_secs(60)));
+        assert_eq!(s.limit.max_queue_per_client, 50, "follows max_queue");
+        assert_eq!(
+            s.limit.client_weights.get("UI"),
+            Some(&4),
+            "{:?}",
+            s.limit.client_weights
+        );
+        assert_eq!(
+            s.limit.client_weights.get("batch.eu-1"),
+            Some(&2),
+            "{:?}",
+            s.limit.client_weights
+        );
+        let env = [("SMARTLEAD_PROXY__LIMIT__PER_CLIENT", "5/1s")];
+        assert_eq!(
+            load(&env, None).unwrap().limit.per_client.unwrap().requests,
+            5
+        );
+        for bad in [
+            "per_client = \"thirty\"",
+            "client_weights = { ui = 0 }",
+            "client_weights = { ui = 1001 }",
+            "client_weights = { \"a b\" = 2 }",
+            "max_queue_per_client = 0",
+        ] {
+            let err = load(&[], Some(&format!("[limit]\n{bad}\n")))
+                .unwrap_err()
+                .to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(&format!("limit.{key}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn base_url_is_checked_and_credentials_masked() {
         assert!(BaseUrl::parse("ftp://x").is_err());
         assert!(BaseUrl::parse("https://x/api?a=1").is_err());

@@ -8,13 +8,15 @@
 //!   [`stack`] and its own upstream connection pool.
 //! - [`stack::request_id`] → [`stack::panic_guard`] → [`stack::access_log`] (with
 //!   [`metrics`]) → [`stack::own_routes`] (`/healthz`, `/readyz`, `/metrics`; CONNECT and
-//!   TRACE refused) → [`stack::caller`] (the token, and the account the request uses:
-//!   [`accounts`]) → [`stack::envelope`] (every error becomes
+//!   TRACE refused) → [`stack::caller`] (the token, the account the request uses:
+//!   [`accounts`]; the client it comes from, its priority and cap: [`client`]) →
+//!   [`stack::envelope`] (every error becomes
 //!   the JSON envelope in [`error::answer`], the one place that answers) →
 //!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::lead_import`] (the
 //!   lead-import guard and batching; [`leads`]) → [`stack::key_injection`] (the target
 //!   and the key from [`upstream::Target`]; secrets scrubbed from what comes back) →
-//!   [`stack::quota_retry`] (the [`limiter`] and the [`retry`] policy in one loop; the
+//!   [`stack::quota_retry`] (the [`limiter`]: when slots are, and the fair line that
+//!   decides who uses each; the [`retry`] policy in one loop; the
 //!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
 //!
 //! Around it: [`config`] (typed settings, layered loading, validation), [`key`] (the

@@ -95,11 +95,7 @@ async fn a_wait_past_max_wait_is_refused_at_once() {
         started.elapsed() < Duration::from_millis(500),
         "answered at once"
     );
-    let retry_after: u64 = resp.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&resp);
     assert!(
         (9..=11).contains(&retry_after),
         "honest Retry-After: {retry_after}"

@@ -153,7 +153,7 @@ impl Queue {
         let last = self.last.get(&(class, who.client.clone())).copied();
         let tag = start.max(last.unwrap_or(0)) + step;
         self.ids += 1;
-        if self.ids % TIDY_EVERY == 0 {
+        if self.ids.is_multiple_of(TIDY_EVERY) {
             self.tidy();
         }
         let waiter = Waiter {

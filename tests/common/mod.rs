@@ -183,6 +183,13 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The answer's `Retry-After`, which must be whole seconds.
+pub fn retry_after(resp: &reqwest::Response) -> u64 {
+    let v = resp.headers()["retry-after"].to_str().unwrap();
+    v.parse()
+        .unwrap_or_else(|_| panic!("Retry-After is not whole seconds: {v}"))
+}
+
 /// Asserts the response is an envelope with `status` and `code`; returns the body.
 pub async fn expect_envelope(resp: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(resp.status().as_u16(), status, "status");

@@ -1,0 +1,501 @@
+//! Sharing one quota fairly: clients (by `X-Client-Id`, token name or peer address) take
+//! turns in each account's line, `X-Priority` orders classes, weights share turns,
+//! `limit.per_client` caps a client with governor and `limit.max_queue_per_client`
+//! bounds its share of the line. Real sockets, the simulator.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use secrecy::SecretString;
+use serde_json::Value;
+use smartlead_proxy::Settings;
+use smartlead_proxy::config::Window;
+use smartlead_proxy::sim::{Sim, SimConfig};
+use tokio::time::Instant;
+
+/// A simulator without a limit of its own (for tests of order, not of the quota).
+async fn unlimited_sim() -> Sim {
+    Sim::start(SimConfig {
+        requests: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A proxy whose quota is `requests` per `period`, with no margin: for order tests
+/// against an unlimited simulator.
+fn exact(sim: &Sim, requests: u32, period: Duration) -> Settings {
+    let mut s = quota_settings(&sim.base_url(), requests, period, None);
+    s.limit.margin = Duration::ZERO;
+    s
+}
+
+/// GET /api/v1/campaigns?c=<tag> with `headers`: the status, the body and when it came.
+async fn get(proxy: &Proxy, tag: &str, headers: &[(&str, &str)]) -> (u16, Value, Instant) {
+    let mut req = client().get(proxy.url(&format!("/api/v1/campaigns?c={tag}")));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("the proxy answers");
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    (status, body, Instant::now())
+}
+
+/// Starts `n` requests of client `id` (tagged `id`) at once, each with `extra` headers.
+fn queue(
+    proxy: &Proxy,
+    id: &str,
+    n: usize,
+    extra: &[(&'static str, &'static str)],
+) -> Vec<tokio::task::JoinHandle<(u16, Value, Instant)>> {
+    (0..n)
+        .map(|_| {
+            let (url, id, extra) = (proxy.url(""), id.to_owned(), extra.to_vec());
+            tokio::spawn(async move {
+                let mut req = client().get(format!("{url}/api/v1/campaigns?c={id}"));
+                req = req.header("x-client-id", &id);
+                for (k, v) in extra {
+                    req = req.header(k, v);
+                }
+                let resp = req.send().await.expect("the proxy answers");
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.unwrap_or(Value::Null);
+                (status, body, Instant::now())
+            })
+        })
+        .collect()
+}
+
+async fn all(tasks: Vec<tokio::task::JoinHandle<(u16, Value, Instant)>>) -> Vec<(u16, Value)> {
+    let mut out = Vec::new();
+    for t in tasks {
+        let (status, body, _) = t.await.unwrap();
+        out.push((status, body));
+    }
+    out
+}
+
+/// The `c` tag of each request SmartLead saw, in the order it saw them.
+fn seen_order(sim: &Sim) -> Vec<String> {
+    sim.requests()
+        .iter()
+        .map(|r| {
+            r.query
+                .as_deref()
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("c=")))
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
+async fn metrics(proxy: &Proxy) -> String {
+    proxy.get("/metrics").await.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_interactive_client_is_not_stuck_behind_a_bulk_one() {
+    // SmartLead's own limit, enforced by the simulator: 10 per 2 s.
+    let period = Duration::from_secs(2);
+    let sim = Sim::start(SimConfig {
+        requests: 10,
+        period,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let proxy = spawn_proxy(quota_settings(&sim.base_url(), 10, period, None)).await;
+    let bulk = queue(&proxy, "bulk", 60, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let depth = metrics(&proxy).await;
+    let waiting: f64 = depth
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"smartlead_proxy_limiter_queue_depth{account="default",priority="normal"} "#,
+            )
+        })
+        .expect("queue depth by account and priority")
+        .parse()
+        .unwrap();
+    assert!(waiting >= 40.0, "bulk's requests wait in line: {waiting}");
+    let asked = Instant::now();
+    let (status, _, answered) = get(&proxy, "ui", &[("x-client-id", "ui")]).await;
+    let took = answered - asked;
+    assert_eq!(status, 200);
+    // One window (plus the margin and a loaded machine's slack); FIFO would be ~10 s.
+    assert!(
+        took < period + Duration::from_millis(900),
+        "the interactive request waited {took:?}"
+    );
+    let bulk = all(bulk).await;
+    assert!(
+        bulk.iter().all(|(s, _)| *s == 200),
+        "bulk still gets all 60"
+    );
+    assert_eq!(sim.stats().rate_limited, 0, "no upstream 429s");
+    assert!(
+        max_in_window(&sim, period, None) <= 10,
+        "no window over the quota"
+    );
+    let m = metrics(&proxy).await;
+    for client in ["bulk", "ui"] {
+        assert!(
+            m.contains(&format!(
+                r#"smartlead_proxy_client_wait_seconds_count{{client="{client}"}}"#
+            )),
+            "waits per client: {client}"
+        );
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn weights_share_the_turns() {
+    let sim = unlimited_sim().await;
+    let mut s = exact(&sim, 20, Duration::from_secs(1));
+    s.limit.client_weights = HashMap::from([("heavy".to_owned(), 4)]);
+    let proxy = spawn_proxy(s).await;
+    // A filler takes the free slots, so everyone after it waits in line.
+    let filler = queue(&proxy, "filler", 20, &[]);
+    all(filler).await;
+    let mut tasks = queue(&proxy, "heavy", 45, &[]);
+    tasks.extend(queue(&proxy, "light", 45, &[]));
+    let done = all(tasks).await;
+    assert!(done.iter().all(|(s, _)| *s == 200));
+    let order = seen_order(&sim);
+    // While both wait: the first 50 served after the filler.
+    let shared: Vec<&String> = order[20..70].iter().collect();
+    let heavy = shared.iter().filter(|c| **c == "heavy").count() as f64;
+    let light = shared.iter().filter(|c| **c == "light").count() as f64;
+    let ratio = heavy / light;
+    assert!(
+        (3.6..=4.4).contains(&ratio),
+        "4:1 weights gave {heavy}:{light} ({ratio:.2})"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_high_priority_request_jumps_two_busy_clients() {
+    let sim = unlimited_sim().await;
+    let proxy = spawn_proxy(exact(&sim, 1, Duration::from_millis(200))).await;
+    let mut busy = queue(&proxy, "a", 8, &[]);
+    busy.extend(queue(&proxy, "b", 8, &[]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sim.requests().len();
+    let asked = Instant::now();
+    let (status, _, answered) = get(
+        &proxy,
+        "urgent",
+        &[("x-client-id", "urgent"), ("x-priority", "high")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let order = seen_order(&sim);
+    let at = order.iter().position(|c| c == "urgent").unwrap();
+    assert!(
+        at <= before + 1,
+        "urgent went {} after it arrived: {order:?}",
+        at - before
+    );
+    assert!(answered - asked < Duration::from_millis(700));
+    all(busy).await;
+    // And a low one goes after everyone.
+    let mut busy = queue(&proxy, "a", 3, &[]);
+    busy.extend(queue(&proxy, "low", 1, &[("x-priority", "low")]));
+    busy.extend(queue(&proxy, "b", 3, &[]));
+    all(busy).await;
+    assert_eq!(seen_order(&sim).last().unwrap(), "low");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiter_moved_past_its_deadline_is_refused_then() {
+    let sim = unlimited_sim().await;
+    let proxy = spawn_proxy(exact(&sim, 1, Duration::from_millis(500))).await;
+    let (status, ..) = get(&proxy, "a", &[("x-client-id", "a")]).await;
+    assert_eq!(status, 200);
+    // a's second request may wait 1.2 s: its slot, at 0.5 s, fits.
+    let asked = Instant::now();
+    let patient = tokio::spawn({
+        let url = proxy.url("/api/v1/campaigns?c=a");
+        async move {
+            let resp = client()
+                .get(url)
+                .header("x-client-id", "a")
+                .header("x-request-timeout", "1.2")
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap(), Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Two high-priority requests take 0.5 s and 1.0 s: a's moves to 1.5 s.
+    let urgent = queue(&proxy, "urgent", 2, &[("x-priority", "high")]);
+    let (status, body, refused_at) = patient.await.unwrap();
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["details"]["reason"], "max_wait");
+    let after = refused_at - asked;
+    assert!(
+        after < Duration::from_millis(900),
+        "refused when its slot moved, not at its deadline: {after:?}"
+    );
+    assert!(all(urgent).await.iter().all(|(s, _)| *s == 200));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_over_its_cap_is_refused_at_once_and_alone() {
+    let (_sim, proxy) = sim_and_proxy_with(|s| {
+        s.limit.per_client = Some(Window::new(3, Duration::from_secs(10)));
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, ..) = get(&proxy, "g", &[("x-client-id", "greedy")]).await;
+        assert_eq!(status, 200);
+    }
+    let asked = Instant::now();
+    let resp = client()
+        .get(proxy.url("/api/v1/campaigns"))
+        .header("x-client-id", "greedy")
+        .send()
+        .await
+        .unwrap();
+    assert!(asked.elapsed() < Duration::from_millis(500), "at once");
+    let retry_after = retry_after(&resp);
+    assert!(
+        (1..=4).contains(&retry_after),
+        "governor's wait: {retry_after}"
+    );
+    assert_eq!(resp.headers()["ratelimit-limit"], "3");
+    let body = expect_envelope(resp, 429, "RATE_LIMITED").await;
+    let details = &body["error"]["details"];
+    assert_eq!(details["reason"], "client_cap");
+    assert_eq!(details["client"], "greedy");
+    assert_eq!(details["window"], "3/10s");
+    for _ in 0..3 {
+        let (status, ..) = get(&proxy, "p", &[("x-client-id", "polite")]).await;
+        assert_eq!(status, 200, "others are untouched");
+    }
+    // No header: the peer address is the client, and it has its own bucket.
+    let (status, ..) = get(&proxy, "peer", &[]).await;
+    assert_eq!(status, 200);
+    let m = metrics(&proxy).await;
+    assert!(
+        m.contains(
+            r#"smartlead_proxy_quota_rejected_total{reason="client_cap",account="default"} 1"#
+        ) || m.contains(
+            r#"smartlead_proxy_quota_rejected_total{account="default",reason="client_cap"} 1"#
+        ),
+        "{m}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn token_names_and_peers_are_clients() {
+    let (_sim, proxy) = sim_and_proxy_with(|s| {
+        s.server.access_tokens = vec![
+            SecretString::from("alice:tok-alice-1"),
+            SecretString::from("plain-token-2"),
+        ];
+        s.limit.per_client = Some(Window::new(2, Duration::from_secs(30)));
+    })
+    .await;
+    let call = |token: &'static str| {
+        let url = proxy.url("/api/v1/campaigns");
+        async move {
+            let resp = client().get(url).bearer_auth(token).send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    // Alice presents her token, or the whole "name:token": either way she is "alice".
+    assert_eq!(call("tok-alice-1").await.0, 200);
+    assert_eq!(call("alice:tok-alice-1").await.0, 200);
+    let (status, body) = call("tok-alice-1").await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["details"]["client"], "alice");
+    // A plain token's requests are the peer's.
+    assert_eq!(call("plain-token-2").await.0, 200);
+    assert_eq!(call("plain-token-2").await.0, 200);
+    let (status, body) = call("plain-token-2").await;
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["details"]["client"], "127.0.0.1");
+    assert_eq!(call("wrong").await.0, 401);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn one_clients_queue_bound_leaves_the_others_alone() {
+    let sim = unlimited_sim().await;
+    let mut s = exact(&sim, 1, Duration::from_millis(300));
+    s.limit.max_queue_per_client = 3;
+    let proxy = spawn_proxy(s).await;
+    let (status, ..) = get(&proxy, "a", &[("x-client-id", "a")]).await;
+    assert_eq!(status, 200, "takes the free slot");
+    let a = queue(&proxy, "a", 6, &[]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = queue(&proxy, "b", 3, &[]);
+    let a = all(a).await;
+    let full: Vec<&Value> = a
+        .iter()
+        .filter(|(s, _)| *s == 429)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(full.len(), 3, "{a:?}");
+    assert_eq!(a.iter().filter(|(s, _)| *s == 200).count(), 3);
+    for body in full {
+        assert_eq!(body["error"]["details"]["reason"], "queue_full");
+        assert_eq!(body["error"]["details"]["client"], "a");
+    }
+    assert!(all(b).await.iter().all(|(s, _)| *s == 200), "b untouched");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn the_proxys_client_headers_never_reach_smartlead() {
+    let (sim, proxy) = sim_and_proxy().await;
+    let (status, ..) = get(
+        &proxy,
+        "x",
+        &[("x-client-id", "worker-1"), ("x-priority", "high")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let seen = sim.requests();
+    let headers = &seen.last().unwrap().headers;
+    assert!(!headers.contains_key("x-client-id"));
+    assert!(!headers.contains_key("x-priority"));
+    for (name, value) in [
+        ("x-client-id", "has space"),
+        ("x-client-id", &*"x".repeat(65)),
+        ("x-priority", "urgent"),
+    ] {
+        let resp = client()
+            .get(proxy.url("/api/v1/campaigns"))
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        let body = expect_envelope(resp, 400, "BAD_REQUEST").await;
+        assert_eq!(body["error"]["details"]["header"], name, "{body}");
+    }
+    assert_eq!(sim.requests().len(), 1, "refused before anything was sent");
+    proxy.stop().await;
+
+    // With allow_priority off the header is ignored, whatever it says, and still dropped.
+    let (sim, proxy) = sim_and_proxy_with(|s| s.limit.allow_priority = false).await;
+    let (status, ..) = get(&proxy, "x", &[("x-priority", "urgent")]).await;
+    assert_eq!(status, 200);
+    assert!(!sim.requests()[0].headers.contains_key("x-priority"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_labels_stay_bounded() {
+    let sim = unlimited_sim().await;
+    let proxy = spawn_proxy(exact(&sim, 5, Duration::from_millis(100))).await;
+    let mut tasks = queue(&proxy, "filler", 5, &[]);
+    for n in 0..30 {
+        tasks.extend(queue(&proxy, &format!("c{n}"), 1, &[]));
+    }
+    assert!(all(tasks).await.iter().all(|(s, _)| *s == 200));
+    let m = metrics(&proxy).await;
+    let labels: std::collections::HashSet<&str> = m
+        .lines()
+        .filter_map(|l| l.strip_prefix("smartlead_proxy_client_wait_seconds_count{client=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert!(labels.contains("other"), "{labels:?}");
+    assert!(labels.len() <= 21, "{} labels: {labels:?}", labels.len());
+    assert!(
+        labels.len() >= 10,
+        "busy clients have their own: {labels:?}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn on_redis_each_instance_is_fair_among_its_own_waiters_through_a_pause() {
+    let period = Duration::from_secs(1);
+    let sim = Sim::start(SimConfig {
+        requests: 5,
+        period,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = unique_key();
+    let mut s = quota_settings(&sim.base_url(), 5, period, Some((SHARED_REDIS, &key)));
+    // Retry-After is capped by the longest window or retry.max_delay: allow 3 s.
+    s.retry.max_delay = Duration::from_secs(5);
+    s.retry.max_retries = 3;
+    let proxy = spawn_proxy(s).await;
+    let started = Instant::now();
+    let bulk = queue(&proxy, "bulk", 25, &[]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first five have gone; the next request SmartLead sees (at the next window) is
+    // refused with Retry-After: 3. Every waiting slot moves past the pause, and whoever
+    // is first in line re-reads them from Redis.
+    let pushed = Instant::now();
+    sim.push_fault(
+        smartlead_proxy::sim::Fault::json(
+            429,
+            serde_json::json!({"error": {"code": "RATE_LIMITED", "message": "slow down"}}),
+        )
+        .header("retry-after", "3"),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = Instant::now();
+    let (status, _, answered) = get(&proxy, "ui", &[("x-client-id", "ui")]).await;
+    assert_eq!(status, 200);
+    let took = answered - asked;
+    assert!(all(bulk).await.iter().all(|(s, _)| *s == 200));
+    let reqs = sim.requests();
+    let timeline: Vec<(u128, &str)> = reqs
+        .iter()
+        .map(|r| {
+            let tag = r
+                .query
+                .as_deref()
+                .unwrap_or("")
+                .split('&')
+                .next()
+                .unwrap_or("");
+            (r.at.saturating_duration_since(started).as_millis(), tag)
+        })
+        .collect();
+    // Nothing after the 429 (beyond the ones already on their way with it) goes out
+    // before its Retry-After.
+    let refused = reqs
+        .iter()
+        .find(|r| r.at > pushed)
+        .expect("the refused one")
+        .at;
+    for later in reqs
+        .iter()
+        .filter(|r| r.at > refused + Duration::from_millis(100))
+    {
+        let after = later.at.duration_since(refused);
+        assert!(
+            after >= Duration::from_millis(2900),
+            "sent {after:?} after the 429: {timeline:?}"
+        );
+    }
+    // The pause, then the next turn; behind bulk's 20 it would be three windows more.
+    assert!(
+        took < Duration::from_millis(4500),
+        "ui waited {took:?}: {timeline:?}"
+    );
+    assert!(max_in_window(&sim, period, None) <= 5);
+    proxy.stop().await;
+}
