@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::key::{ApiKey, Secrets};
 
@@ -48,7 +48,7 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -61,13 +61,14 @@ pub struct Settings {
     pub log: LogSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(serialize_with = "hidden_tokens")]
     pub access_tokens: Vec<SecretString>,
     /// A client must send its request head, and each part of its body, within this.
     #[serde(with = "humantime_serde")]
@@ -104,7 +105,7 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSettings {
     pub base_url: BaseUrl,
@@ -114,7 +115,15 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub allow_client_key: bool,
     /// Usually left unset in files: `SMARTLEAD_API_KEY` fills it.
+    #[serde(serialize_with = "hidden_key")]
     pub api_key: Option<ApiKey>,
+    /// Extra PEM roots trusted for the upstream besides the built-in ones (a
+    /// TLS-inspecting corporate proxy's CA).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// An egress HTTP proxy reached with CONNECT; unset, `HTTPS_PROXY`/`NO_PROXY` decide.
+    #[serde(deserialize_with = "empty_is_none", serialize_with = "masked_opt_url")]
+    pub proxy: Option<String>,
 }
 
 impl Default for UpstreamSettings {
@@ -125,6 +134,8 @@ impl Default for UpstreamSettings {
             connect_timeout: Duration::from_secs(5),
             allow_client_key: false,
             api_key: None,
+            ca_file: None,
+            proxy: None,
         }
     }
 }
@@ -195,6 +206,12 @@ impl std::str::FromStr for BaseUrl {
     }
 }
 
+impl Serialize for BaseUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.path)
@@ -215,8 +232,8 @@ pub fn mask_userinfo(url: &str) -> String {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", rename_all = "lowercase")]
 pub enum LimitBackend {
     Local,
     Redis,
@@ -295,6 +312,12 @@ impl TryFrom<String> for Window {
     }
 }
 
+impl Serialize for Window {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::fmt::Display for Window {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.label)
@@ -369,6 +392,49 @@ impl Default for LimitSettings {
         RawLimit::default()
             .try_into()
             .expect("the default limit settings are valid")
+    }
+}
+
+impl Serialize for LimitSettings {
+    /// As `[limit]` is written, in its `windows` form.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            windows: &'a [Window],
+            #[serde(with = "humantime_serde")]
+            max_wait: Duration,
+            max_queue: usize,
+            #[serde(with = "humantime_serde")]
+            margin: Duration,
+            backend: LimitBackend,
+            follow_upstream: bool,
+            max_client_keys: usize,
+            per_client: String,
+            client_weights: std::collections::BTreeMap<&'a str, u32>,
+            max_queue_per_client: usize,
+            allow_priority: bool,
+        }
+        Shown {
+            windows: &self.windows,
+            max_wait: self.max_wait,
+            max_queue: self.max_queue,
+            margin: self.margin,
+            backend: self.backend,
+            follow_upstream: self.follow_upstream,
+            max_client_keys: self.max_client_keys,
+            per_client: self
+                .per_client
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), Window::to_string),
+            client_weights: self
+                .client_weights
+                .iter()
+                .map(|(k, v)| (k.as_str(), *v))
+                .collect(),
+            max_queue_per_client: self.max_queue_per_client,
+            allow_priority: self.allow_priority,
+        }
+        .serialize(s)
     }
 }
 
@@ -481,7 +547,7 @@ impl TryFrom<RawLimit> for LimitSettings {
 }
 
 /// One more SmartLead account (`[[accounts]]`): its own key, quota and tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountSettings {
     /// `[a-z0-9_-]{1,32}`; shown in logs, metrics, status and errors.
@@ -492,7 +558,7 @@ pub struct AccountSettings {
     #[serde(default)]
     pub windows: Option<Vec<Window>>,
     /// Access tokens whose requests use this account.
-    #[serde(default)]
+    #[serde(default, serialize_with = "hidden_tokens")]
     pub tokens: Vec<SecretString>,
     /// Read from `key_env` when the configuration is loaded.
     #[serde(skip)]
@@ -509,8 +575,8 @@ fn valid_account_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", rename_all = "lowercase")]
 pub enum OnRedisError {
     Local,
     Reject,
@@ -527,26 +593,59 @@ impl TryFrom<String> for OnRedisError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
     /// May carry a password, so it is kept secret like the API key.
+    #[serde(serialize_with = "masked_url")]
     pub url: SecretString,
+    pub mode: RedisMode,
+    /// Sentinel mode: the monitored master's name.
+    pub master_name: String,
+    /// Extra PEM roots for `rediss://`.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub ca_file: Option<PathBuf>,
     pub key: String,
     pub on_error: OnRedisError,
+}
+
+/// How `redis.url` is read: one server, a cluster's seed nodes, or sentinels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", rename_all = "lowercase")]
+pub enum RedisMode {
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+impl TryFrom<String> for RedisMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "standalone" => Ok(Self::Standalone),
+            "cluster" => Ok(Self::Cluster),
+            "sentinel" => Ok(Self::Sentinel),
+            _ => Err(format!(
+                "expected \"standalone\", \"cluster\" or \"sentinel\", got {s:?}"
+            )),
+        }
+    }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("redis://127.0.0.1:6379"),
+            mode: RedisMode::Standalone,
+            master_name: String::new(),
+            ca_file: None,
             key: "smartlead-proxy".into(),
             on_error: OnRedisError::Local,
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySettings {
     pub max_retries: u32,
@@ -579,7 +678,7 @@ impl Default for RetrySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LeadsSettings {
     pub validate: bool,
@@ -600,8 +699,8 @@ impl Default for LeadsSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
     Pretty,
@@ -618,7 +717,7 @@ impl TryFrom<String> for LogFormat {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -756,17 +855,12 @@ impl Settings {
         }
         self.check_accounts()?;
 
+        if let Some(path) = &u.ca_file {
+            crate::tls::read_roots(path).map_err(|e| invalid("upstream.ca_file", e))?;
+        }
+        crate::egress::connector(u).map_err(|e| invalid("upstream.proxy", e))?;
         if l.backend == LimitBackend::Redis {
-            let url = self.redis.url.expose_secret();
-            if !["redis://", "rediss://", "unix://"]
-                .iter()
-                .any(|p| url.starts_with(p))
-            {
-                return Err(invalid(
-                    "redis.url",
-                    "must start with redis://, rediss:// or unix://",
-                ));
-            }
+            self.check_redis()?;
         }
         if self.redis.key.is_empty() || self.redis.key.contains(['{', '}']) {
             return Err(invalid("redis.key", "must be non-empty and without braces"));
@@ -811,6 +905,45 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", one_line(&e.to_string())))?;
+        Ok(())
+    }
+
+    /// `[redis]` when the limiter uses it: every URL, the mode's needs, the CA file.
+    fn check_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        let urls: Vec<&str> = r.url.expose_secret().split(',').map(str::trim).collect();
+        for url in &urls {
+            if !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|p| url.starts_with(p))
+            {
+                return Err(invalid(
+                    "redis.url",
+                    format!(
+                        "{:?} must start with redis://, rediss:// or unix://",
+                        mask_userinfo(url)
+                    ),
+                ));
+            }
+        }
+        match r.mode {
+            RedisMode::Standalone if urls.len() > 1 => {
+                return Err(invalid(
+                    "redis.url",
+                    "several URLs need redis.mode = \"cluster\" or \"sentinel\"",
+                ));
+            }
+            RedisMode::Sentinel if r.master_name.trim().is_empty() => {
+                return Err(invalid(
+                    "redis.master_name",
+                    "sentinel mode needs the monitored master's name",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(path) = &r.ca_file {
+            crate::tls::read_roots(path).map_err(|e| invalid("redis.ca_file", e))?;
+        }
         Ok(())
     }
 
@@ -879,21 +1012,85 @@ impl Settings {
         let keys = self.upstream.api_key.iter();
         let secrets = Secrets::default()
             .with_keys(keys.chain(self.accounts.iter().filter_map(|a| a.key.as_ref())));
-        match redis_password(self.redis.url.expose_secret()) {
-            Some(p) => secrets.with(&p),
-            None => secrets,
-        }
+        let passwords = self
+            .redis
+            .url
+            .expose_secret()
+            .split(',')
+            .chain(self.upstream.proxy.as_deref())
+            .filter_map(url_password)
+            .collect::<Vec<_>>();
+        passwords.iter().fold(secrets, |s, p| s.with(p))
     }
 }
 
-fn redis_password(url: &str) -> Option<String> {
-    let url = url::Url::parse(url).ok()?;
+fn url_password(url: &str) -> Option<String> {
+    let url = url::Url::parse(url.trim()).ok()?;
     let raw = url.password()?;
     Some(
         percent_encoding::percent_decode_str(raw)
             .decode_utf8_lossy()
             .into_owned(),
     )
+}
+
+/// What `check-config` shows for a secret.
+const HIDDEN: &str = "***";
+
+fn hidden_key<S: Serializer>(key: &Option<ApiKey>, s: S) -> Result<S::Ok, S::Error> {
+    match key {
+        Some(_) => s.serialize_str(HIDDEN),
+        None => s.serialize_none(),
+    }
+}
+
+/// Tokens as `***`, or `name:***` for a named one: the name is not a secret.
+fn hidden_tokens<S: Serializer>(tokens: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(
+        tokens
+            .iter()
+            .map(|t| match t.expose_secret().split_once(':') {
+                Some((name, _)) => format!("{name}:{HIDDEN}"),
+                None => HIDDEN.to_owned(),
+            }),
+    )
+}
+
+fn masked_url<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_urls(url.expose_secret()))
+}
+
+fn masked_opt_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_str(&mask_userinfo(url)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A comma-separated list of URLs (cluster nodes, sentinels), each masked.
+pub fn mask_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(mask_userinfo)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `""` (the documented "unset") as `None`.
+fn empty_is_none<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<String>,
+{
+    let s = String::deserialize(d)?;
+    Ok((!s.trim().is_empty()).then(|| T::from(s)))
+}
+
+impl Settings {
+    /// The effective settings as TOML, every key and token shown as `***` (for
+    /// `check-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot show the settings: {e}\n"))
+    }
 }
 
 const MINUTE: Duration = Duration::from_secs(60);

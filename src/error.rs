@@ -683,6 +683,10 @@ fn hint(error: &ProxyError, served: &Served) -> String {
              or cannot reach its shared limiter (Redis, with redis.on_error = \"reject\"): retry \
              in a moment; GET /readyz says which"
             .into(),
+        UpstreamUnreachable(reason) if crate::tls::untrusted_certificate(reason) => format!(
+            "the upstream's TLS certificate is not trusted {tried}: behind a TLS-inspecting \
+             proxy, set upstream.ca_file to the PEM file of the CA that signs its certificates"
+        ),
         UpstreamUnreachable(_) => format!(
             "SmartLead could not be reached {tried}: check the network and DNS from the \
              proxy's host and upstream.base_url, then SmartLead's status page"

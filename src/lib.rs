@@ -33,6 +33,7 @@ pub mod body;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod healthcheck;
 pub mod key;
@@ -46,6 +47,7 @@ pub mod shutdown;
 pub mod sim;
 pub mod stack;
 pub mod telemetry;
+pub mod tls;
 pub mod traffic;
 pub mod upstream;
 
@@ -91,8 +93,13 @@ pub async fn run(
     let workers = settings.server.worker_count();
     let shared = stack::Shared::new(settings).map_err(RunError::Setup)?;
     let pool = POOL_MAX_IDLE.div_ceil(workers);
+    let upstream = &shared.settings.upstream;
+    let tls = tls::client_config(upstream.ca_file.as_deref()).map_err(RunError::Setup)?;
+    if let (_, Some(via)) = egress::connector(upstream).map_err(RunError::Setup)? {
+        tracing::info!(proxy = %via, "the upstream is reached through an egress proxy");
+    }
     let clients = (0..workers)
-        .map(|_| UpstreamClient::new(&shared.settings.upstream, pool))
+        .map(|_| UpstreamClient::new(upstream, tls.clone(), pool))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::Setup)?;
     let stopping = Shutdown::default();

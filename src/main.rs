@@ -66,6 +66,9 @@ enum Command {
     /// in front, 50 workers, and the same work done with the retry recipe from SmartLead's
     /// error-handling guide (the guide recipe) for comparison.
     Demo,
+    /// Validate the configuration exactly as start-up does and print the effective
+    /// settings (every key and token as ***). Exit 0 when valid, 2 when not, like nginx -t.
+    CheckConfig,
 }
 
 fn main() -> ExitCode {
@@ -137,7 +140,22 @@ async fn dispatch(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Some(Command::CheckConfig) => check_config(cli.config),
         None => serve(cli.config).await,
+    }
+}
+
+fn check_config(config: Option<PathBuf>) -> ExitCode {
+    match Settings::load(config.as_deref()) {
+        Ok(settings) => {
+            print!("{}", settings.to_toml());
+            eprintln!("smartlead-proxy: the configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("smartlead-proxy: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -60,7 +60,8 @@ pub fn retry_status(status: StatusCode, safety: Safety, retry: &RetrySettings) -
 /// Whether a failed attempt is worth another.
 pub fn retry_error(err: &AttemptError, safety: Safety) -> bool {
     match err {
-        AttemptError::Connect(_) => true,
+        // An untrusted certificate stays untrusted: another attempt would only wait.
+        AttemptError::Connect(why) => !crate::tls::untrusted_certificate(why),
         AttemptError::Closed(_) | AttemptError::Invalid(_) | AttemptError::Timeout(_) => {
             safety.idempotent
         }

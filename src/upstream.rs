@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture, connect::HttpConnector};
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::TokioExecutor;
 use percent_encoding::percent_decode_str;
 
@@ -144,7 +144,7 @@ impl Target {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HttpsClient = Client<HttpsConnector<crate::egress::Connector>, Full<Bytes>>;
 
 /// The pooled HTTPS client as a service: one request, one attempt, hop-by-hop headers
 /// removed from the answer. Retries, timeouts and the quota are the caller's.
@@ -155,19 +155,20 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// A client whose pool keeps at most `max_idle` idle connections.
-    pub fn new(settings: &UpstreamSettings, max_idle: usize) -> Result<Self, String> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(settings.connect_timeout));
-        http.set_nodelay(true);
+    /// A client whose pool keeps at most `max_idle` idle connections, trusting `tls`'s
+    /// roots.
+    pub fn new(
+        settings: &UpstreamSettings,
+        tls: rustls::ClientConfig,
+        max_idle: usize,
+    ) -> Result<Self, String> {
+        let (connector, _) = crate::egress::connector(settings)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(max_idle)

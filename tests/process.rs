@@ -684,3 +684,124 @@ async fn the_binary_at_debug_level_never_shows_a_hostile_key() {
         assert_no_key(text, HOSTILE_KEY, "an answer");
     }
 }
+
+#[test]
+fn check_config_prints_the_effective_settings_without_secrets() {
+    let f = temp_file(
+        "check.toml",
+        "[server]\naccess_tokens = [\"ui:tok-secret-1\", \"plain-secret-2\"]\n[limit]\nwindows = [\"5/1s\"]\n",
+    );
+    let out = command(&[
+        ("SMARTLEAD_API_KEY", SECRET),
+        (
+            "SMARTLEAD_PROXY__REDIS__URL",
+            "redis://:redis-pass-3@127.0.0.1:6379",
+        ),
+    ])
+    .args(["check-config", "--config", f.to_str().unwrap()])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let shown = String::from_utf8(out.stdout).unwrap();
+    for secret in [
+        SECRET,
+        SECRET_ENCODED,
+        "tok-secret-1",
+        "plain-secret-2",
+        "redis-pass-3",
+    ] {
+        assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+    }
+    assert!(shown.contains("api_key = \"***\""), "{shown}");
+    assert!(
+        shown.contains("access_tokens = [\"ui:***\", \"***\"]"),
+        "{shown}"
+    );
+    assert!(shown.contains("windows = [\"5/1s\"]"), "{shown}");
+    assert!(
+        shown.contains("url = \"redis://***@127.0.0.1:6379\""),
+        "{shown}"
+    );
+    // What it prints is itself a configuration (secrets aside) that loads.
+    let parsed: toml::Table = toml::from_str(&shown).unwrap();
+    assert_eq!(parsed["limit"]["max_wait"].as_str(), Some("30s"));
+}
+
+#[test]
+fn check_config_refuses_like_start_up() {
+    let out = command(&[
+        ("SMARTLEAD_API_KEY", "k"),
+        ("SMARTLEAD_PROXY__LIMIT__MAX_QUEUE", "0"),
+    ])
+    .arg("check-config")
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("limit.max_queue"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn tls_and_egress_settings_are_checked_at_start() {
+    let key = ("SMARTLEAD_API_KEY", "k");
+    let err = start_error(
+        &[
+            key,
+            ("SMARTLEAD_PROXY__UPSTREAM__CA_FILE", "/nonexistent/ca.pem"),
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("upstream.ca_file") && err.contains("/nonexistent/ca.pem"),
+        "{err}"
+    );
+    let not_pem = temp_file("not-a-ca.pem", "hello\n");
+    let err = start_error(
+        &[
+            key,
+            (
+                "SMARTLEAD_PROXY__UPSTREAM__CA_FILE",
+                not_pem.to_str().unwrap(),
+            ),
+        ],
+        &[],
+    );
+    assert!(err.contains("no PEM certificate"), "{err}");
+    let err = start_error(
+        &[
+            key,
+            (
+                "SMARTLEAD_PROXY__UPSTREAM__PROXY",
+                "socks5://127.0.0.1:1080",
+            ),
+        ],
+        &[],
+    );
+    assert!(err.contains("upstream.proxy"), "{err}");
+    let redis = [key, ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis")];
+    let err = start_error(
+        &[
+            redis[0],
+            redis[1],
+            ("SMARTLEAD_PROXY__REDIS__MODE", "sentinel"),
+        ],
+        &[],
+    );
+    assert!(err.contains("redis.master_name"), "{err}");
+    let err = start_error(
+        &[
+            redis[0],
+            redis[1],
+            ("SMARTLEAD_PROXY__REDIS__URL", "redis://a:1,redis://b:2"),
+        ],
+        &[],
+    );
+    assert!(err.contains("redis.mode"), "{err}");
+    let err = start_error(
+        &[redis[0], redis[1], ("SMARTLEAD_PROXY__REDIS__MODE", "ring")],
+        &[],
+    );
+    assert!(err.contains("redis.mode"), "{err}");
+}

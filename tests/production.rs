@@ -73,8 +73,12 @@ async fn readyz_turns_503_when_draining() {
     let sim = Sim::start(SimConfig::default()).await.unwrap();
     let shared = smartlead_proxy::stack::Shared::new(settings(&sim.base_url())).unwrap();
     let shutdown = smartlead_proxy::shutdown::Shutdown::default();
-    let client =
-        smartlead_proxy::upstream::UpstreamClient::new(&shared.settings.upstream, 1).unwrap();
+    let client = smartlead_proxy::upstream::UpstreamClient::new(
+        &shared.settings.upstream,
+        smartlead_proxy::tls::client_config(None).unwrap(),
+        1,
+    )
+    .unwrap();
     let stack = smartlead_proxy::stack::build(&shared, &shutdown, client);
     let ready = || async {
         let req = http::Request::get("/readyz")

@@ -201,6 +201,27 @@ struct Scripts {
     heartbeat: Script,
 }
 
+/// The client for `redis.url`, trusting `redis.ca_file`'s roots (instead of the built-in
+/// ones) for `rediss://` when it is set.
+fn client(settings: &crate::config::RedisSettings) -> Result<redis::Client, String> {
+    let url = settings.url.expose_secret().trim();
+    let opened = match &settings.ca_file {
+        None => redis::Client::open(url),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("redis.ca_file: cannot read {}: {e}", path.display()))?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+        }
+    };
+    opened.map_err(|e| format!("redis.url: {e}"))
+}
+
 type RedisResult<T> = Result<T, String>;
 
 /// What every account's log shares: the connection, the subscription, the heartbeat and
@@ -233,8 +254,7 @@ impl std::fmt::Debug for RedisLink {
 
 impl RedisLink {
     pub fn start(settings: &Settings) -> Result<Arc<Self>, String> {
-        let client = redis::Client::open(settings.redis.url.expose_secret())
-            .map_err(|e| format!("redis.url: {e}"))?;
+        let client = client(&settings.redis)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
             .set_response_timeout(Some(OP_TIMEOUT))

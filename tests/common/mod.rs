@@ -3,9 +3,12 @@
 
 mod hostile;
 mod leaks;
+mod tls;
 
 pub use hostile::*;
 pub use leaks::*;
+#[allow(unused_imports)] // not every test binary uses TLS
+pub use tls::*;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -306,22 +309,44 @@ impl PrivateRedis {
         r
     }
 
+    /// A TLS-only server (no plain port) with `ca`'s server certificate.
+    pub async fn start_tls(ca: &TestCa) -> Self {
+        let port = closed_port().await;
+        let path = |p: &std::path::Path| p.display().to_string();
+        let mut r = Self {
+            port,
+            child: None,
+            extra: vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                path(&ca.cert),
+                "--tls-key-file".into(),
+                path(&ca.key),
+                "--tls-ca-cert-file".into(),
+                path(&ca.ca),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+        };
+        r.restart().await;
+        r
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     pub async fn restart(&mut self) {
+        let port = self.port.to_string();
+        let mut args = vec!["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        // Later arguments win: `extra` may replace the plain port.
+        args.extend(["--port", &port]);
+        args.extend(self.extra.iter().map(String::as_str));
         let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

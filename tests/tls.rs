@@ -1,0 +1,215 @@
+//! The HTTPS path to SmartLead, for real: a simulator behind a TLS front with a CA made
+//! in the test, trusted through `upstream.ca_file` or not, reached directly or through an
+//! HTTP CONNECT proxy (`upstream.proxy`, or `HTTPS_PROXY` / `NO_PROXY`).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+async fn sim() -> Sim {
+    Sim::start(SimConfig {
+        requests: 10_000,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn https_base(front: std::net::SocketAddr) -> String {
+    format!("https://127.0.0.1:{}/api/v1", front.port())
+}
+
+#[tokio::test]
+async fn over_tls_with_the_ca_the_key_retries_and_envelope_work() {
+    let ca = TestCa::new();
+    let sim = sim().await;
+    let (front, handshakes) = tls_front(&ca, sim.addr()).await;
+    let mut s = settings(&https_base(front));
+    s.upstream.ca_file = Some(ca.ca.clone());
+    s.retry.max_retries = 2;
+    let proxy = spawn_proxy(s).await;
+
+    let ok = proxy.get("/api/v1/campaigns").await;
+    assert_eq!(ok.status(), 200);
+    assert!(handshakes.load(Ordering::SeqCst) >= 1, "went over TLS");
+    assert_eq!(sim.requests().last().unwrap().api_keys(), vec![KEY]);
+
+    sim.push_fault(Fault::json(503, serde_json::json!({"message": "busy"})));
+    let retried = proxy.get("/api/v1/campaigns").await;
+    assert_eq!(retried.status(), 200);
+    assert_eq!(retried.headers()["x-proxy-attempts"], "2");
+
+    sim.push_fault(Fault::respond(404, Some("text/plain"), "no such campaign"));
+    let missing = proxy.get("/api/v1/campaigns/7").await;
+    let body = expect_envelope(missing, 404, "NOT_FOUND").await;
+    assert_eq!(body["error"]["details"]["upstream_status"], 404);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_ca_the_certificate_is_not_trusted() {
+    let ca = TestCa::new();
+    let sim = sim().await;
+    let (front, _) = tls_front(&ca, sim.addr()).await;
+    let mut s = settings(&https_base(front));
+    s.retry.max_retries = 3;
+    let proxy = spawn_proxy(s).await;
+    let resp = proxy.get("/api/v1/campaigns").await;
+    let body = expect_envelope(resp, 502, "UPSTREAM_UNAVAILABLE").await;
+    let details = &body["error"]["details"];
+    let hint = details["hint"].as_str().unwrap();
+    assert!(
+        hint.contains("not trusted") && hint.contains("upstream.ca_file"),
+        "{hint}"
+    );
+    assert_eq!(details["attempts"], 1, "no retry can fix a certificate");
+    assert_eq!(sim.stats().requests, 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn a_configured_egress_proxy_carries_the_tls_connection() {
+    let ca = TestCa::new();
+    let sim = sim().await;
+    let (front, handshakes) = tls_front(&ca, sim.addr()).await;
+    let (egress, asked) = connect_proxy().await;
+    let mut s = settings(&https_base(front));
+    s.upstream.ca_file = Some(ca.ca.clone());
+    s.upstream.proxy = Some(format!("http://127.0.0.1:{}", egress.port()));
+    let proxy = spawn_proxy(s).await;
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    assert_eq!(
+        asked.lock().unwrap().clone(),
+        vec![format!("127.0.0.1:{}", front.port())]
+    );
+    assert_eq!(
+        handshakes.load(Ordering::SeqCst),
+        1,
+        "TLS inside the tunnel"
+    );
+    assert_eq!(sim.requests().last().unwrap().api_keys(), vec![KEY]);
+    proxy.stop().await;
+}
+
+/// The binary on a free port with `envs`; answers one GET through it, then stops it.
+async fn one_request_through_the_binary(envs: &[(&str, String)]) -> u16 {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_smartlead-proxy"));
+    cmd.env_clear()
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env(
+            "SMARTLEAD_PROXY__SERVER__LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("SMARTLEAD_PROXY__LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}/api/v1/campaigns");
+    let mut status = 0;
+    for _ in 0..100 {
+        if let Ok(r) = client().get(&url).send().await {
+            status = r.status().as_u16();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    status
+}
+
+#[tokio::test]
+async fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
+    let ca = TestCa::new();
+    let sim = sim().await;
+    let (front, _) = tls_front(&ca, sim.addr()).await;
+    let (egress, asked) = connect_proxy().await;
+    let mut envs = vec![
+        ("SMARTLEAD_API_KEY", KEY.to_owned()),
+        ("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", https_base(front)),
+        (
+            "SMARTLEAD_PROXY__UPSTREAM__CA_FILE",
+            ca.ca.display().to_string(),
+        ),
+        ("HTTPS_PROXY", format!("http://127.0.0.1:{}", egress.port())),
+    ];
+    assert_eq!(one_request_through_the_binary(&envs).await, 200);
+    assert_eq!(asked.lock().unwrap().len(), 1, "through HTTPS_PROXY");
+    envs.push(("NO_PROXY", "127.0.0.1".to_owned()));
+    assert_eq!(one_request_through_the_binary(&envs).await, 200);
+    assert_eq!(asked.lock().unwrap().len(), 1, "NO_PROXY skips it");
+    assert_eq!(sim.stats().requests, 2);
+}
+
+/// Requests `n` times at once through `proxy`; the statuses.
+async fn burst(proxy: &Proxy, n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|_| proxy.get("/api/v1/campaigns"));
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect()
+}
+
+#[tokio::test]
+async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {
+    let ca = TestCa::new();
+    let redis = PrivateRedis::start_tls(&ca).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let period = Duration::from_secs(2);
+    let sim = Sim::start(SimConfig {
+        requests: 4,
+        period,
+        record: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = unique_key();
+    let mut proxies = Vec::new();
+    for _ in 0..2 {
+        let mut s = quota_settings(&sim.base_url(), 4, period, Some((&url, &key)));
+        s.redis.ca_file = Some(ca.ca.clone());
+        proxies.push(spawn_proxy(s).await);
+    }
+    for p in &proxies {
+        let ready: serde_json::Value = p.get("/readyz").await.json().await.unwrap();
+        assert_eq!(ready["limiter"]["state"], "shared", "{ready}");
+    }
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(burst(&proxies[0], 4), burst(&proxies[1], 4));
+    for s in a.into_iter().chain(b) {
+        assert_eq!(s, 200);
+    }
+    assert_eq!(sim.stats().rate_limited, 0, "one quota, shared over TLS");
+    assert!(max_in_window(&sim, period, None) <= 4);
+    assert!(started.elapsed() >= period, "8 requests at 4 per 2 s");
+
+    // The same server without its CA: the certificate is not trusted, so the proxy
+    // falls back to its local share and says why.
+    let mut s = quota_settings(&sim.base_url(), 4, period, Some((&url, &key)));
+    s.redis.on_error = smartlead_proxy::config::OnRedisError::Local;
+    let untrusting = spawn_proxy(s).await;
+    // Answered either way (by SmartLead's own 429 here: a fallback instance assumes it is
+    // alone, and the shared window is full).
+    untrusting.get("/api/v1/campaigns").await;
+    let ready: serde_json::Value = untrusting.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["limiter"]["state"], "fallback", "{ready}");
+    assert!(ready.to_string().contains("certificate"), "{ready}");
+    for p in proxies.into_iter().chain([untrusting]) {
+        p.stop().await;
+    }
+}
