@@ -101,6 +101,39 @@ impl Quotas {
     }
 }
 
+impl Quotas {
+    /// A running account under new settings: the same quota (limiter, waiters) with this
+    /// target and a retry budget of the new settings.
+    fn carry_over(&self, old: &Account, target: Target) -> Account {
+        Account {
+            name: old.name.clone(),
+            target,
+            limiter: old.limiter.clone(),
+            retry_budget: RetryBudget::new(&self.retry),
+            last_used: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// `account`'s limiter to `windows` and the rest of these settings.
+    async fn retune(&self, account: &Account, windows: &[Window]) {
+        let longest = windows.iter().map(|w| w.period).max().unwrap_or_default();
+        account
+            .limiter
+            .retune(windows, &self.limit, longest.max(self.retry.max_delay))
+            .await;
+    }
+}
+
+/// The windows `settings` give the account `name` (client-key accounts: `limit.windows`).
+fn windows_of<'a>(settings: &'a Settings, name: &str) -> &'a [Window] {
+    settings
+        .accounts
+        .iter()
+        .find(|a| a.name == name)
+        .and_then(|a| a.windows.as_deref())
+        .unwrap_or(&settings.limit.windows)
+}
+
 /// A token, its name when it was written `"name:token"`, and the account it is bound to
 /// (`None`: any).
 #[derive(Debug)]
@@ -175,11 +208,47 @@ pub struct Accounts {
     named: HashMap<String, Arc<Account>>,
     tokens: Vec<Token>,
     client_keys: Option<ClientKeys>,
+    quotas: Arc<Quotas>,
 }
 
 impl Accounts {
     pub fn new(settings: &Settings) -> Result<Self, String> {
         let quotas = Arc::new(Quotas::new(settings)?);
+        Ok(Self::with(settings, quotas, &HashMap::new(), None))
+    }
+
+    /// The accounts after a reload: those that stay keep their quota, waiters included
+    /// (retuned to the new windows), added ones start, removed ones are only dropped from
+    /// here (their waiters still hold them until they are done). The backend and its
+    /// Redis link are the running ones: changing them needs a restart.
+    pub async fn reload(&self, settings: &Settings) -> Self {
+        let quotas = Arc::new(Quotas {
+            limit: settings.limit.clone(),
+            retry: settings.retry.clone(),
+            link: self.quotas.link.clone(),
+        });
+        let next = Self::with(
+            settings,
+            quotas.clone(),
+            &self.named,
+            self.client_keys.as_ref(),
+        );
+        for account in next.all() {
+            quotas
+                .retune(&account, windows_of(settings, &account.name))
+                .await;
+        }
+        next
+    }
+
+    /// The accounts `settings` describe, reusing the limiters of `running` ones by name
+    /// and the client-key quotas `keys` holds.
+    fn with(
+        settings: &Settings,
+        quotas: Arc<Quotas>,
+        running: &HashMap<String, Arc<Account>>,
+        keys: Option<&ClientKeys>,
+    ) -> Self {
         let windows = &settings.limit.windows;
         let upstream = &settings.upstream;
         let fixed = |key: Option<ApiKey>| {
@@ -189,11 +258,15 @@ impl Accounts {
                 ..upstream.clone()
             })
         };
+        let make = |name: &str, windows: &[Window], target: Target| {
+            Arc::new(match running.get(name) {
+                Some(old) => quotas.carry_over(old, target),
+                None => quotas.account(name, name, windows, target),
+            })
+        };
         // With allow_client_key and no key of its own, `default` forwards what it gets.
-        let default = (upstream.api_key.is_some() || upstream.allow_client_key).then(|| {
-            let target = fixed(upstream.api_key.clone());
-            Arc::new(quotas.account(DEFAULT_ACCOUNT, DEFAULT_ACCOUNT, windows, target))
-        });
+        let default = (upstream.api_key.is_some() || upstream.allow_client_key)
+            .then(|| make(DEFAULT_ACCOUNT, windows, fixed(upstream.api_key.clone())));
         let mut named = HashMap::new();
         if let Some(d) = &default {
             named.insert(DEFAULT_ACCOUNT.to_owned(), d.clone());
@@ -206,21 +279,26 @@ impl Accounts {
             .collect();
         for a in &settings.accounts {
             let windows = a.windows.as_deref().unwrap_or(windows);
-            let account = Arc::new(quotas.account(&a.name, &a.name, windows, fixed(a.key.clone())));
+            let account = make(&a.name, windows, fixed(a.key.clone()));
             for t in &a.tokens {
                 tokens.push(Token::new(t, Some(account.clone())));
             }
             named.insert(a.name.clone(), account);
         }
-        let client_keys = upstream
-            .allow_client_key
-            .then(|| ClientKeys::new(settings, quotas.clone()));
-        Ok(Self {
+        let client_keys = upstream.allow_client_key.then(|| {
+            let fresh = ClientKeys::new(settings, quotas.clone());
+            if let Some(old) = keys {
+                fresh.take_over(old, &quotas);
+            }
+            fresh
+        });
+        Self {
             default,
             named,
             tokens,
             client_keys,
-        })
+            quotas,
+        }
     }
 
     /// Every account in use: the configured ones, then the client keys' (for `/readyz`,
@@ -341,6 +419,17 @@ impl ClientKeys {
             max: settings.limit.max_client_keys,
             idle_after: longest + settings.limit.margin + settings.limit.max_wait,
             held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The quotas `old` holds, carried over (so a key keeps its one quota across a
+    /// reload).
+    fn take_over(&self, old: &ClientKeys, quotas: &Quotas) {
+        let old_held = old.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for (hash, account) in old_held.iter() {
+            let target = self.target.clone();
+            held.insert(*hash, Arc::new(quotas.carry_over(account, target)));
         }
     }
 

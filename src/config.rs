@@ -858,7 +858,9 @@ impl Settings {
         if let Some(path) = &u.ca_file {
             crate::tls::read_roots(path).map_err(|e| invalid("upstream.ca_file", e))?;
         }
-        crate::egress::connector(u).map_err(|e| invalid("upstream.proxy", e))?;
+        if let Some(proxy) = &u.proxy {
+            check_proxy(proxy).map_err(|e| invalid("upstream.proxy", e))?;
+        }
         if l.backend == LimitBackend::Redis {
             self.check_redis()?;
         }
@@ -1034,6 +1036,59 @@ fn url_password(url: &str) -> Option<String> {
     )
 }
 
+impl Settings {
+    /// For a reload: every setting that only takes effect at start (the listening socket,
+    /// threads, the upstream connection pools, the limiter's backend and Redis link, the
+    /// log format) is put back to its `running` value; returns the keys that differed.
+    pub fn keep_restart_only(&mut self, running: &Settings) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+) => {
+                if self.$($field).+ != running.$($field).+ {
+                    kept.push(stringify!($($field).+));
+                    self.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!(server.listen);
+        keep!(server.workers);
+        keep!(server.client_timeout);
+        keep!(server.shutdown_grace);
+        keep!(server.max_buffered_bytes);
+        keep!(upstream.base_url);
+        keep!(upstream.connect_timeout);
+        keep!(upstream.ca_file);
+        keep!(upstream.proxy);
+        keep!(limit.backend);
+        keep!(redis.mode);
+        keep!(redis.master_name);
+        keep!(redis.ca_file);
+        keep!(redis.key);
+        keep!(redis.on_error);
+        keep!(log.format);
+        if self.redis.url.expose_secret() != running.redis.url.expose_secret() {
+            kept.push("redis.url");
+            self.redis.url = running.redis.url.clone();
+        }
+        kept
+    }
+}
+
+/// An egress proxy is reached with CONNECT over plain HTTP: `http://[user:pass@]host:port`.
+fn check_proxy(proxy: &str) -> Result<(), String> {
+    let shown = mask_userinfo(proxy);
+    let url = url::Url::parse(proxy).map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
+    if url.scheme() != "http" {
+        return Err(format!(
+            "{shown:?} must be an http:// proxy (it is reached with CONNECT)"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?} has no host"));
+    }
+    Ok(())
+}
+
 /// What `check-config` shows for a secret.
 const HIDDEN: &str = "***";
 
@@ -1206,6 +1261,23 @@ mod tests {
         let path = std::env::temp_dir().join(format!("slp-config-{}.toml", uuid::Uuid::new_v4()));
         std::fs::write(&path, file).unwrap();
         assert!(Settings::load_from(Path::new("/nonexistent"), Some(&path), &env).is_ok());
+    }
+
+    #[test]
+    fn restart_only_settings_keep_their_running_values() {
+        let running = Settings::default();
+        let mut next = Settings::default();
+        next.server.listen = "127.0.0.1:9999".parse().unwrap();
+        next.redis.url = SecretString::from("redis://elsewhere:6379");
+        next.limit.max_wait = Duration::from_secs(5);
+        let kept = next.keep_restart_only(&running);
+        assert_eq!(kept, vec!["server.listen", "redis.url"]);
+        assert_eq!(next.server.listen, running.server.listen);
+        assert_eq!(
+            next.redis.url.expose_secret(),
+            running.redis.url.expose_secret()
+        );
+        assert_eq!(next.limit.max_wait, Duration::from_secs(5), "applied");
     }
 
     #[test]

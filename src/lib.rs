@@ -40,6 +40,7 @@ pub mod key;
 pub mod leads;
 pub mod limiter;
 pub mod metrics;
+pub mod reload;
 pub mod retry;
 pub mod served;
 pub mod server;
@@ -52,6 +53,7 @@ pub mod traffic;
 pub mod upstream;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// After the grace period, how long the 503 answers get to reach their callers.
@@ -84,6 +86,16 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    run_with(listener, settings, shutdown, None).await
+}
+
+/// [`run`], reloading the configuration each time `reloader` asks.
+pub async fn run_with(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reloader: Option<reload::Reloader>,
+) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
     let tokens = !settings.server.access_tokens.is_empty()
         || settings.accounts.iter().any(|a| !a.tokens.is_empty());
@@ -107,18 +119,25 @@ pub async fn run(
         (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
     let mut threads = receivers.into_iter().zip(clients);
     let (mine, my_client) = threads.next().expect("at least one serving thread");
+    let grace = shared.settings.server.shutdown_grace;
+    let client_timeout = shared.settings.server.client_timeout;
+    let live = reload::Live::new(shared);
     let mut finished = Vec::with_capacity(workers);
     for (n, (incoming, client)) in threads.enumerate() {
         let thread = Thread {
             incoming,
-            shared: shared.clone(),
+            live: live.clone(),
             shutdown: stopping.for_thread(),
             client,
+            grace,
+            client_timeout,
         };
         finished.push(spawn_worker(n + 1, thread)?);
     }
     tracing::info!(%addr, workers, "listening");
-    let grace = shared.settings.server.shutdown_grace;
+    if let Some(reloader) = reloader {
+        tokio::spawn(reload::follow(live.clone(), reloader));
+    }
     let signalled = stopping.clone();
     let stop = async move {
         shutdown.await;
@@ -127,9 +146,11 @@ pub async fn run(
     };
     let me = Thread {
         incoming: mine,
-        shared,
+        live,
         shutdown: stopping,
         client: my_client,
+        grace,
+        client_timeout,
     };
     tokio::join!(server::accept(listener, senders, stop), serve(me));
     for done in finished {
@@ -142,9 +163,11 @@ pub async fn run(
 /// What one serving thread serves with.
 struct Thread {
     incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>,
-    shared: stack::Shared,
+    live: Arc<reload::Live>,
     shutdown: Shutdown,
     client: UpstreamClient,
+    grace: Duration,
+    client_timeout: Duration,
 }
 
 /// One more serving thread with its own event loop; the receiver resolves when it ends.
@@ -165,10 +188,12 @@ fn spawn_worker(n: usize, thread: Thread) -> std::io::Result<oneshot::Receiver<(
 /// Serves this thread's connections until the acceptor stops, then drains them within
 /// the grace period; whatever still waits after it is answered 503.
 async fn serve(thread: Thread) {
-    let server = &thread.shared.settings.server;
-    let (grace, client_timeout) = (server.shutdown_grace, server.client_timeout);
-    let stack = stack::build(&thread.shared, &thread.shutdown, thread.client);
-    let graceful = server::serve_connections(thread.incoming, stack, client_timeout).await;
+    let (grace, client_timeout) = (thread.grace, thread.client_timeout);
+    let (shutdown, client) = (thread.shutdown.clone(), thread.client);
+    let stacks = reload::ThreadStacks::new(thread.live, move |shared: &stack::Shared| {
+        stack::build(shared, &shutdown, client.clone())
+    });
+    let graceful = server::serve_connections(thread.incoming, stacks, client_timeout).await;
     let drain = graceful.shutdown();
     tokio::pin!(drain);
     tokio::select! {

@@ -175,9 +175,14 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
     };
     telemetry::init(&settings.log, settings.secrets());
     telemetry::install_panic_hook();
-    // Registered before serving, so a hangup (a closed terminal, logrotate, `systemctl
-    // reload`) never meets the default action, which kills the process.
-    let hangups = hangups();
+    // Registered before serving, so a hangup (`systemctl reload`, `kill -HUP`, a closed
+    // terminal) never meets the default action, which kills the process.
+    let (reload, requests) = tokio::sync::mpsc::unbounded_channel();
+    let hangups = hangups(reload);
+    let reloader = smartlead_proxy::reload::Reloader {
+        requests,
+        load: Box::new(move || Settings::load(config.as_deref())),
+    };
     let addr = settings.server.listen;
     let listener = match bind(addr) {
         Ok(l) => l,
@@ -187,7 +192,7 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
         }
     };
     tokio::spawn(hangups);
-    match smartlead_proxy::run(listener, settings, shutdown_signal()).await {
+    match smartlead_proxy::run_with(listener, settings, shutdown_signal(), Some(reloader)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("smartlead-proxy: {e}");
@@ -224,9 +229,11 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.listen(4096)
 }
 
-/// Logs each SIGHUP and changes nothing: reloading is not supported yet.
+/// Asks for a reload on each SIGHUP.
 #[cfg(unix)]
-fn hangups() -> impl std::future::Future<Output = ()> {
+fn hangups(
+    reload: tokio::sync::mpsc::UnboundedSender<()>,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let registered = signal(SignalKind::hangup());
     async move {
@@ -235,13 +242,16 @@ fn hangups() -> impl std::future::Future<Output = ()> {
             return;
         };
         while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading is not supported yet, nothing changed");
+            tracing::info!("SIGHUP received: reloading the configuration");
+            if reload.send(()).is_err() {
+                return;
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-fn hangups() -> impl std::future::Future<Output = ()> {
+fn hangups(_: tokio::sync::mpsc::UnboundedSender<()>) -> impl std::future::Future<Output = ()> {
     std::future::ready(())
 }
 

@@ -23,6 +23,7 @@ pub const REDIS_ERRORS: &str = "smartlead_proxy_redis_errors_total";
 pub const LIMITER_DEGRADED: &str = "smartlead_proxy_limiter_degraded";
 pub const UNEXPECTED_UPSTREAM_429: &str = "smartlead_proxy_unexpected_upstream_429_total";
 pub const CLIENT_WAIT: &str = "smartlead_proxy_client_wait_seconds";
+pub const CONFIG_RELOADS: &str = "smartlead_proxy_config_reloads_total";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -263,6 +264,11 @@ pub fn limiter_wait(account: &str, waited: Duration) {
 
 pub fn quota_rejected(account: &str, reason: &'static str) {
     counter!(QUOTA_REJECTED, "reason" => reason, "account" => account.to_owned()).increment(1);
+}
+
+/// A reload applied (`ok`) or refused (`error`).
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }
 
 pub fn upstream_pause(account: &str) {

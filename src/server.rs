@@ -67,14 +67,26 @@ pub async fn accept(
     }
 }
 
-/// Serves the connections this thread is dealt with `stack` until the acceptor stops,
-/// then returns the handle that drains them.
-pub async fn serve_connections<S>(
+/// Where a thread's connections get their stack: the one in force, rebuilt after a
+/// reload.
+pub trait Stacks: Clone + Send + 'static {
+    type Stack;
+    /// The stack in force and its generation.
+    fn current(&self) -> (u64, Self::Stack);
+    /// Whether a stack of `generation` is still the one in force (checked per request,
+    /// so it must be cheap).
+    fn is_current(&self, generation: u64) -> bool;
+}
+
+/// Serves the connections this thread is dealt with the stacks `stacks` gives until the
+/// acceptor stops, then returns the handle that drains them.
+pub async fn serve_connections<T, S>(
     mut incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-    stack: S,
+    stacks: T,
     header_read_timeout: Duration,
 ) -> GracefulShutdown
 where
+    T: Stacks<Stack = S>,
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
@@ -92,13 +104,19 @@ where
             }
         };
         let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let stack = stack.clone();
+        // This connection's copy of the stack, swapped for the new one after a reload
+        // (hyper calls a connection's service one request at a time).
+        let (stacks, held) = (stacks.clone(), std::cell::RefCell::new(stacks.current()));
         // The peer tells clients apart when nothing else does (crate::client).
         let peer = Peer(peer.ip().to_canonical());
         let service = hyper::service::service_fn(move |req| {
             let mut req = detach_head(req);
             req.extensions_mut().insert(peer);
-            stack.clone().oneshot(req)
+            let mut held = held.borrow_mut();
+            if !stacks.is_current(held.0) {
+                *held = stacks.current();
+            }
+            held.1.clone().oneshot(req)
         });
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
         tokio::spawn(async move {

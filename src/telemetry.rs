@@ -7,7 +7,7 @@
 //! as one line too ([`install_panic_hook`]).
 
 use std::io::Write;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -18,7 +18,46 @@ use crate::key::Secrets;
 /// Installs the global subscriber writing to stdout once; later calls (as in tests) are
 /// no-ops. `secrets` are redacted from every line.
 pub fn init(log: &LogSettings, secrets: Secrets) {
-    init_with_writer(log, Redacting::new(std::io::stdout, secrets));
+    let writer = Redacting::new(std::io::stdout, secrets);
+    let _ = SECRETS.set(writer.secrets());
+    init_with_writer(log, writer);
+}
+
+/// The running log's secrets (set by [`init`]).
+static SECRETS: OnceLock<Arc<RwLock<Secrets>>> = OnceLock::new();
+/// Replaces the running log's filter (set by the first [`init_with_writer`]).
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
+/// A reload's log settings: the level (unless `RUST_LOG` decides it) and the secrets to
+/// redact. The format is fixed at start.
+pub fn reload(log: &LogSettings, secrets: Secrets) -> Result<(), String> {
+    if let Some(held) = SECRETS.get() {
+        *held.write().unwrap_or_else(|e| e.into_inner()) = secrets;
+    }
+    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_some() {
+        return Ok(());
+    }
+    match SET_FILTER.get() {
+        Some(set) => set(filter(
+            log,
+            EnvFilter::try_new(&log.level).map_err(|e| e.to_string())?,
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `base`, letting the traffic log through when it is switched on: turning it on is
+/// asking to see it, whatever the general level.
+fn filter(log: &LogSettings, base: EnvFilter) -> EnvFilter {
+    if log.bodies || log.allow_debug_header {
+        match format!("{}=debug", crate::traffic::TARGET).parse() {
+            Ok(directive) => base.add_directive(directive),
+            Err(_) => base,
+        }
+    } else {
+        base
+    }
 }
 
 /// [`init`], writing somewhere else.
@@ -26,29 +65,36 @@ pub fn init_with_writer<W>(log: &LogSettings, writer: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env()
+    let base = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    // Turning the traffic log on is asking to see it, whatever the general level.
-    let filter = if log.bodies || log.allow_debug_header {
-        match format!("{}=debug", crate::traffic::TARGET).parse() {
-            Ok(directive) => filter.add_directive(directive),
-            Err(_) => filter,
-        }
-    } else {
-        filter
-    };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter(log, base))
         .with_writer(writer);
-    let _ = match log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
-    };
+    match log.format {
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                let _ = SET_FILTER.set(Box::new(move |f| {
+                    handle.reload(f).map_err(|e| e.to_string())
+                }));
+            }
+        }
+        LogFormat::Pretty => {
+            let builder = builder.pretty().with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                let _ = SET_FILTER.set(Box::new(move |f| {
+                    handle.reload(f).map_err(|e| e.to_string())
+                }));
+            }
+        }
+    }
 }
 
 /// Logs a panic as one error record (message, location, thread) instead of the default

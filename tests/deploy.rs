@@ -251,6 +251,7 @@ fn systemd_unit_is_hardened() {
         ("PrivateTmp", "yes"),
         ("KillSignal", "SIGTERM"),
         ("ExecStart", "/usr/local/bin/smartlead-proxy"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
     ] {
         assert_eq!(settings.get(key).copied(), Some(want), "{key}");
     }

@@ -157,7 +157,9 @@ fn start(base_url: &str, extra: &[(&str, &str)]) -> Running {
         ("SMARTLEAD_PROXY__RETRY__BASE_DELAY", "10ms"),
         ("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", "1024"),
     ];
-    envs.extend_from_slice(extra);
+    // Later ones win; an empty value leaves the variable unset.
+    envs.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    envs.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
     let mut child = command(&envs).spawn().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     for stream in [
@@ -804,4 +806,93 @@ fn tls_and_egress_settings_are_checked_at_start() {
         &[],
     );
     assert!(err.contains("redis.mode"), "{err}");
+}
+
+/// Polls `check` every 50 ms for up to 5 s.
+async fn eventually<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_a_bad_one_changes_nothing() {
+    let sim = secret_sim().await;
+    let file = temp_file(
+        "reload.toml",
+        "[server]\naccess_tokens = [\"first-token\"]\n[log]\nlevel = \"info\"\n",
+    );
+    let proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY_CONFIG", file.to_str().unwrap()),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", ""),
+        ],
+    );
+    let with = |token: &'static str| {
+        let req = client()
+            .get(proxy.url("/api/v1/campaigns"))
+            .header("authorization", format!("Bearer {token}"));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(with("first-token").await, 200);
+    let access_lines = |p: &Running| {
+        p.output()
+            .iter()
+            .filter(|l| l.contains("/api/v1/campaigns"))
+            .count()
+    };
+    let logged_before = access_lines(&proxy);
+    assert!(logged_before >= 1, "info level logs each request");
+
+    std::fs::write(
+        &file,
+        "[server]\naccess_tokens = [\"second-token\"]\n[log]\nlevel = \"warn\"\n",
+    )
+    .unwrap();
+    proxy.send("-HUP");
+    assert!(
+        eventually(|| async { with("second-token").await == 200 }).await,
+        "new token"
+    );
+    assert_eq!(with("first-token").await, 401);
+    assert_eq!(
+        access_lines(&proxy),
+        logged_before,
+        "warn level: requests no longer logged"
+    );
+
+    std::fs::write(&file, "[limit]\nmax_queue = 0\n").unwrap();
+    proxy.send("-HUP");
+    assert!(
+        eventually(|| async {
+            proxy
+                .output()
+                .iter()
+                .any(|l| l.contains("reload refused") && l.contains("limit.max_queue"))
+        })
+        .await,
+        "one ERROR line naming the key: {:#?}",
+        proxy.output()
+    );
+    assert_eq!(
+        with("second-token").await,
+        200,
+        "the running configuration stays"
+    );
+    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("smartlead_proxy_config_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("smartlead_proxy_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    let mut proxy = proxy;
+    assert!(proxy.terminate().success());
 }

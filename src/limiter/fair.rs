@@ -233,10 +233,16 @@ impl Queue {
         self.slots.iter().map(|(_, id)| *id).collect()
     }
 
-    /// New times for the reservations held (after a pause moved them); waiters whose slot
-    /// is now past their deadline are refused. Reservations the log no longer has keep
-    /// their old time.
-    pub fn retime(&mut self, times: &[(u64, Instant)], now: Instant, effects: &mut Effects) {
+    /// New times for the reservations held (after a pause or new windows moved them);
+    /// waiters whose slot is now past their deadline are refused, `why` saying what moved
+    /// them. Reservations the log no longer has keep their old time.
+    pub fn retime(
+        &mut self,
+        times: &[(u64, Instant)],
+        now: Instant,
+        why: Limited,
+        effects: &mut Effects,
+    ) {
         let new: HashMap<u64, Instant> = times.iter().copied().collect();
         for slot in &mut self.slots {
             if let Some(at) = new.get(&slot.1) {
@@ -244,7 +250,7 @@ impl Queue {
             }
         }
         self.slots.sort();
-        self.refuse_late(0, now, Limited::PausedPastDeadline, effects);
+        self.refuse_late(0, now, why, effects);
         // The first in line wakes at another time.
         self.wake_first(effects);
     }
@@ -555,7 +561,12 @@ mod tests {
             )
             .unwrap();
         let mut fx = Effects::default();
-        q.retime(&[(id, t0 + SPACING * 5)], t0, &mut fx);
+        q.retime(
+            &[(id, t0 + SPACING * 5)],
+            t0,
+            Limited::PausedPastDeadline,
+            &mut fx,
+        );
         assert_eq!(fx.give_back, [id]);
         assert!(matches!(
             q.turn(k, t0, &mut fx),

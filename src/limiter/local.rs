@@ -85,6 +85,13 @@ impl LocalBackend {
         }
     }
 
+    pub fn set_spans_now(&self, spans: Vec<Span>) {
+        let now = self.now();
+        if self.log().set_spans(spans, now) {
+            self.moved.send_modify(|v| *v += 1);
+        }
+    }
+
     pub fn used_now(&self) -> Vec<usize> {
         let now = self.now();
         self.log().used(now)
@@ -139,6 +146,11 @@ impl Backend for LocalBackend {
 
     fn set_limit(&self, window: usize, limit: usize) -> Answer<'_, ()> {
         self.set_limit_now(window, limit);
+        now(())
+    }
+
+    fn set_windows(&self, spans: Vec<Span>, _follow: usize) -> Answer<'_, ()> {
+        self.set_spans_now(spans);
         now(())
     }
 

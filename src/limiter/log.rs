@@ -126,25 +126,44 @@ impl SlotLog {
         self.entries.iter().find(|(_, i)| *i == id).map(|(s, _)| *s)
     }
 
-    /// A new limit for window `k`: slots not yet started are spaced out again so every
+    /// A new limit for window `k`: slots not yet started are laid out again so every
     /// window keeps to its limit (order kept). True if any slot moved.
     pub fn set_limit(&mut self, k: usize, limit: usize, now: Micros) -> bool {
         let Some(span) = self.spans.get_mut(k) else {
             return false;
         };
         span.limit = limit.max(1);
+        self.relayout(now)
+    }
+
+    /// New windows altogether (a reload): slots not yet started are laid out again under
+    /// them, earlier or later, order kept. A longer window than before only counts the
+    /// starts remembered, which go back as far as the old longest window. True if any
+    /// slot moved.
+    pub fn set_spans(&mut self, spans: Vec<Span>, now: Micros) -> bool {
+        self.longest = spans.iter().map(|s| s.length).max().unwrap_or(0);
+        self.spans = spans;
+        self.relayout(now)
+    }
+
+    /// Gives every slot not yet started the earliest time the windows allow after the
+    /// slots before it, as a newcomer would get.
+    fn relayout(&mut self, now: Micros) -> bool {
         let mut moved = false;
-        for i in 1..self.entries.len() {
+        for i in 0..self.entries.len() {
             if self.entries[i].0 <= now {
                 continue;
             }
-            let mut want = self.entries[i - 1].0;
+            let mut want = now.max(self.paused_until);
+            if i > 0 {
+                want = want.max(self.entries[i - 1].0);
+            }
             for span in &self.spans {
                 if i >= span.limit {
                     want = want.max(self.entries[i - span.limit].0 + span.length);
                 }
             }
-            if want > self.entries[i].0 {
+            if want != self.entries[i].0 {
                 self.entries[i].0 = want;
                 moved = true;
             }
@@ -285,6 +304,25 @@ mod tests {
         assert_eq!(log.slot_of(3), Some(15 * S));
         assert_eq!(log.reserve(9, S, u64::MAX), Ok(25 * S));
         assert!(log.reserve(10, 16 * S, 0).is_err());
+    }
+
+    #[test]
+    fn new_windows_lay_waiting_slots_out_again_either_way() {
+        let mut log = one(2, 1000);
+        for id in 0..6 {
+            log.reserve(id, 0, u64::MAX).unwrap();
+        }
+        // 2 per 1000: 0, 0, 1000, 1000, 2000, 2000.
+        assert_eq!(log.slot_of(5), Some(2000));
+        // Looser: 3 per 1000 moves the waiting ones earlier.
+        assert!(log.set_spans(vec![Span::new(3, 1000)], 1));
+        let slots: Vec<u64> = (0..6).map(|id| log.slot_of(id).unwrap()).collect();
+        assert_eq!(slots, vec![0, 0, 1, 1000, 1000, 1001]);
+        // Tighter, with a second window: later again, never over either.
+        assert!(log.set_spans(vec![Span::new(1, 1000), Span::new(2, 5000)], 0));
+        let slots: Vec<u64> = (0..6).map(|id| log.slot_of(id).unwrap()).collect();
+        assert!(max_in_window(&slots[2..], 1000) <= 1, "{slots:?}");
+        assert!(max_in_window(&slots, 5000) <= 2, "{slots:?}");
     }
 
     #[test]

@@ -12,8 +12,8 @@ pub mod local;
 pub mod log;
 pub mod redis;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, Either, Ready};
@@ -115,6 +115,9 @@ pub trait Backend: Send + Sync + 'static {
     fn pause(&self, pause: Duration) -> Answer<'_, ()>;
     /// The limit of window `window` from now on (`limit.follow_upstream`).
     fn set_limit(&self, window: usize, limit: usize) -> Answer<'_, ()>;
+    /// New windows (a reload), `follow` the one SmartLead's headers describe: slots not
+    /// yet started are laid out again under them and waiters told.
+    fn set_windows(&self, spans: Vec<log::Span>, follow: usize) -> Answer<'_, ()>;
     /// Starts each window holds right now.
     fn used(&self) -> Answer<'_, Vec<usize>>;
     /// Changes whenever waiting slots may have moved.
@@ -127,16 +130,30 @@ pub struct Limiter {
     backend: Arc<dyn Backend>,
     /// The account's name (never its key), for logs and metrics.
     account: Arc<str>,
-    windows: Vec<Window>,
+    /// What the configuration asks for; replaced whole by a reload.
+    plan: RwLock<Arc<Plan>>,
+    /// The plan's `max_queue`, read without its lock.
+    max_queue: AtomicUsize,
     waiting: AtomicUsize,
-    max_queue: usize,
-    max_queue_per_client: usize,
     /// This process's waiters and the slots they hold, in the order they are served.
     line: std::sync::Mutex<fair::Queue>,
     /// How many are in `line`: with none, a slot free now is taken without the lock.
     in_line: AtomicUsize,
     /// The latest `moved` version the line's slots were re-read for.
     retimed: AtomicU64,
+    ids: AtomicU64,
+    follow: Follow,
+    /// When the last "SmartLead refused although the windows were kept" warning went out.
+    warned_429: std::sync::Mutex<Option<Instant>>,
+}
+
+/// An account's quota as configured.
+#[derive(Debug)]
+struct Plan {
+    windows: Vec<Window>,
+    margin: Duration,
+    max_queue: usize,
+    max_queue_per_client: usize,
     /// The longest anyone may wait: how far ahead a slot is reserved for a request that
     /// may go before others.
     max_wait: Duration,
@@ -145,18 +162,52 @@ pub struct Limiter {
     spacing: Duration,
     /// The longest an upstream 429 pauses everyone.
     longest_pause: Duration,
-    ids: AtomicU64,
-    follow: Follow,
-    /// When the last "SmartLead refused although the windows were kept" warning went out.
-    warned_429: std::sync::Mutex<Option<Instant>>,
+    /// The window SmartLead's `x-ratelimit-*` headers describe (the per-minute one), and
+    /// its configured limit.
+    followed: usize,
+    configured: usize,
+    follow_upstream: bool,
+}
+
+impl Plan {
+    fn in_force(&self, k: usize, follow: &Follow) -> InForce {
+        let w = &self.windows[k.min(self.windows.len() - 1)];
+        let limit = if k == self.followed {
+            follow.in_force.load(Ordering::Relaxed)
+        } else {
+            w.requests as usize
+        };
+        InForce {
+            label: w.label().to_owned(),
+            limit,
+            period: w.period,
+        }
+    }
+
+    fn new(windows: &[Window], limit: &LimitSettings, longest_pause: Duration) -> Self {
+        let followed = crate::config::followed_window(windows);
+        Self {
+            windows: windows.to_vec(),
+            margin: limit.margin,
+            max_queue: limit.max_queue,
+            max_queue_per_client: limit.max_queue_per_client,
+            max_wait: limit.max_wait,
+            spacing: windows
+                .iter()
+                .map(Window::spacing)
+                .max()
+                .unwrap_or_default(),
+            longest_pause,
+            followed,
+            configured: windows.get(followed).map_or(1, |w| w.requests as usize),
+            follow_upstream: limit.follow_upstream,
+        }
+    }
 }
 
 /// What SmartLead's `x-ratelimit-*` headers have told us so far.
+#[derive(Default)]
 struct Follow {
-    /// The window they describe (the per-minute one).
-    window: usize,
-    configured: usize,
-    enabled: bool,
     in_force: AtomicUsize,
     warned: AtomicBool,
     /// The end of the latest pause asked for by `x-ratelimit-remaining: 0`.
@@ -193,36 +244,49 @@ impl Limiter {
         limit: &LimitSettings,
         longest_pause: Duration,
     ) -> Self {
-        let followed = crate::config::followed_window(windows);
-        let configured = windows.get(followed).map_or(1, |w| w.requests as usize);
+        let plan = Plan::new(windows, limit, longest_pause);
+        let follow = Follow::default();
+        follow.in_force.store(plan.configured, Ordering::Relaxed);
         Self {
             backend,
             account: account.into(),
-            windows: windows.to_vec(),
+            max_queue: AtomicUsize::new(plan.max_queue),
+            plan: RwLock::new(Arc::new(plan)),
             waiting: AtomicUsize::new(0),
-            max_queue: limit.max_queue,
-            max_queue_per_client: limit.max_queue_per_client,
             line: Default::default(),
             in_line: AtomicUsize::new(0),
             retimed: AtomicU64::new(0),
-            max_wait: limit.max_wait,
-            spacing: windows
-                .iter()
-                .map(Window::spacing)
-                .max()
-                .unwrap_or_default(),
-            longest_pause,
             // Random high bits keep ids unique across instances sharing one Redis log.
             ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
-            follow: Follow {
-                window: followed,
-                configured,
-                enabled: limit.follow_upstream,
-                in_force: AtomicUsize::new(configured),
-                warned: Default::default(),
-                paused_until: Default::default(),
-            },
+            follow,
             warned_429: Default::default(),
+        }
+    }
+
+    fn plan(&self) -> Arc<Plan> {
+        self.plan.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A reload's quota for this account. Waiters stay in line; under new windows their
+    /// slots (and everyone's not yet started) are laid out again, and a waiter whose slot
+    /// moves past its deadline gets its 429 then. SmartLead's followed limit starts over.
+    pub async fn retune(&self, windows: &[Window], limit: &LimitSettings, longest_pause: Duration) {
+        let plan = Plan::new(windows, limit, longest_pause);
+        let rewindowed = {
+            let old = self.plan();
+            old.windows != plan.windows || old.margin != plan.margin
+        };
+        let (followed, configured) = (plan.followed, plan.configured);
+        self.max_queue.store(plan.max_queue, Ordering::Relaxed);
+        *self.plan.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(plan);
+        self.follow.in_force.store(configured, Ordering::Relaxed);
+        self.follow.warned.store(false, Ordering::Relaxed);
+        if rewindowed {
+            let spans = local::spans(windows, limit.margin);
+            self.backend.set_windows(spans, followed).await;
+            // Before the waiters read the move as a pause: a slot pushed past its deadline
+            // by new windows is a max_wait refusal.
+            self.reread(Limited::PastDeadline).await;
         }
     }
 
@@ -251,32 +315,25 @@ impl Limiter {
     /// The longest an upstream 429 pauses everyone (and the largest `Retry-After` a
     /// client is given).
     pub fn longest_pause(&self) -> Duration {
-        self.longest_pause
+        self.plan().longest_pause
     }
 
     /// The window SmartLead's `x-ratelimit-*` headers describe.
     pub fn followed(&self) -> usize {
-        self.follow.window
+        self.plan().followed
     }
 
     /// Window `k` as it is enforced now (SmartLead's smaller limit, when followed).
     pub fn in_force(&self, k: usize) -> InForce {
-        let w = &self.windows[k.min(self.windows.len() - 1)];
-        let limit = if k == self.follow.window {
-            self.follow.in_force.load(Ordering::Relaxed)
-        } else {
-            w.requests as usize
-        };
-        InForce {
-            label: w.label().to_owned(),
-            limit,
-            period: w.period,
-        }
+        self.plan().in_force(k, &self.follow)
     }
 
     /// Every window as enforced now.
     pub fn windows(&self) -> Vec<InForce> {
-        (0..self.windows.len()).map(|k| self.in_force(k)).collect()
+        let plan = self.plan();
+        (0..plan.windows.len())
+            .map(|k| plan.in_force(k, &self.follow))
+            .collect()
     }
 
     /// Starts each window holds right now, with the windows.
@@ -338,7 +395,7 @@ impl Limiter {
         if reset.is_zero() {
             return;
         }
-        let pause = reset.min(self.longest_pause);
+        let pause = reset.min(self.plan().longest_pause);
         let until = Instant::now() + pause;
         {
             let mut paused = self
@@ -361,35 +418,35 @@ impl Limiter {
     }
 
     async fn follow_limit(&self, upstream: usize) {
-        let f = &self.follow;
+        let (f, plan) = (&self.follow, self.plan());
         // Plain loads first: this runs on every answer, from every serving thread.
-        if upstream != f.configured
+        if upstream != plan.configured
             && !f.warned.load(Ordering::Relaxed)
             && !f.warned.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 account = %self.account,
-                configured = f.configured,
-                window = %self.windows[f.window],
+                configured = plan.configured,
+                window = %plan.windows[plan.followed],
                 upstream,
-                follow_upstream = f.enabled,
+                follow_upstream = plan.follow_upstream,
                 "SmartLead reports a rate limit different from the per-minute window{}",
-                if f.enabled && upstream < f.configured {
+                if plan.follow_upstream && upstream < plan.configured {
                     ": using SmartLead's"
                 } else {
                     ""
                 }
             );
         }
-        if !f.enabled {
+        if !plan.follow_upstream {
             return;
         }
-        let want = upstream.min(f.configured);
+        let want = upstream.min(plan.configured);
         if f.in_force.load(Ordering::Relaxed) != want
             && f.in_force.swap(want, Ordering::Relaxed) != want
         {
-            tracing::info!(account = %self.account, limit = want, window = %self.windows[f.window], "quota limit now in force");
-            self.backend.set_limit(f.window, want).await;
+            tracing::info!(account = %self.account, limit = want, window = %plan.windows[plan.followed], "quota limit now in force");
+            self.backend.set_limit(plan.followed, want).await;
         }
     }
 
@@ -424,7 +481,7 @@ impl Limiter {
         // With others in line this one may go before some of them: it reserves as far
         // ahead as anyone may wait, and its place in line decides which slot it uses.
         let ahead = if self.in_line.load(Ordering::Acquire) > 0 {
-            own.max(self.max_wait)
+            own.max(self.plan().max_wait)
         } else {
             own
         };
@@ -446,11 +503,12 @@ impl Limiter {
         slot: (Instant, u64),
     ) -> Result<Place<'_>, Refusal> {
         let wake = Arc::new(Notify::new());
+        let plan = self.plan();
         let key = self.with_line(|line, fx| {
-            if let Err(held) = line.seat(&who.client, self.max_queue_per_client) {
+            if let Err(held) = line.seat(&who.client, plan.max_queue_per_client) {
                 fx.give_back.push(slot.1);
                 return Err(Refusal::RateLimited {
-                    retry_after: self.spacing * held.min(u32::MAX as usize) as u32,
+                    retry_after: plan.spacing * held.min(u32::MAX as usize) as u32,
                     why: Limited::ClientQueueFull,
                     window: None,
                 });
@@ -496,11 +554,16 @@ impl Limiter {
     }
 
     /// Re-reads the line's slots after the log moved them (once per `version`); waiters
-    /// whose slot moved past their deadline are refused.
-    async fn retime(&self, version: u64) {
+    /// whose slot moved past their deadline are refused, `why` saying what moved them.
+    async fn retime(&self, version: u64, why: Limited) {
         if self.retimed.fetch_max(version, Ordering::AcqRel) >= version {
             return;
         }
+        self.reread(why).await;
+    }
+
+    /// Re-reads the line's slots now.
+    async fn reread(&self, why: Limited) {
         let ids = self.line().held();
         if ids.is_empty() {
             return;
@@ -512,15 +575,16 @@ impl Limiter {
             .zip(waits)
             .filter_map(|(id, wait)| wait.map(|w| (*id, now + w)))
             .collect();
-        self.with_line(|line, fx| line.retime(&times, now, fx));
+        self.with_line(|line, fx| line.retime(&times, now, why, fx));
     }
 
     fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
         let seat = QueueSeat(&self.waiting);
-        if before >= self.max_queue {
+        // Read on every request: an atomic of its own, not the plan behind its lock.
+        if before >= self.max_queue.load(Ordering::Relaxed) {
             // An honest estimate: the time the queue ahead needs to drain.
-            let retry_after = self.spacing * before.min(u32::MAX as usize) as u32;
+            let retry_after = self.plan().spacing * before.min(u32::MAX as usize) as u32;
             return Err(Refusal::RateLimited {
                 retry_after,
                 why: Limited::QueueFull,
@@ -573,7 +637,7 @@ impl Place<'_> {
                     changed = moved.changed(), if follow_moves => match changed {
                         Ok(()) => {
                             let version = *moved.borrow_and_update();
-                            limiter.retime(version).await;
+                            limiter.retime(version, Limited::PausedPastDeadline).await;
                         }
                         // The backend is gone: the slots stay where they are.
                         Err(_) => follow_moves = false,
@@ -583,7 +647,7 @@ impl Place<'_> {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep_until(deadline + LATE) => {
                         return Err(Refusal::RateLimited {
-                            retry_after: limiter.spacing,
+                            retry_after: limiter.plan().spacing,
                             why: Limited::PastDeadline,
                             window: None,
                         });

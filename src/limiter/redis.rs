@@ -88,12 +88,20 @@ redis.call('PEXPIRE', KEYS[1], s(math.ceil((slot - now + longest) / 1000) + 1000
 return {1, s(slot - now), binding}
 "#;
 
-/// A new limit for the followed window, for everyone: stored for the reserve script, and
-/// slots not yet started spaced out again under every window. KEYS: log, limit. ARGV:
-/// limit, followed window (1-based), channel, windows.
+/// A new limit for the followed window, for everyone (or, with limit 0, new windows
+/// from a reload and no adopted limit): stored for the reserve script, and slots not yet
+/// started laid out again under every window, earlier or later, order kept.
+/// KEYS: log, limit, pause. ARGV: limit, followed window (1-based), channel, windows.
 const SET_LIMIT: &str = r#"
-redis.call('SET', KEYS[2], ARGV[1], 'EX', 86400)
-local ws = windows(4, tonumber(ARGV[2]), tonumber(ARGV[1]))
+local adopted = nil
+if ARGV[1] == '0' then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', 86400)
+  adopted = tonumber(ARGV[1])
+end
+local ws = windows(4, tonumber(ARGV[2]), adopted)
+local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
 local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local ids, slots = {}, {}
 for i = 1, #all, 2 do
@@ -101,14 +109,16 @@ for i = 1, #all, 2 do
   slots[#slots + 1] = tonumber(all[i + 1])
 end
 local moved = 0
-for i = 2, #slots do
+for i = 1, #slots do
   if slots[i] > now then
-    local want = slots[i - 1]
+    local want = now
+    if paused > want then want = paused end
+    if i > 1 and slots[i - 1] > want then want = slots[i - 1] end
     for k = 1, #ws do
       local limit, length = ws[k][1], ws[k][2]
       if i > limit and slots[i - limit] + length > want then want = slots[i - limit] + length end
     end
-    if want > slots[i] then
+    if want ~= slots[i] then
       slots[i] = want
       redis.call('ZADD', KEYS[1], s(want), ids[i])
       moved = 1
@@ -306,12 +316,9 @@ impl RedisLink {
                 limit: format!("{prefix}:limit"),
                 channel: format!("{prefix}:moved"),
             },
-            windows: spans
-                .iter()
-                .flat_map(|s| [s.limit, s.length as usize])
-                .collect(),
+            windows: Mutex::new(script_windows(&spans)),
             spans: Mutex::new(spans),
-            follow,
+            follow: AtomicUsize::new(follow),
             fallback: Mutex::new(None),
             own: Mutex::new(VecDeque::new()),
             moved: watch::channel(0).0,
@@ -414,16 +421,32 @@ struct Keys {
     channel: String,
 }
 
+/// The windows as the scripts take them: a limit and a length (µs) each.
+fn script_windows(spans: &[Span]) -> Vec<usize> {
+    spans
+        .iter()
+        .flat_map(|s| [s.limit, s.length as usize])
+        .collect()
+}
+
+/// One instance's share of `spans` while Redis is unreachable.
+fn share(spans: &[Span], live: usize) -> Vec<Span> {
+    spans
+        .iter()
+        .map(|s| Span::new((s.limit / live).max(1), s.length))
+        .collect()
+}
+
 /// One account's log in Redis.
 pub struct RedisBackend {
     link: Arc<RedisLink>,
     keys: Keys,
     /// The windows as the scripts take them: a limit and a length (µs) each.
-    windows: Vec<usize>,
+    windows: Mutex<Vec<usize>>,
     /// The windows, with the followed one's limit as it is in force.
     spans: Mutex<Vec<Span>>,
     /// The window SmartLead's headers describe (0-based).
-    follow: usize,
+    follow: AtomicUsize,
     /// Serving share while Redis is unreachable.
     fallback: Mutex<Option<Arc<LocalBackend>>>,
     /// This instance's recent shared starts, to seed a fallback.
@@ -433,14 +456,30 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     fn windows_args<'a>(&self, inv: &mut redis::ScriptInvocation<'a>) {
-        inv.arg(self.windows.len() / 2);
-        for n in &self.windows {
-            inv.arg(*n);
+        let windows = lock(&self.windows).clone();
+        inv.arg(windows.len() / 2);
+        for n in windows {
+            inv.arg(n);
+        }
+    }
+
+    /// Runs the layout script: `limit` for the followed window `window` (0-based), or 0
+    /// for none.
+    async fn relayout(&self, limit: usize, window: usize) {
+        let mut inv = self.link.scripts.set_limit.key(&self.keys.log);
+        inv.key(&self.keys.limit)
+            .key(&self.keys.pause)
+            .arg(limit)
+            .arg(window + 1)
+            .arg(&self.keys.channel);
+        self.windows_args(&mut inv);
+        if let Err(e) = self.link.call::<i64>(inv).await {
+            self.link.degrade(e);
         }
     }
 
     fn longest(&self) -> usize {
-        self.windows
+        lock(&self.windows)
             .iter()
             .skip(1)
             .step_by(2)
@@ -458,11 +497,7 @@ impl RedisBackend {
         let mut fallback = lock(&self.fallback);
         if fallback.is_none() {
             let live = self.link.live.load(Ordering::Relaxed).max(1);
-            let share: Vec<Span> = lock(&self.spans)
-                .iter()
-                .map(|s| Span::new((s.limit / live).max(1), s.length))
-                .collect();
-            let fb = LocalBackend::with_spans(share, "fallback");
+            let fb = LocalBackend::with_spans(share(&lock(&self.spans), live), "fallback");
             let now = Instant::now();
             for (slot, id) in lock(&self.own).iter() {
                 fb.record(micros_between(now, *slot), *id);
@@ -516,7 +551,7 @@ impl RedisBackend {
             .key(&self.keys.limit)
             .arg(id.to_string())
             .arg(micros(max_wait))
-            .arg(self.follow + 1);
+            .arg(self.follow.load(Ordering::Relaxed) + 1);
         self.windows_args(&mut inv);
         match self.link.call::<(i64, i64, i64)>(inv).await {
             Ok((1, wait, _)) => {
@@ -638,15 +673,26 @@ impl Backend for RedisBackend {
                 if self.link.is_healthy() {
                     // The stored limit is kept a day: longer than any window, and
                     // rewritten by whoever next sees SmartLead report a different one.
-                    let mut inv = self.link.scripts.set_limit.key(&self.keys.log);
-                    inv.key(&self.keys.limit)
-                        .arg(limit)
-                        .arg(window + 1)
-                        .arg(&self.keys.channel);
-                    self.windows_args(&mut inv);
-                    if let Err(e) = self.link.call::<i64>(inv).await {
-                        self.link.degrade(e);
-                    }
+                    self.relayout(limit, window).await;
+                }
+            }
+            .boxed(),
+        )
+    }
+
+    fn set_windows(&self, spans: Vec<Span>, follow: usize) -> Answer<'_, ()> {
+        Either::Right(
+            async move {
+                *lock(&self.windows) = script_windows(&spans);
+                self.follow.store(follow, Ordering::Relaxed);
+                if let Some(fb) = lock(&self.fallback).clone() {
+                    let live = self.link.live.load(Ordering::Relaxed).max(1);
+                    fb.set_spans_now(share(&spans, live));
+                }
+                *lock(&self.spans) = spans;
+                if self.link.is_healthy() {
+                    // 0: no adopted limit; SmartLead's headers set one again if need be.
+                    self.relayout(0, follow).await;
                 }
             }
             .boxed(),
@@ -664,7 +710,7 @@ impl Backend for RedisBackend {
                 self.link
                     .call::<Vec<usize>>(inv)
                     .await
-                    .unwrap_or_else(|_| vec![0; self.windows.len() / 2])
+                    .unwrap_or_else(|_| vec![0; lock(&self.windows).len() / 2])
             }
             .boxed(),
         )

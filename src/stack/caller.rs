@@ -51,6 +51,17 @@ impl Clients {
         }
     }
 
+    /// Under reloaded settings: the same buckets while the cap is the same.
+    pub fn reload(&self, limit: &LimitSettings) -> Self {
+        let mut next = Self::new(limit);
+        if let (Some((old, caps)), Some((new, _))) = (&self.cap, &next.cap)
+            && old == new
+        {
+            next.cap = Some((new.clone(), caps.clone()));
+        }
+        next
+    }
+
     /// Who the request is for: its `X-Client-Id`, else its token's name, else its peer.
     fn who(
         &self,

@@ -122,6 +122,21 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The same process under reloaded `settings` (restart-only ones already put back):
+    /// accounts keep their quotas and waiters, clients keep their caps while
+    /// `limit.per_client` is unchanged, the body budget stays.
+    pub async fn reload(&self, settings: Settings) -> Self {
+        Self {
+            secrets: settings.secrets(),
+            accounts: Arc::new(self.accounts.reload(&settings).await),
+            clients: self.clients.reload(&settings.limit),
+            bodies: self.bodies.clone(),
+            settings,
+        }
+    }
+}
+
 /// One serving thread's stack: every layer holds its own handle (an `Arc` of its own,
 /// so cloning the stack per request touches no counter another thread touches).
 /// `B` is hyper's request body when serving; tests may use any other.
@@ -133,6 +148,7 @@ pub fn build<B>(
 + Clone
 + Send
 + 'static
++ use<B>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<axum::BoxError>,

@@ -371,7 +371,9 @@ where
     /// broken response, never a truncated one passed off as complete).
     fn success(&self, resp: Response<B>, took: Duration) -> Response<Body> {
         let (mut head, body) = resp.into_parts();
-        own_retry_after(&mut head.headers, self.account.limiter.longest_pause());
+        if head.headers.contains_key(header::RETRY_AFTER) {
+            own_retry_after(&mut head.headers, self.account.limiter.longest_pause());
+        }
         let body = IdleTimeout::new(body, self.quota.upstream_timeout);
         let body = match &self.traffic {
             Some(t) => {

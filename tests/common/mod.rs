@@ -159,6 +159,71 @@ pub async fn spawn_proxy(settings: Settings) -> Proxy {
     }
 }
 
+/// What a reloadable proxy reloads from: the test sets the next settings (or error),
+/// then asks.
+#[derive(Clone)]
+pub struct Reload {
+    next: std::sync::Arc<std::sync::Mutex<Result<Settings, String>>>,
+    ask: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl Reload {
+    /// Reloads `settings` (validated as start-up would), and gives the proxy a moment to
+    /// apply them.
+    pub async fn to(&self, settings: Settings) {
+        settings.validate().expect("reloaded settings are valid");
+        *self.next.lock().unwrap() = Ok(settings);
+        self.ask().await;
+    }
+
+    /// Reloads a configuration that fails to load with `error`.
+    pub async fn failing(&self, error: &str) {
+        *self.next.lock().unwrap() = Err(error.to_owned());
+        self.ask().await;
+    }
+
+    async fn ask(&self) {
+        self.ask.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A proxy that reloads whatever [`Reload`] is given.
+pub async fn spawn_reloadable(settings: Settings) -> (Proxy, Reload) {
+    captured_logs();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let (ask, requests) = tokio::sync::mpsc::unbounded_channel();
+    let next = std::sync::Arc::new(std::sync::Mutex::new(Ok(settings.clone())));
+    let from = next.clone();
+    let reloader = smartlead_proxy::reload::Reloader {
+        requests,
+        load: Box::new(move || {
+            from.lock().unwrap().clone().map_err(|reason| {
+                smartlead_proxy::config::ConfigError::Invalid {
+                    key: "limit.windows".into(),
+                    reason,
+                }
+            })
+        }),
+    };
+    let handle = tokio::spawn(smartlead_proxy::run_with(
+        listener,
+        settings,
+        async {
+            let _ = rx.await;
+        },
+        Some(reloader),
+    ));
+    let proxy = Proxy {
+        addr,
+        stop: Some(tx),
+        handle,
+    };
+    (proxy, Reload { next, ask })
+}
+
 /// A simulator with a generous limit, and a proxy in front of it.
 pub async fn sim_and_proxy() -> (Sim, Proxy) {
     sim_and_proxy_with(|_| {}).await
