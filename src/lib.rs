@@ -19,7 +19,9 @@
 //!   decides who uses each; the [`retry`] policy in one loop; the
 //!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
 //!
-//! Around it: [`config`] (typed settings, layered loading, validation), [`key`] (the
+//! Around it: [`config`] (typed settings, layered loading, validation), [`reload`] (the
+//! settings in force, rebuilt stacks per generation, SIGHUP reloads), [`tls`] and
+//! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`key`] (the
 //! self-redacting key, and [`key::Secrets`], which owns all redaction), [`served`] (how a
 //! request was served), [`shutdown`] (draining and the grace deadline), [`telemetry`]
 //! (the redacting log sink, one-line panics), [`sim`] (the simulated SmartLead of tests,

@@ -11,6 +11,7 @@ pub mod fair;
 pub mod local;
 pub mod log;
 pub mod redis;
+pub mod redis_conn;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};

@@ -21,8 +21,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::{Either, FutureExt};
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use secrecy::ExposeSecret;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -211,34 +209,12 @@ struct Scripts {
     heartbeat: Script,
 }
 
-/// The client for `redis.url`, trusting `redis.ca_file`'s roots (instead of the built-in
-/// ones) for `rediss://` when it is set.
-fn client(settings: &crate::config::RedisSettings) -> Result<redis::Client, String> {
-    let url = settings.url.expose_secret().trim();
-    let opened = match &settings.ca_file {
-        None => redis::Client::open(url),
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("redis.ca_file: cannot read {}: {e}", path.display()))?;
-            redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            )
-        }
-    };
-    opened.map_err(|e| format!("redis.url: {e}"))
-}
-
 type RedisResult<T> = Result<T, String>;
 
 /// What every account's log shares: the connection, the subscription, the heartbeat and
 /// whether Redis can be reached.
 pub struct RedisLink {
-    client: redis::Client,
-    conn: ConnectionManager,
+    conn: super::redis_conn::Connector,
     scripts: Scripts,
     base: String,
     instance: String,
@@ -264,17 +240,9 @@ impl std::fmt::Debug for RedisLink {
 
 impl RedisLink {
     pub fn start(settings: &Settings) -> Result<Arc<Self>, String> {
-        let client = client(&settings.redis)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(PROBE);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| format!("redis: {e}"))?;
+        let conn = super::redis_conn::Connector::new(&settings.redis, OP_TIMEOUT)?;
         let (stop, stop_rx) = watch::channel(());
         let link = Arc::new(Self {
-            client,
             conn,
             scripts: Scripts {
                 reserve: script(RESERVE),
@@ -337,14 +305,18 @@ impl RedisLink {
         &self,
         inv: redis::ScriptInvocation<'_>,
     ) -> RedisResult<T> {
-        let mut conn = self.conn.clone();
-        let result = match tokio::time::timeout(OP_TIMEOUT, inv.invoke_async(&mut conn)).await {
+        let called = async {
+            let mut conn = self.conn.conn().await?;
+            inv.invoke_async(&mut conn).await
+        };
+        let result = match tokio::time::timeout(OP_TIMEOUT, called).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {}ms", OP_TIMEOUT.as_millis())),
         };
         if result.is_err() {
             crate::metrics::redis_error();
+            self.conn.failed();
         }
         result
     }
@@ -781,17 +753,29 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
+/// The first of `candidates` that takes a subscription to `pattern`.
+async fn subscribe(candidates: Vec<redis::Client>, pattern: &str) -> Option<redis::aio::PubSub> {
+    for client in candidates {
+        let connected = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub()).await;
+        if let Ok(Ok(mut pubsub)) = connected
+            && pubsub.psubscribe(pattern).await.is_ok()
+        {
+            return Some(pubsub);
+        }
+    }
+    None
+}
+
 /// Follows pause announcements from other instances, for every account.
 async fn listen(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
     loop {
         let Some(l) = link.upgrade() else { return };
-        let client = l.client.clone();
         let pattern = format!("{{{}:*}}:moved", glob_escape(&l.base));
+        let candidates = tokio::time::timeout(OP_TIMEOUT, l.conn.subscribe_to())
+            .await
+            .unwrap_or_default();
         drop(l);
-        let connected = tokio::time::timeout(OP_TIMEOUT, client.get_async_pubsub()).await;
-        if let Ok(Ok(mut pubsub)) = connected
-            && pubsub.psubscribe(&pattern).await.is_ok()
-        {
+        if let Some(mut pubsub) = subscribe(candidates, &pattern).await {
             // Anything may have moved while we were not listening.
             match link.upgrade() {
                 Some(l) => {

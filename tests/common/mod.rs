@@ -36,7 +36,16 @@ impl Proxy {
 
     /// A GET through the proxy.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        client().get(self.url(path)).send().await.unwrap()
+        self.get_with(path, &[]).await
+    }
+
+    /// A GET through the proxy with `headers`.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut req = client().get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
     }
 
     pub async fn stop(mut self) {
