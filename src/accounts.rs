@@ -364,6 +364,11 @@ impl Accounts {
 
     /// The token presented, comparing every token in constant time without stopping at
     /// the first match.
+    /// Whether `presented` is one of the access tokens.
+    pub fn knows_token(&self, presented: &str) -> bool {
+        self.token(presented).is_some()
+    }
+
     fn token(&self, presented: &str) -> Option<&Token> {
         let mut found = None;
         for t in &self.tokens {

@@ -79,6 +79,8 @@ pub struct ServerSettings {
     /// Request bodies held in memory at once (waiting ones included); past it, new
     /// requests with bodies get 503.
     pub max_buffered_bytes: usize,
+    /// `/status` and `/status.json` need an access token.
+    pub status_requires_token: bool,
 }
 
 impl ServerSettings {
@@ -101,6 +103,7 @@ impl Default for ServerSettings {
             client_timeout: Duration::from_secs(10),
             workers: 0,
             max_buffered_bytes: 256 * 1024 * 1024,
+            status_requires_token: false,
         }
     }
 }
@@ -817,6 +820,15 @@ impl Settings {
             return Err(invalid(
                 "server.workers",
                 "at most 1024 (0 means one per CPU core)",
+            ));
+        }
+        if s.status_requires_token
+            && s.access_tokens.is_empty()
+            && self.accounts.iter().all(|a| a.tokens.is_empty())
+        {
+            return Err(invalid(
+                "server.status_requires_token",
+                "needs access tokens (server.access_tokens or an account's tokens)",
             ));
         }
         if s.access_tokens.iter().any(|t| t.expose_secret().is_empty()) {

@@ -398,6 +398,7 @@ pub fn answer(
         std::borrow::Cow::Borrowed(_) => body,
         std::borrow::Cow::Owned(clean) => Bytes::from(clean),
     };
+    crate::recent::record(status.as_u16(), &body, request_id, served);
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -637,7 +638,7 @@ fn hint(error: &ProxyError, served: &Served) -> String {
     let tried = tried(served.attempts);
     match error {
         NotFound => "not a route of the proxy: point the client's base URL at \
-             http://<proxy>/api/v1 (the proxy's own routes are /healthz, /readyz, /metrics)"
+             http://<proxy>/api/v1 (the proxy's own routes are /healthz, /readyz, /metrics, /status)"
             .into(),
         MethodNotAllowed(m) if is_never_forwarded(m) => "the proxy never tunnels (CONNECT) or \
              echoes (TRACE) requests: send SmartLead's API calls as GET, POST, PUT, PATCH or \

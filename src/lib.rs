@@ -21,7 +21,9 @@
 //!
 //! Around it: [`config`] (typed settings, layered loading, validation), [`reload`] (the
 //! settings in force, rebuilt stacks per generation, SIGHUP reloads), [`tls`] and
-//! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`key`] (the
+//! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`status`] (the
+//! status page, its JSON and terminal table) with [`recent`] (the last error answers),
+//! [`key`] (the
 //! self-redacting key, and [`key::Secrets`], which owns all redaction), [`served`] (how a
 //! request was served), [`shutdown`] (draining and the grace deadline), [`telemetry`]
 //! (the redacting log sink, one-line panics), [`sim`] (the simulated SmartLead of tests,
@@ -42,6 +44,7 @@ pub mod key;
 pub mod leads;
 pub mod limiter;
 pub mod metrics;
+pub mod recent;
 pub mod reload;
 pub mod retry;
 pub mod served;
@@ -49,6 +52,7 @@ pub mod server;
 pub mod shutdown;
 pub mod sim;
 pub mod stack;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod traffic;
@@ -99,6 +103,7 @@ pub async fn run_with(
     reloader: Option<reload::Reloader>,
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
+    status::start_clock();
     let tokens = !settings.server.access_tokens.is_empty()
         || settings.accounts.iter().any(|a| !a.tokens.is_empty());
     if !addr.ip().is_loopback() && !tokens {

@@ -66,6 +66,19 @@ enum Command {
     /// in front, 50 workers, and the same work done with the retry recipe from SmartLead's
     /// error-handling guide (the guide recipe) for comparison.
     Demo,
+    /// Show the quota at work: accounts, windows, waiting clients and recent errors of a
+    /// running proxy, as a table (exit 0; non-zero with one line when it cannot be reached).
+    Status {
+        /// The proxy (e.g. http://127.0.0.1:8787); defaults to server.listen's port.
+        #[arg(long)]
+        url: Option<String>,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// An access token, when server.status_requires_token is set.
+        #[arg(long, env = "SMARTLEAD_PROXY_TOKEN")]
+        token: Option<String>,
+    },
     /// Validate the configuration exactly as start-up does and print the effective
     /// settings (every key and token as ***). Exit 0 when valid, 2 when not, like nginx -t.
     CheckConfig,
@@ -141,7 +154,52 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
         }
         Some(Command::CheckConfig) => check_config(cli.config),
+        Some(Command::Status { url, watch, token }) => status(url, watch, token).await,
         None => serve(cli.config).await,
+    }
+}
+
+async fn status(url: Option<String>, watch: bool, token: Option<String>) -> ExitCode {
+    let base = url.unwrap_or_else(|| {
+        let listen = std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| Settings::default().server.listen);
+        smartlead_proxy::healthcheck::base_url_for(listen)
+    });
+    let url = if base.ends_with("/status.json") {
+        base
+    } else {
+        format!("{}/status.json", base.trim_end_matches('/'))
+    };
+    loop {
+        let fetched =
+            smartlead_proxy::healthcheck::get(&url, token.as_deref(), Duration::from_secs(3))
+                .await
+                .and_then(|body| {
+                    serde_json::from_slice::<smartlead_proxy::status::Snapshot>(&body)
+                        .map_err(|e| format!("{url} did not answer a status: {e}"))
+                });
+        match fetched {
+            Ok(snapshot) => {
+                if watch {
+                    // Clear the screen and go home before each picture.
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", smartlead_proxy::status::table(&snapshot));
+            }
+            Err(e) => {
+                eprintln!("smartlead-proxy status: cannot read the proxy's status: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+        }
     }
 }
 

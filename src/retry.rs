@@ -171,6 +171,18 @@ impl RetryBudget {
         });
     }
 
+    /// Retries the budget allows now.
+    pub fn left(&self) -> u32 {
+        let (ratio, min) = (self.ratio, self.min);
+        let mut left = 0;
+        self.update(|_, requests, retries| {
+            let allowed = (f64::from(requests) * ratio).floor() as u32;
+            left = allowed.max(min).saturating_sub(retries);
+            true
+        });
+        left
+    }
+
     /// Takes one retry from the budget, if there is one left.
     pub fn try_retry(&self) -> bool {
         self.withdraw()

@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::client::ClientId;
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Served {
     /// The account it used, by name (never a key).
     pub account: Option<Arc<str>>,
+    /// The client it came from, once known.
+    pub client: Option<ClientId>,
     /// Upstream attempts made (retries included).
     pub attempts: u32,
     /// The answer's status came from SmartLead (not from the proxy itself).
@@ -28,6 +32,7 @@ impl Served {
     /// Adds another exchange of the same request (an auto-batched import's batches).
     pub fn add(&mut self, other: Served) {
         self.account = other.account.or(self.account.take());
+        self.client = other.client.or(self.client.take());
         self.attempts += other.attempts;
         self.waited += other.waited;
         self.upstream_time += other.upstream_time;

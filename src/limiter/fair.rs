@@ -107,6 +107,11 @@ impl Queue {
         self.waiters.len()
     }
 
+    /// Waiting now, per client.
+    pub fn waiting_by_client(&self) -> Vec<(ClientId, usize)> {
+        self.seats.iter().map(|(c, n)| (c.clone(), *n)).collect()
+    }
+
     /// Waiting now, per class.
     pub fn depth(&self) -> [usize; 3] {
         let mut d = [0; 3];

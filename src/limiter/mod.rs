@@ -24,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::{LimitSettings, Window};
-use fair::{Effects, Key, Turn, Who};
+use fair::{ClientId, Effects, Key, Turn, Who};
 
 /// Why the quota said no.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +146,24 @@ pub struct Limiter {
     follow: Follow,
     /// When the last "SmartLead refused although the windows were kept" warning went out.
     warned_429: std::sync::Mutex<Option<Instant>>,
+    /// Requests served per client, for the status page; bounded, the rest under `other`.
+    served: dashmap::DashMap<ClientId, AtomicU64>,
+    served_other: AtomicU64,
+    /// The end of the latest pause this process asked for.
+    pause_ends: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Clients counted by name per account before the rest are counted as `other`.
+const MAX_COUNTED_CLIENTS: usize = 1000;
+/// Clients the status shows by name per account; the rest are folded into `other`.
+pub const MAX_SHOWN_CLIENTS: usize = 50;
+
+/// One client of an account, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClientUse {
+    pub id: String,
+    pub waiting: usize,
+    pub served: u64,
 }
 
 /// An account's quota as configured.
@@ -261,7 +279,63 @@ impl Limiter {
             ids: AtomicU64::new(rand::random::<u64>() & !0xFFFF_FFFF),
             follow,
             warned_429: Default::default(),
+            served: Default::default(),
+            served_other: AtomicU64::new(0),
+            pause_ends: Default::default(),
         }
+    }
+
+    /// One more request of `client` got its slot.
+    fn count_served(&self, client: &ClientId) {
+        if let Some(n) = self.served.get(client) {
+            n.fetch_add(1, Ordering::Relaxed);
+        } else if self.served.len() < MAX_COUNTED_CLIENTS {
+            self.served
+                .entry(client.clone())
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.served_other.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The busiest clients (waiting, then served), at most [`MAX_SHOWN_CLIENTS`] by name
+    /// and the rest folded into `other`.
+    pub fn clients(&self) -> Vec<ClientUse> {
+        let mut by: std::collections::HashMap<ClientId, (usize, u64)> = self
+            .served
+            .iter()
+            .map(|e| (e.key().clone(), (0, e.value().load(Ordering::Relaxed))))
+            .collect();
+        for (client, waiting) in self.line().waiting_by_client() {
+            by.entry(client).or_default().0 += waiting;
+        }
+        let mut all: Vec<ClientUse> = by
+            .into_iter()
+            .map(|(c, (waiting, served))| ClientUse {
+                id: c.to_string(),
+                waiting,
+                served,
+            })
+            .collect();
+        all.sort_by(|a, b| (b.waiting, b.served, &a.id).cmp(&(a.waiting, a.served, &b.id)));
+        let other_served = self.served_other.load(Ordering::Relaxed);
+        if all.len() <= MAX_SHOWN_CLIENTS && other_served == 0 {
+            return all;
+        }
+        let rest = all.split_off(all.len().min(MAX_SHOWN_CLIENTS));
+        all.push(ClientUse {
+            id: "other".into(),
+            waiting: rest.iter().map(|c| c.waiting).sum(),
+            served: rest.iter().map(|c| c.served).sum::<u64>() + other_served,
+        });
+        all
+    }
+
+    /// When the pause this process last asked for ends, if it has not yet.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let ends = *self.pause_ends.lock().unwrap_or_else(|e| e.into_inner());
+        ends.filter(|at| *at > Instant::now())
     }
 
     fn plan(&self) -> Arc<Plan> {
@@ -345,6 +419,11 @@ impl Limiter {
 
     pub async fn pause(&self, pause: Duration) {
         crate::metrics::upstream_pause(&self.account);
+        {
+            let until = Instant::now() + pause;
+            let mut ends = self.pause_ends.lock().unwrap_or_else(|e| e.into_inner());
+            *ends = Some(ends.map_or(until, |e| e.max(until)));
+        }
         self.backend.pause(pause).await;
     }
 
@@ -459,6 +538,7 @@ impl Limiter {
         let result = self.wait_for_slot(deadline, who).await;
         match &result {
             Ok(waited) => {
+                self.count_served(&who.client);
                 crate::metrics::limiter_wait(&self.account, *waited);
                 crate::metrics::client_wait(&who.client, *waited);
             }

@@ -173,6 +173,9 @@ pub struct Caller<S> {
 
 impl<S> Caller<S> {
     /// The account and the client, or the answer refusing the request.
+    // The refusal is moved once, on the way to its answer: boxing it would cost an
+    // allocation per refused request for nothing.
+    #[allow(clippy::result_large_err)]
     fn decide<B>(&self, req: &Request<B>) -> Result<Call, (ProxyError, Served)> {
         let accounts = &self.accounts;
         let headers = req.headers();
@@ -201,9 +204,11 @@ impl<S> Caller<S> {
             .clients
             .who(headers, chosen.token_name.clone(), peer)
             .map_err(|e| (e, served()))?;
-        self.clients
-            .check_cap(&who, &chosen.account)
-            .map_err(|e| (e, served()))?;
+        self.clients.check_cap(&who, &chosen.account).map_err(|e| {
+            let mut served = served();
+            served.client = Some(who.client.clone());
+            (e, served)
+        })?;
         Ok(Call {
             account: chosen.account,
             who,
@@ -249,7 +254,7 @@ where
 }
 
 /// The token from `Bearer <token>` (scheme case-insensitive).
-fn bearer(value: &str) -> Option<&str> {
+pub(crate) fn bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -254,6 +254,8 @@ where
 }
 
 /// The warnings go on the import's answer, whatever it is.
+// Passed through as it came (the stack's own `Result<Reply, Failure>`).
+#[allow(clippy::result_large_err)]
 fn with_warnings(
     mut answered: Result<Reply, Failure>,
     warnings: Option<HeaderValue>,

@@ -158,7 +158,11 @@ where
         .layer(request_id::RequestIdLayer)
         .layer(panic_guard::PanicGuardLayer)
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
-        .layer(own_routes::OwnRoutesLayer::new(&shared.accounts, shutdown))
+        .layer(own_routes::OwnRoutesLayer::new(
+            &shared.accounts,
+            shutdown,
+            s.server.status_requires_token,
+        ))
         .layer(caller::CallerLayer::new(&shared.accounts, &shared.clients))
         .layer(envelope::EnvelopeLayer::new(&shared.secrets))
         .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))

@@ -37,6 +37,8 @@ pub fn is_api(path: &str) -> bool {
 struct Health {
     accounts: Arc<Accounts>,
     shutdown: Shutdown,
+    /// `/status` and `/status.json` need an access token.
+    status_requires_token: bool,
 }
 
 #[derive(Clone)]
@@ -45,16 +47,19 @@ pub struct OwnRoutesLayer {
 }
 
 impl OwnRoutesLayer {
-    pub fn new(accounts: &Arc<Accounts>, shutdown: &Shutdown) -> Self {
+    pub fn new(accounts: &Arc<Accounts>, shutdown: &Shutdown, status_requires_token: bool) -> Self {
         let health = Health {
             accounts: accounts.clone(),
             shutdown: shutdown.clone(),
+            status_requires_token,
         };
         Self {
             router: Router::new()
                 .route("/healthz", get(healthz))
                 .route("/readyz", get(readyz))
                 .route("/metrics", get(metrics))
+                .route("/status", get(status_page))
+                .route("/status.json", get(status_json))
                 .fallback(not_found)
                 .method_not_allowed_fallback(method_not_allowed)
                 .with_state(health),
@@ -188,6 +193,55 @@ async fn metrics(State(health): State<Health>) -> Response {
         .into_response()
 }
 
+/// A 401 unless the request may see the status.
+fn status_refused(health: &Health, req: &Request<Body>) -> Option<Response> {
+    if !health.status_requires_token {
+        return None;
+    }
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(super::caller::bearer);
+    if presented.is_some_and(|t| health.accounts.knows_token(t)) {
+        return None;
+    }
+    let id = super::request_id::of(req.headers());
+    Some(answer(
+        &ProxyError::Unauthorized,
+        &Served::default(),
+        id,
+        Secrets::empty(),
+    ))
+}
+
+async fn status_json(State(health): State<Health>, req: Request<Body>) -> Response {
+    if let Some(refused) = status_refused(&health, &req) {
+        return refused;
+    }
+    let snapshot = crate::status::snapshot(&health.accounts).await;
+    (
+        [(http::header::CACHE_CONTROL, "no-store")],
+        axum::Json(snapshot),
+    )
+        .into_response()
+}
+
+async fn status_page(State(health): State<Health>, req: Request<Body>) -> Response {
+    if let Some(refused) = status_refused(&health, &req) {
+        return refused;
+    }
+    let snapshot = crate::status::snapshot(&health.accounts).await;
+    (
+        [
+            (http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (http::header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::status::page(&snapshot),
+    )
+        .into_response()
+}
+
 async fn not_found(req: Request<Body>) -> Response {
     let id = super::request_id::of(req.headers());
     answer(
@@ -214,7 +268,7 @@ mod tests {
         let mut settings = crate::Settings::default();
         settings.upstream.api_key = Some(crate::key::ApiKey::new("k"));
         let accounts = Arc::new(Accounts::new(&settings).unwrap());
-        OwnRoutesLayer::new(&accounts, &Shutdown::default())
+        OwnRoutesLayer::new(&accounts, &Shutdown::default(), false)
     }
 
     /// Answers 299 for anything that reaches it.

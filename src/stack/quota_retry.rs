@@ -248,6 +248,7 @@ where
             served: Served {
                 upstream: true,
                 account: Some(account.name.clone()),
+                client: Some(who.client.clone()),
                 ..Served::default()
             },
             quota,

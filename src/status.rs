@@ -1,0 +1,449 @@
+//! What a person looks at: `/status.json` (accounts, windows with their use, waiting and
+//! served per client, pauses, the limiter, recent errors, retry budgets), the same as one
+//! self-contained HTML page (`/status`: rendered by the server, refreshed every second
+//! by an inline script), and the terminal table of `smartlead-proxy status`.
+//!
+//! Everything comes from the limiters and the answer path ([`crate::recent`]), never from
+//! /metrics; nothing shown is a key.
+
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::Accounts;
+use crate::limiter::{ClientUse, Status};
+use crate::recent::ErrorAnswer;
+
+/// The whole picture.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub limiter: LimiterView,
+    pub accounts: Vec<AccountView>,
+    pub retry_budget: Vec<BudgetView>,
+    pub recent_errors: Vec<ErrorView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LimiterView {
+    pub backend: String,
+    pub state: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountView {
+    pub name: String,
+    pub windows: Vec<WindowView>,
+    pub waiting: usize,
+    /// RFC 3339, while a pause this process asked for lasts.
+    pub paused_until: Option<String>,
+    /// Seconds left of that pause (for the countdown).
+    pub paused_seconds: Option<f64>,
+    pub clients: Vec<ClientView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowView {
+    pub label: String,
+    pub requests: usize,
+    pub period_seconds: f64,
+    /// Starts in the window now.
+    pub used: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientView {
+    pub id: String,
+    pub waiting: usize,
+    pub served: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BudgetView {
+    pub account: String,
+    /// Retries the budget allows now.
+    pub left: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorView {
+    pub at: String,
+    pub status: u16,
+    pub code: String,
+    pub request_id: String,
+    pub hint: Option<String>,
+    pub account: Option<String>,
+    pub client: Option<String>,
+}
+
+impl From<ErrorAnswer> for ErrorView {
+    fn from(e: ErrorAnswer) -> Self {
+        Self {
+            at: e.at,
+            status: e.status,
+            code: e.code,
+            request_id: e.request_id,
+            hint: e.hint,
+            account: e.account,
+            client: e.client,
+        }
+    }
+}
+
+impl From<ClientUse> for ClientView {
+    fn from(c: ClientUse) -> Self {
+        Self {
+            id: c.id,
+            waiting: c.waiting,
+            served: c.served,
+        }
+    }
+}
+
+fn started() -> Instant {
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}
+
+/// Starts the uptime clock (at start; otherwise the first look starts it).
+pub fn start_clock() {
+    started();
+}
+
+/// The picture now.
+pub async fn snapshot(accounts: &Accounts) -> Snapshot {
+    let all = accounts.all();
+    let limiter = all.first().map_or(
+        Status {
+            backend: "local",
+            state: "local",
+            detail: None,
+        },
+        |a| a.limiter.status(),
+    );
+    let mut views = Vec::with_capacity(all.len());
+    for a in &all {
+        let windows = a
+            .limiter
+            .usage()
+            .await
+            .into_iter()
+            .map(|(w, used)| WindowView {
+                label: w.label,
+                requests: w.limit,
+                period_seconds: w.period.as_secs_f64(),
+                used,
+            })
+            .collect();
+        let paused = a.limiter.paused_until().map(|until| {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            (SystemTime::now() + left, left)
+        });
+        views.push(AccountView {
+            name: a.name.to_string(),
+            windows,
+            waiting: a.limiter.queued(),
+            paused_until: paused.map(|(at, _)| humantime::format_rfc3339_seconds(at).to_string()),
+            paused_seconds: paused.map(|(_, left)| left.as_secs_f64()),
+            clients: a.limiter.clients().into_iter().map(Into::into).collect(),
+        });
+    }
+    Snapshot {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: started().elapsed().as_secs(),
+        limiter: LimiterView {
+            backend: limiter.backend.to_owned(),
+            state: limiter.state.to_owned(),
+            detail: limiter.detail,
+        },
+        retry_budget: all
+            .iter()
+            .map(|a| BudgetView {
+                account: a.name.to_string(),
+                left: a.retry_budget.left(),
+            })
+            .collect(),
+        accounts: views,
+        recent_errors: crate::recent::newest_first()
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    }
+}
+
+/// `&`, `<`, `>`, `"` and `'` escaped for HTML text and attributes.
+fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// How full a window is, as the class its bar is coloured by.
+fn level(used: usize, requests: usize) -> &'static str {
+    let share = used as f64 / requests.max(1) as f64;
+    if share >= 0.9 {
+        "full"
+    } else if share >= 0.7 {
+        "busy"
+    } else {
+        "ok"
+    }
+}
+
+/// The body of the page for `s`: the same markup the script renders from /status.json.
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::new();
+    let limiter = &s.limiter;
+    out.push_str(&format!(
+        "<header><h1>smartlead-proxy</h1><p class=\"meta\">v{} · up {}s · limiter <b class=\"state {}\">{} / {}</b>{}</p></header>",
+        esc(&s.version),
+        s.uptime_seconds,
+        esc(&limiter.state),
+        esc(&limiter.backend),
+        esc(&limiter.state),
+        limiter
+            .detail
+            .as_ref()
+            .map(|d| format!(" <span class=\"detail\">{}</span>", esc(d)))
+            .unwrap_or_default()
+    ));
+    out.push_str("<section class=\"accounts\">");
+    for a in &s.accounts {
+        out.push_str(&account_html(a, s));
+    }
+    out.push_str("</section>");
+    out.push_str(&errors_html(&s.recent_errors));
+    out
+}
+
+fn account_html(a: &AccountView, s: &Snapshot) -> String {
+    let mut out = format!(
+        "<article class=\"account\" data-account=\"{0}\"><h2>{0}</h2>",
+        esc(&a.name)
+    );
+    if let Some(left) = a.paused_seconds {
+        out.push_str(&format!(
+            "<p class=\"pause\">paused by SmartLead: <span class=\"countdown\">{left:.0}</span> s left</p>"
+        ));
+    }
+    for w in &a.windows {
+        let pct = (100.0 * w.used as f64 / w.requests.max(1) as f64).min(100.0);
+        out.push_str(&format!(
+            "<div class=\"window\"><span class=\"label\">{}</span><span class=\"bar\"><span class=\"fill {}\" style=\"width:{pct:.0}%\"></span></span><span class=\"num\">{}/{}</span></div>",
+            esc(&w.label),
+            level(w.used, w.requests),
+            w.used,
+            w.requests
+        ));
+    }
+    let budget = s
+        .retry_budget
+        .iter()
+        .find(|b| b.account == a.name)
+        .map_or(0, |b| b.left);
+    out.push_str(&format!(
+        "<p class=\"facts\">waiting <b class=\"waiting\">{}</b> · retries left <b>{budget}</b></p>",
+        a.waiting
+    ));
+    out.push_str("<div class=\"scroll\"><table class=\"clients\"><thead><tr><th>client</th><th>waiting</th><th>served</th></tr></thead><tbody>");
+    for c in &a.clients {
+        out.push_str(&format!(
+            "<tr><td class=\"client\">{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&c.id),
+            c.waiting,
+            c.served
+        ));
+    }
+    out.push_str("</tbody></table></div></article>");
+    out
+}
+
+fn errors_html(errors: &[ErrorView]) -> String {
+    let mut out = String::from(
+        "<section class=\"errors\"><h2>Recent errors</h2><div class=\"scroll\"><table><thead><tr><th>at</th><th>status</th><th>code</th><th>request id</th><th>account</th><th>client</th><th>hint</th></tr></thead><tbody>",
+    );
+    for e in errors {
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"rid\">{}</td><td>{}</td><td>{}</td><td class=\"hint\">{}</td></tr>",
+            esc(&e.at),
+            e.status,
+            esc(&e.code),
+            esc(&e.request_id),
+            esc(e.account.as_deref().unwrap_or("")),
+            esc(e.client.as_deref().unwrap_or("")),
+            esc(e.hint.as_deref().unwrap_or(""))
+        ));
+    }
+    out.push_str("</tbody></table></div></section>");
+    out
+}
+
+/// The whole page: inline style and script, nothing fetched from anywhere but
+/// /status.json on this proxy.
+pub fn page(s: &Snapshot) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>smartlead-proxy status</title><link rel=\"icon\" href=\"data:,\"><style>{STYLE}</style></head><body><main id=\"status\">{}</main><script>{SCRIPT}</script></body></html>",
+        render(s)
+    )
+}
+
+const STYLE: &str = r#"
+:root{color-scheme:light dark;--bg:#fafafa;--fg:#1b1b1b;--muted:#666;--card:#fff;--line:#ddd;--ok:#2e9d5b;--busy:#d08a00;--full:#c93434;--track:#e8e8e8}
+@media (prefers-color-scheme:dark){:root{--bg:#121417;--fg:#e6e6e6;--muted:#9aa0a6;--card:#1c1f24;--line:#30343a;--track:#2a2e34}}
+*{box-sizing:border-box}body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif}
+main{max-width:1240px;margin:0 auto;padding:16px}header h1{font-size:20px;margin:0}.meta{color:var(--muted);margin:4px 0 16px}
+.state.shared,.state.local{color:var(--ok)}.state.fallback{color:var(--busy)}.state.unavailable{color:var(--full)}.detail{color:var(--muted)}
+.accounts{display:flex;flex-wrap:wrap;gap:16px}.account{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 16px;flex:1 1 360px;min-width:0}
+.account h2{margin:0 0 8px;font-size:16px}.window{display:grid;grid-template-columns:80px 1fr 90px;align-items:center;gap:8px;margin:6px 0}
+.label{color:var(--muted);font-variant-numeric:tabular-nums}.bar{height:12px;background:var(--track);border-radius:6px;overflow:hidden;display:block}
+.fill{display:block;height:100%;background:var(--ok)}.fill.busy{background:var(--busy)}.fill.full{background:var(--full)}
+.num{text-align:right;font-variant-numeric:tabular-nums}.pause{color:var(--full);font-weight:600}.facts{color:var(--muted)}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--muted);font-weight:600}.errors{margin-top:16px}.errors h2{font-size:16px}.rid{font-family:ui-monospace,monospace;font-size:12px}.hint{min-width:240px}
+@media (max-width:600px){.window{grid-template-columns:60px 1fr 70px}main{padding:8px}}
+"#;
+
+const SCRIPT: &str = r#"
+(function(){
+var main=document.getElementById('status');
+function esc(t){return String(t==null?'':t).replace(/[&<>"']/g,function(c){return{'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c];});}
+function level(u,n){var s=u/Math.max(n,1);return s>=0.9?'full':s>=0.7?'busy':'ok';}
+function account(a,s){
+ var h='<article class="account" data-account="'+esc(a.name)+'"><h2>'+esc(a.name)+'</h2>';
+ if(a.paused_seconds!=null){h+='<p class="pause">paused by SmartLead: <span class="countdown">'+Math.round(a.paused_seconds)+'</span> s left</p>';}
+ a.windows.forEach(function(w){var p=Math.min(100,Math.round(100*w.used/Math.max(w.requests,1)));
+  h+='<div class="window"><span class="label">'+esc(w.label)+'</span><span class="bar"><span class="fill '+level(w.used,w.requests)+'" style="width:'+p+'%"></span></span><span class="num">'+w.used+'/'+w.requests+'</span></div>';});
+ var b=0;s.retry_budget.forEach(function(x){if(x.account===a.name){b=x.left;}});
+ h+='<p class="facts">waiting <b class="waiting">'+a.waiting+'</b> · retries left <b>'+b+'</b></p>';
+ h+='<div class="scroll"><table class="clients"><thead><tr><th>client</th><th>waiting</th><th>served</th></tr></thead><tbody>';
+ a.clients.forEach(function(c){h+='<tr><td class="client">'+esc(c.id)+'</td><td>'+c.waiting+'</td><td>'+c.served+'</td></tr>';});
+ return h+'</tbody></table></div></article>';}
+function render(s){
+ var l=s.limiter,h='<header><h1>smartlead-proxy</h1><p class="meta">v'+esc(s.version)+' · up '+s.uptime_seconds+'s · limiter <b class="state '+esc(l.state)+'">'+esc(l.backend)+' / '+esc(l.state)+'</b>'+(l.detail?' <span class="detail">'+esc(l.detail)+'</span>':'')+'</p></header>';
+ h+='<section class="accounts">';s.accounts.forEach(function(a){h+=account(a,s);});h+='</section>';
+ h+='<section class="errors"><h2>Recent errors</h2><div class="scroll"><table><thead><tr><th>at</th><th>status</th><th>code</th><th>request id</th><th>account</th><th>client</th><th>hint</th></tr></thead><tbody>';
+ s.recent_errors.forEach(function(e){h+='<tr><td>'+esc(e.at)+'</td><td>'+e.status+'</td><td>'+esc(e.code)+'</td><td class="rid">'+esc(e.request_id)+'</td><td>'+esc(e.account)+'</td><td>'+esc(e.client)+'</td><td class="hint">'+esc(e.hint)+'</td></tr>';});
+ main.innerHTML=h+'</tbody></table></div></section>';main.setAttribute('data-refreshed',new Date().toISOString());}
+function tick(){fetch('status.json',{cache:'no-store'}).then(function(r){return r.ok?r.json():null;}).then(function(s){if(s){render(s);}}).catch(function(){});}
+setInterval(tick,1000);tick();
+})();
+"#;
+
+/// The same picture for a terminal: a header line, a table of windows per account, one
+/// of clients, one of recent errors.
+pub fn table(s: &Snapshot) -> String {
+    use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+    let new_table = |header: &[&str]| {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED)
+            .set_header(header.to_vec());
+        t
+    };
+    let mut out = format!(
+        "smartlead-proxy {} · up {}s · limiter {} / {}{}\n",
+        s.version,
+        s.uptime_seconds,
+        s.limiter.backend,
+        s.limiter.state,
+        s.limiter
+            .detail
+            .as_ref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default()
+    );
+    let mut windows = new_table(&[
+        "account",
+        "window",
+        "used",
+        "limit",
+        "waiting",
+        "paused",
+        "retries left",
+    ]);
+    for a in &s.accounts {
+        let budget = s
+            .retry_budget
+            .iter()
+            .find(|b| b.account == a.name)
+            .map_or(0, |b| b.left);
+        let paused = a
+            .paused_seconds
+            .map_or_else(String::new, |left| format!("{left:.0}s"));
+        for w in &a.windows {
+            windows.add_row(vec![
+                a.name.clone(),
+                w.label.clone(),
+                w.used.to_string(),
+                w.requests.to_string(),
+                a.waiting.to_string(),
+                paused.clone(),
+                budget.to_string(),
+            ]);
+        }
+    }
+    out.push_str(&format!("{windows}\n"));
+    let mut clients = new_table(&["account", "client", "waiting", "served"]);
+    for a in &s.accounts {
+        for c in &a.clients {
+            clients.add_row(vec![
+                a.name.clone(),
+                c.id.clone(),
+                c.waiting.to_string(),
+                c.served.to_string(),
+            ]);
+        }
+    }
+    out.push_str(&format!("{clients}\n"));
+    if !s.recent_errors.is_empty() {
+        let mut errors = new_table(&[
+            "at",
+            "status",
+            "code",
+            "request id",
+            "account",
+            "client",
+            "hint",
+        ]);
+        for e in s.recent_errors.iter().take(10) {
+            errors.add_row(vec![
+                e.at.clone(),
+                e.status.to_string(),
+                e.code.clone(),
+                e.request_id.clone(),
+                e.account.clone().unwrap_or_default(),
+                e.client.clone().unwrap_or_default(),
+                e.hint.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push_str(&format!("recent errors (newest first)\n{errors}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_and_bars_are_coloured_as_they_fill() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(level(1, 10), "ok");
+        assert_eq!(level(7, 10), "busy");
+        assert_eq!(level(10, 10), "full");
+    }
+}
