@@ -138,13 +138,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
             }
         },
         Some(Command::Healthcheck { url }) => {
-            let url = url.unwrap_or_else(|| {
-                let listen = std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| Settings::default().server.listen);
-                smartlead_proxy::healthcheck::url_for(listen)
-            });
+            let url = url.unwrap_or_else(|| smartlead_proxy::healthcheck::url_for(listen()));
             match smartlead_proxy::healthcheck::check(&url, Duration::from_secs(3)).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -159,14 +153,16 @@ async fn dispatch(cli: Cli) -> ExitCode {
     }
 }
 
+/// Where this host's proxy listens: `SMARTLEAD_PROXY__SERVER__LISTEN`, else the default.
+fn listen() -> std::net::SocketAddr {
+    std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| Settings::default().server.listen)
+}
+
 async fn status(url: Option<String>, watch: bool, token: Option<String>) -> ExitCode {
-    let base = url.unwrap_or_else(|| {
-        let listen = std::env::var("SMARTLEAD_PROXY__SERVER__LISTEN")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| Settings::default().server.listen);
-        smartlead_proxy::healthcheck::base_url_for(listen)
-    });
+    let base = url.unwrap_or_else(|| smartlead_proxy::healthcheck::base_url_for(listen()));
     let url = if base.ends_with("/status.json") {
         base
     } else {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::served::Served;
 
@@ -13,7 +13,7 @@ use crate::served::Served;
 pub const KEPT: usize = 50;
 
 /// One error answer.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorAnswer {
     /// RFC 3339, UTC.
     pub at: String,

@@ -23,7 +23,7 @@ pub struct Snapshot {
     pub limiter: LimiterView,
     pub accounts: Vec<AccountView>,
     pub retry_budget: Vec<BudgetView>,
-    pub recent_errors: Vec<ErrorView>,
+    pub recent_errors: Vec<ErrorAnswer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,31 +66,6 @@ pub struct BudgetView {
     pub account: String,
     /// Retries the budget allows now.
     pub left: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorView {
-    pub at: String,
-    pub status: u16,
-    pub code: String,
-    pub request_id: String,
-    pub hint: Option<String>,
-    pub account: Option<String>,
-    pub client: Option<String>,
-}
-
-impl From<ErrorAnswer> for ErrorView {
-    fn from(e: ErrorAnswer) -> Self {
-        Self {
-            at: e.at,
-            status: e.status,
-            code: e.code,
-            request_id: e.request_id,
-            hint: e.hint,
-            account: e.account,
-            client: e.client,
-        }
-    }
 }
 
 impl From<ClientUse> for ClientView {
@@ -167,10 +142,7 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
             })
             .collect(),
         accounts: views,
-        recent_errors: crate::recent::newest_first()
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        recent_errors: crate::recent::newest_first(),
     }
 }
 
@@ -270,7 +242,7 @@ fn account_html(a: &AccountView, s: &Snapshot) -> String {
     out
 }
 
-fn errors_html(errors: &[ErrorView]) -> String {
+fn errors_html(errors: &[ErrorAnswer]) -> String {
     let mut out = String::from(
         "<section class=\"errors\"><h2>Recent errors</h2><div class=\"scroll\"><table><thead><tr><th>at</th><th>status</th><th>code</th><th>request id</th><th>account</th><th>client</th><th>hint</th></tr></thead><tbody>",
     );
