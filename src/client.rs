@@ -17,9 +17,29 @@ pub fn valid_client_id(text: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// The address a request came from (set by the server on every request it reads).
+/// The address a request came from: the connection's (see [`serving`]), or a request
+/// extension of this type (in-process callers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer(pub IpAddr);
+
+tokio::task_local! {
+    /// The peer of the connection whose future is being polled.
+    static PEER: Peer;
+}
+
+/// `conn` (a connection's future), with its peer known to everything it calls: no
+/// per-request work, unlike a request extension.
+pub fn serving<F: std::future::Future>(
+    peer: Peer,
+    conn: F,
+) -> impl std::future::Future<Output = F::Output> {
+    PEER.scope(peer, conn)
+}
+
+/// The peer of the connection being served now, if there is one.
+pub fn current_peer() -> Option<Peer> {
+    PEER.try_with(|p| *p).ok()
+}
 
 /// `X-Priority`: classes served strictly in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

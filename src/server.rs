@@ -110,8 +110,7 @@ where
         // The peer tells clients apart when nothing else does (crate::client).
         let peer = Peer(peer.ip().to_canonical());
         let service = hyper::service::service_fn(move |req| {
-            let mut req = detach_head(req);
-            req.extensions_mut().insert(peer);
+            let req = detach_head(req);
             let mut held = held.borrow_mut();
             if !stacks.is_current(held.0) {
                 *held = stacks.current();
@@ -119,11 +118,11 @@ where
             held.1.clone().oneshot(req)
         });
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
-        tokio::spawn(async move {
+        tokio::spawn(crate::client::serving(peer, async move {
             let conn = builder.serve_connection(io, service);
             // Client resets and timeouts end here; nothing to report.
             let _ = watcher.watch(conn).await;
-        });
+        }));
     }
     graceful
 }

@@ -13,8 +13,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::TokioExecutor;
 use percent_encoding::percent_decode_str;
 
 use crate::config::{BaseUrl, UpstreamSettings};
@@ -97,24 +95,17 @@ impl Target {
             .ok_or("the path is not under /api/v1/")?;
         check_path(rest)?;
         let base = &self.base;
-        let mut target = String::with_capacity(
-            base.scheme().len()
-                + base.authority().len()
-                + base.path().len()
-                + rest.len()
-                + query.map_or(0, str::len)
-                + 64,
-        );
-        target.push_str(base.scheme());
-        target.push_str("://");
-        target.push_str(base.authority());
+        // Origin-form (`/api/v1/...?...`): the connection is made to `upstream.base_url`'s
+        // host by the client, so nothing in the target can say where to connect.
+        let mut target =
+            String::with_capacity(base.path().len() + rest.len() + query.map_or(0, str::len) + 64);
         target.push_str(base.path());
         target.push_str(rest);
         self.push_query(&mut target, query);
         let uri = Uri::from_maybe_shared(Bytes::from(target))
             .map_err(|_| "the request path or query is not valid")?;
-        // Defence in depth: nothing a client sends may change where we connect.
-        if uri.authority().map(|a| a.as_str()) != Some(base.authority()) {
+        // Defence in depth: a target that parsed as anything but a path is refused.
+        if uri.authority().is_some() || uri.scheme().is_some() {
             return Err("the request would leave the upstream host");
         }
         Ok(uri)
@@ -144,14 +135,30 @@ impl Target {
     }
 }
 
-type HttpsClient = Client<HttpsConnector<crate::egress::Connector>, Full<Bytes>>;
+type Connector = HttpsConnector<crate::egress::Connector>;
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-/// The pooled HTTPS client as a service: one request, one attempt, hop-by-hop headers
-/// removed from the answer. Retries, timeouts and the quota are the caller's.
+/// One serving thread's HTTP/1.1 client to the upstream, as a service: one request, one
+/// attempt, hop-by-hop headers removed from the answer. Retries, timeouts and the quota
+/// are the caller's.
+///
+/// It is hyper's low-level connection API with a pool of its own: the connections are
+/// this thread's (no lock another thread takes, no pool shared by key), a request goes
+/// on the first idle connection that is ready, else on a new one, and a connection goes
+/// back to the pool as soon as its answer's head has come (it takes the next request
+/// once that answer's body is done).
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
-    // Shared: the client's own struct is large, and every request clones the service.
-    client: Arc<HttpsClient>,
+    pool: Arc<Pool>,
+}
+
+#[derive(Debug)]
+struct Pool {
+    connector: Connector,
+    /// Where connections go: the base URL's scheme and authority.
+    connect_to: Uri,
+    idle: std::sync::Mutex<Vec<Sender>>,
+    max_idle: usize,
 }
 
 impl UpstreamClient {
@@ -163,19 +170,93 @@ impl UpstreamClient {
         max_idle: usize,
     ) -> Result<Self, String> {
         let (connector, _) = crate::egress::connector(settings)?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        // HTTP/1.1 only: the pool keeps one request per connection at a time.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(connector);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(max_idle)
-            .build(https);
+        let base = &settings.base_url;
+        let connect_to = format!("{}://{}/", base.scheme(), base.authority())
+            .parse()
+            .map_err(|e| format!("upstream.base_url: {e}"))?;
         Ok(Self {
-            client: Arc::new(client),
+            pool: Arc::new(Pool {
+                connector,
+                connect_to,
+                idle: std::sync::Mutex::new(Vec::with_capacity(max_idle)),
+                max_idle,
+            }),
         })
+    }
+}
+
+impl Pool {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sender>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection ready for a request; closed ones are dropped on the way.
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle();
+        idle.retain(|s| !s.is_closed());
+        let at = idle.iter().rposition(Sender::is_ready)?;
+        Some(idle.swap_remove(at))
+    }
+
+    fn checkin(&self, sender: Sender) {
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle && !sender.is_closed() {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, AttemptError> {
+        let io = tower::ServiceExt::oneshot(self.connector.clone(), self.connect_to.clone())
+            .await
+            .map_err(|e| AttemptError::Connect(error_chain(&*e)))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| AttemptError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            // The connection's end (closed, reset) shows on the request that meets it.
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// One attempt: on an idle connection, or a new one. A request that a reused
+    /// connection could not even take (it was closing) goes on a new one instead.
+    async fn send(
+        self: Arc<Self>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        let req = match self.checkout() {
+            Some(mut sender) => match sender.try_send_request(req).await {
+                Ok(resp) => return self.answered(sender, resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => req,
+                    None => return Err(classify(e.error())),
+                },
+            },
+            None => req,
+        };
+        let mut sender = self.connect().await?;
+        match sender.send_request(req).await {
+            Ok(resp) => self.answered(sender, resp),
+            Err(e) => Err(classify(&e)),
+        }
+    }
+
+    fn answered(
+        &self,
+        sender: Sender,
+        mut resp: Response<Incoming>,
+    ) -> Result<Response<Incoming>, AttemptError> {
+        self.checkin(sender);
+        strip_hop_by_hop(resp.headers_mut());
+        usable(resp)
     }
 }
 
@@ -190,43 +271,32 @@ impl tower::Service<Request<Bytes>> for UpstreamClient {
 
     fn call(&mut self, req: Request<Bytes>) -> SendFuture {
         SendFuture {
-            inner: self.client.request(req.map(Full::new)),
+            inner: Box::pin(self.pool.clone().send(req.map(Full::new))),
         }
     }
 }
 
-pin_project_lite::pin_project! {
-    /// One attempt on its way: SmartLead's answer head, or why there is none.
-    pub struct SendFuture {
-        #[pin]
-        inner: ResponseFuture,
-    }
+/// One attempt on its way: SmartLead's answer head, or why there is none. Boxed once:
+/// hyper's send future has no name to hold it by.
+pub struct SendFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<Incoming>, AttemptError>> + Send>>,
 }
 
 impl Future for SendFuture {
     type Output = Result<Response<Incoming>, AttemptError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let answered = std::task::ready!(self.project().inner.poll(cx));
-        Poll::Ready(match answered {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut());
-                usable(resp)
-            }
-            Err(e) => Err(classify(&e)),
-        })
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> AttemptError {
+/// What a failed exchange on an open connection was.
+fn classify(e: &hyper::Error) -> AttemptError {
     let chain = error_chain(e);
-    if e.is_connect() {
-        return AttemptError::Connect(chain);
-    }
-    let hyper_err = std::error::Error::source(e).and_then(|s| s.downcast_ref::<hyper::Error>());
-    match hyper_err {
-        Some(h) if h.is_parse() || h.is_parse_status() => AttemptError::Invalid(chain),
-        _ => AttemptError::Closed(chain),
+    if e.is_parse() || e.is_parse_status() {
+        AttemptError::Invalid(chain)
+    } else {
+        AttemptError::Closed(chain)
     }
 }
 
@@ -383,9 +453,10 @@ mod tests {
                 Some("offset=0&api_key=theirs&limit=5"),
             )
             .unwrap();
+        // Origin-form: the client connects to upstream.base_url's host whatever this says.
         assert_eq!(
             uri.to_string(),
-            "https://server.smartlead.ai/api/v1/campaigns/7?offset=0&limit=5&api_key=K3Y"
+            "/api/v1/campaigns/7?offset=0&limit=5&api_key=K3Y"
         );
         let uri = u.uri("/api/v1/campaigns", Some("API%5FKEY=x")).unwrap();
         assert_eq!(uri.query(), Some("api_key=K3Y"));
@@ -437,8 +508,9 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever path and query a client sends, the target stays on the upstream host,
-        /// under its base path, and carries the configured key exactly once.
+        /// Whatever path and query a client sends, the target is a path (the connection
+        /// goes to the upstream host only) under its base path, and carries the
+        /// configured key exactly once.
         #[test]
         fn any_uri_stays_on_the_upstream_with_one_key(
             path in "(/[a-zA-Z0-9._~%@:!$&'()*+,;=-]{0,12}){1,5}",
@@ -447,8 +519,8 @@ mod tests {
             let u = target(false);
             let client_path = format!("{API_PREFIX}{path}");
             if let Ok(uri) = u.uri(&client_path, query.as_deref()) {
-                proptest::prop_assert_eq!(uri.host(), Some("server.smartlead.ai"));
-                proptest::prop_assert_eq!(uri.scheme_str(), Some("https"));
+                proptest::prop_assert_eq!(uri.host(), None);
+                proptest::prop_assert_eq!(uri.scheme_str(), None);
                 proptest::prop_assert!(uri.path().starts_with("/api/v1/"));
                 let keys: Vec<String> = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
                     .filter(|(k, _)| k.eq_ignore_ascii_case("api_key"))

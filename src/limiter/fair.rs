@@ -668,6 +668,8 @@ mod tests {
                                         prop_assert!(now <= deadline + SPACING, "refused no later than its deadline");
                                         prop_assert!(now + retry_after > deadline, "honest refusal");
                                         waiting.retain(|w| w.0 != key);
+                                        // Answered (by its own deadline): that was its turn.
+                                        ahead.remove(&(class, client));
                                     }
                                     Turn::Refused(other) => prop_assert!(false, "{other:?}"),
                                     _ => {}

@@ -199,10 +199,15 @@ impl<S> Caller<S> {
             account: Some(chosen.account.name.clone()),
             ..Served::default()
         };
-        let peer = req.extensions().get::<Peer>();
+        // A request extension (in-process callers, tests), else the connection's.
+        let peer = req
+            .extensions()
+            .get::<Peer>()
+            .copied()
+            .or_else(crate::client::current_peer);
         let who = self
             .clients
-            .who(headers, chosen.token_name.clone(), peer)
+            .who(headers, chosen.token_name.clone(), peer.as_ref())
             .map_err(|e| (e, served()))?;
         self.clients.check_cap(&who, &chosen.account).map_err(|e| {
             let mut served = served();
