@@ -51,6 +51,7 @@ pub mod served;
 pub mod server;
 pub mod shutdown;
 pub mod sim;
+pub mod slab;
 pub mod stack;
 pub mod status;
 pub mod telemetry;

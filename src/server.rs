@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -238,12 +237,13 @@ fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
         _ => "",
     };
     let total = target.len() + shared.values().map(HeaderValue::len).sum::<usize>();
-    let mut copy = BytesMut::with_capacity(total);
-    copy.extend_from_slice(target.as_bytes());
-    for value in shared.values() {
-        copy.extend_from_slice(value.as_bytes());
-    }
-    let copy = copy.freeze();
+    // In the thread's slab: no allocation of its own, and slicing it costs none either.
+    let copy = crate::slab::write(total, |copy| {
+        copy.extend_from_slice(target.as_bytes());
+        for value in shared.values() {
+            copy.extend_from_slice(value.as_bytes());
+        }
+    });
     // Room for what the proxy adds: the request id and Host.
     let mut owned = HeaderMap::with_capacity(shared.len() + 2);
     let mut at = target.len();

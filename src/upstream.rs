@@ -50,6 +50,11 @@ impl AttemptError {
     }
 }
 
+thread_local! {
+    /// Where a target is written before it is cut from the slab.
+    static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// Where requests go: scheme and authority always from `upstream.base_url`, only the
 /// path and query the client's, with the configured key in the query.
 #[derive(Clone, Debug)]
@@ -97,13 +102,15 @@ impl Target {
         let base = &self.base;
         // Origin-form (`/api/v1/...?...`): the connection is made to `upstream.base_url`'s
         // host by the client, so nothing in the target can say where to connect.
-        let mut target =
-            String::with_capacity(base.path().len() + rest.len() + query.map_or(0, str::len) + 64);
-        target.push_str(base.path());
-        target.push_str(rest);
-        self.push_query(&mut target, query);
-        let uri = Uri::from_maybe_shared(Bytes::from(target))
-            .map_err(|_| "the request path or query is not valid")?;
+        let target = SCRATCH.with_borrow_mut(|target| {
+            target.clear();
+            target.push_str(base.path());
+            target.push_str(rest);
+            self.push_query(target, query);
+            crate::slab::copy(target.as_bytes())
+        });
+        let uri =
+            Uri::from_maybe_shared(target).map_err(|_| "the request path or query is not valid")?;
         // Defence in depth: a target that parsed as anything but a path is refused.
         if uri.authority().is_some() || uri.scheme().is_some() {
             return Err("the request would leave the upstream host");

@@ -62,29 +62,10 @@ fn ensure(headers: &mut HeaderMap) -> HeaderValue {
     }
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
     uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-    let id =
-        HeaderValue::from_maybe_shared(in_slab(&text)).expect("a UUID is a valid header value");
+    let id = HeaderValue::from_maybe_shared(crate::slab::copy(&text))
+        .expect("a UUID is a valid header value");
     headers.insert(REQUEST_ID, id.clone());
     id
-}
-
-/// Ids made per slab allocation.
-const IDS_PER_SLAB: usize = 128;
-
-/// `text` in this thread's slab of ids: one allocation per [`IDS_PER_SLAB`] ids, and the
-/// layers' clones of an id are reference counts on its slab. A slab is freed with the
-/// last of its ids (4.6 KB at most, held by the longest-lived of 128 requests).
-fn in_slab(text: &[u8]) -> bytes::Bytes {
-    thread_local! {
-        static SLAB: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
-    }
-    SLAB.with_borrow_mut(|slab| {
-        if slab.capacity() < text.len() {
-            *slab = bytes::BytesMut::with_capacity(text.len() * IDS_PER_SLAB);
-        }
-        slab.extend_from_slice(text);
-        slab.split().freeze()
-    })
 }
 
 pin_project_lite::pin_project! {
@@ -117,10 +98,9 @@ mod tests {
 
     #[test]
     fn ids_from_the_slab_are_whole_and_distinct_across_slabs() {
-        let ids: std::collections::HashSet<HeaderValue> = (0..3 * IDS_PER_SLAB + 5)
-            .map(|_| ensure(&mut HeaderMap::new()))
-            .collect();
-        assert_eq!(ids.len(), 3 * IDS_PER_SLAB + 5);
+        let ids: std::collections::HashSet<HeaderValue> =
+            (0..1000).map(|_| ensure(&mut HeaderMap::new())).collect();
+        assert_eq!(ids.len(), 1000);
         for id in &ids {
             let text = id.to_str().unwrap();
             assert!(uuid::Uuid::parse_str(text).is_ok(), "{text}");
