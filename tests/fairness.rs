@@ -161,10 +161,11 @@ async fn weights_share_the_turns() {
     let mut s = exact(&sim, 20, Duration::from_secs(1));
     s.limit.client_weights = HashMap::from([("heavy".to_owned(), 4)]);
     let proxy = spawn_proxy(s).await;
-    // A filler takes the free slots, so everyone after it waits in line.
-    let filler = queue(&proxy, "filler", 20, &[]);
-    all(filler).await;
-    let mut tasks = queue(&proxy, "heavy", 45, &[]);
+    // A filler takes this window's slots, so both clients are in line (whatever order
+    // their requests arrive in) before the next window serves anyone.
+    let mut tasks = queue(&proxy, "filler", 20, &[]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tasks.extend(queue(&proxy, "heavy", 45, &[]));
     tasks.extend(queue(&proxy, "light", 45, &[]));
     let done = all(tasks).await;
     assert!(done.iter().all(|(s, _)| *s == 200));
