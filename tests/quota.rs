@@ -354,3 +354,55 @@ async fn metrics_show_the_quota_at_work() {
     assert!(!text.contains(KEY));
     proxy.stop().await;
 }
+
+/// Concurrent reservations on Redis go in batches: each still gets the slot every window
+/// allows after the ones before it, and a refusal names the window that held it back.
+#[tokio::test]
+async fn batched_reservations_on_redis_keep_every_window() {
+    use smartlead_proxy::config::Window;
+    use smartlead_proxy::limiter::Refusal;
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let mut s = quota_settings(
+        &sim.base_url(),
+        3,
+        Duration::from_secs(1),
+        Some((SHARED_REDIS, &unique_key())),
+    );
+    s.limit.windows = vec![
+        Window::new(3, Duration::from_secs(1)),
+        Window::new(5, Duration::from_secs(3)),
+    ];
+    s.limit.margin = Duration::from_millis(50);
+    let account = smartlead_proxy::accounts::Accounts::new(&s).unwrap().all()[0].clone();
+    let asked = tokio::time::Instant::now();
+    let deadline = asked + Duration::from_millis(2500);
+    let calls = (0..12).map(|_| {
+        let account = account.clone();
+        async move {
+            let r = account.limiter.acquire(deadline, &Default::default()).await;
+            (r, tokio::time::Instant::now())
+        }
+    });
+    let results = join_all(calls).await;
+    let mut starts = Vec::new();
+    for (r, at) in results {
+        match r {
+            Ok(_) => starts.push(at.duration_since(asked).as_micros() as u64),
+            Err(Refusal::RateLimited { window, .. }) => {
+                assert_eq!(window, Some(1), "the 5/3s window held it back");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    starts.sort();
+    assert_eq!(
+        starts.len(),
+        5,
+        "3 at once, 2 a second later, then 5/3s is full: {starts:?}"
+    );
+    assert!(
+        smartlead_proxy::limiter::log::max_in_window(&starts, 1_000_000) <= 3,
+        "{starts:?}"
+    );
+    assert!(starts[3] >= 1_000_000, "the second second's: {starts:?}");
+}

@@ -57,33 +57,64 @@ local function windows(w, follow, adopted)
 end
 "#;
 
-/// KEYS: log, pause, limit. ARGV: id, max_wait, followed window (1-based), windows.
-const RESERVE: &str = r#"
+/// The reservations of several waiters of this instance, in their order, in one call.
+/// Each gets the earliest slot every window allows after the ones before it (and after
+/// a pause), or is refused with the slot it would have had and the window that held it
+/// back. The log's tail is read once and the grants are appended to it in Lua.
+/// KEYS: log, pause, limit. ARGV: followed window (1-based), windows from 2, then how
+/// many reservations and an id and a max_wait (µs) each.
+/// Returns a granted flag, the wait (µs) and the binding window (1-based) per id.
+const RESERVE_MANY: &str = r#"
 local adopted = tonumber(redis.call('GET', KEYS[3]) or 'nil')
-local ws, longest = windows(4, tonumber(ARGV[3]), adopted)
+local ws, longest = windows(2, tonumber(ARGV[1]), adopted)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - longest))
-local slot, binding = now, 0
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > slot then slot = paused end
-local n = redis.call('ZCARD', KEYS[1])
-if n > 0 then
-  local last = tonumber(redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2])
-  if last > slot then slot = last end
+local logged = redis.call('ZCARD', KEYS[1])
+local fetched, added = {}, {}
+-- The start of the log's entry `i` (0-based): read once from the log, or one granted here.
+local function entry(i)
+  if i >= logged then return added[i - logged + 1] end
+  local v = fetched[i]
+  if v == nil then
+    v = tonumber(redis.call('ZRANGE', KEYS[1], i, i, 'WITHSCORES')[2])
+    fetched[i] = v
+  end
+  return v
+end
+local n = logged
+local at = 3 + 2 * #ws
+local out, furthest = {}, 0
+for j = 1, tonumber(ARGV[at]) do
+  local id, max_wait = ARGV[at + 2 * j - 1], tonumber(ARGV[at + 2 * j])
+  local slot, binding = now, 0
+  if paused > slot then slot = paused end
+  if n > 0 and entry(n - 1) > slot then slot = entry(n - 1) end
   for k = 1, #ws do
     local limit, length = ws[k][1], ws[k][2]
     if n >= limit then
-      local edge = tonumber(redis.call('ZRANGE', KEYS[1], n - limit, n - limit, 'WITHSCORES')[2]) + length
+      local edge = entry(n - limit) + length
       if edge > slot or (edge == slot and binding == 0 and slot > now) then
         slot = edge
         binding = k
       end
     end
   end
+  if slot > now + max_wait then
+    out[#out + 1] = 0
+  else
+    redis.call('ZADD', KEYS[1], s(slot), id)
+    added[#added + 1] = slot
+    n = n + 1
+    if slot > furthest then furthest = slot end
+    out[#out + 1] = 1
+  end
+  out[#out + 1] = s(slot - now)
+  out[#out + 1] = binding
 end
-if slot > now + tonumber(ARGV[2]) then return {0, s(slot - now), binding} end
-redis.call('ZADD', KEYS[1], s(slot), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], s(math.ceil((slot - now + longest) / 1000) + 1000))
-return {1, s(slot - now), binding}
+if furthest > 0 then
+  redis.call('PEXPIRE', KEYS[1], s(math.ceil((furthest - now + longest) / 1000) + 1000))
+end
+return out
 "#;
 
 /// A new limit for the followed window, for everyone (or, with limit 0, new windows
@@ -199,7 +230,7 @@ fn script(body: &str) -> Script {
 }
 
 struct Scripts {
-    reserve: Script,
+    reserve_many: Script,
     waits_of: Script,
     cancel: Script,
     pause: Script,
@@ -245,7 +276,7 @@ impl RedisLink {
         let link = Arc::new(Self {
             conn,
             scripts: Scripts {
-                reserve: script(RESERVE),
+                reserve_many: script(RESERVE_MANY),
                 waits_of: script(WAITS_OF),
                 cancel: script(CANCEL),
                 pause: script(PAUSE),
@@ -276,7 +307,9 @@ impl RedisLink {
         follow: usize,
     ) -> Arc<RedisBackend> {
         let prefix = format!("{{{}:{account}}}", self.base);
-        let backend = Arc::new(RedisBackend {
+        let backend = Arc::new_cyclic(|me| RedisBackend {
+            me: me.clone(),
+            batch: Mutex::new(Batch::default()),
             link: self.clone(),
             keys: Keys {
                 log: format!("{prefix}:log"),
@@ -393,6 +426,27 @@ struct Keys {
     channel: String,
 }
 
+/// Reservations asked for while another batch was on its way to Redis: the next batch.
+#[derive(Default)]
+struct Batch {
+    waiting: Vec<Asked>,
+    /// A task is sending batches.
+    sending: bool,
+}
+
+/// One reservation asked for: its id, how long it may wait, and where its answer goes.
+struct Asked {
+    id: u64,
+    max_wait: Duration,
+    answer: tokio::sync::oneshot::Sender<Granted>,
+}
+
+/// Redis' answer to one reservation: granted, the wait, the binding window (1-based).
+type Granted = RedisResult<(i64, i64, i64)>;
+
+/// Most reservations sent in one call.
+const MOST_PER_BATCH: usize = 256;
+
 /// The windows as the scripts take them: a limit and a length (µs) each.
 fn script_windows(spans: &[Span]) -> Vec<usize> {
     spans
@@ -411,6 +465,9 @@ fn share(spans: &[Span], live: usize) -> Vec<Span> {
 
 /// One account's log in Redis.
 pub struct RedisBackend {
+    me: Weak<RedisBackend>,
+    /// Reservations waiting to go to Redis together.
+    batch: Mutex<Batch>,
     link: Arc<RedisLink>,
     keys: Keys,
     /// The windows as the scripts take them: a limit and a length (µs) each.
@@ -432,6 +489,49 @@ impl RedisBackend {
         inv.arg(windows.len() / 2);
         for n in windows {
             inv.arg(n);
+        }
+    }
+
+    /// Sends what is waiting, batch after batch, until nothing is.
+    async fn send_batches(&self) {
+        loop {
+            let asked: Vec<Asked> = {
+                let mut batch = lock(&self.batch);
+                if batch.waiting.is_empty() {
+                    batch.sending = false;
+                    return;
+                }
+                let take = batch.waiting.len().min(MOST_PER_BATCH);
+                batch.waiting.drain(..take).collect()
+            };
+            let mut inv = self.link.scripts.reserve_many.key(&self.keys.log);
+            inv.key(&self.keys.pause)
+                .key(&self.keys.limit)
+                .arg(self.follow.load(Ordering::Relaxed) + 1);
+            self.windows_args(&mut inv);
+            inv.arg(asked.len());
+            for a in &asked {
+                inv.arg(a.id.to_string()).arg(micros(a.max_wait));
+            }
+            let answers = match self.link.call::<Vec<i64>>(inv).await {
+                Ok(flat) if flat.len() == 3 * asked.len() => Ok(flat),
+                Ok(flat) => Err(format!(
+                    "reserve_many answered {} values for {} reservations",
+                    flat.len(),
+                    asked.len()
+                )),
+                Err(e) => Err(e),
+            };
+            for (i, a) in asked.into_iter().enumerate() {
+                let granted = match &answers {
+                    Ok(flat) => Ok((flat[3 * i], flat[3 * i + 1], flat[3 * i + 2])),
+                    Err(e) => Err(e.clone()),
+                };
+                // A caller that went away meanwhile gives its slot back.
+                if let Err(Ok((1, ..))) = a.answer.send(granted) {
+                    Backend::cancel(self, a.id).await;
+                }
+            }
         }
     }
 
@@ -517,15 +617,27 @@ impl RedisBackend {
         }
     }
 
+    /// Reservations are sent in batches: concurrent waiters share one round trip and one
+    /// script run (the decisions of one instance pipelined), in the order they asked.
     async fn reserve_shared(&self, id: u64, max_wait: Duration) -> Result<Duration, Refusal> {
-        let mut inv = self.link.scripts.reserve.key(&self.keys.log);
-        inv.key(&self.keys.pause)
-            .key(&self.keys.limit)
-            .arg(id.to_string())
-            .arg(micros(max_wait))
-            .arg(self.follow.load(Ordering::Relaxed) + 1);
-        self.windows_args(&mut inv);
-        match self.link.call::<(i64, i64, i64)>(inv).await {
+        let (answer, granted) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut batch = lock(&self.batch);
+            batch.waiting.push(Asked {
+                id,
+                max_wait,
+                answer,
+            });
+            !std::mem::replace(&mut batch.sending, true)
+        };
+        if start && let Some(me) = self.me.upgrade() {
+            // A task of its own: the batch must reach Redis even if this caller goes.
+            tokio::spawn(async move { me.send_batches().await });
+        }
+        let granted = granted
+            .await
+            .unwrap_or_else(|_| Err("the reservation was not sent".to_owned()));
+        match granted {
             Ok((1, wait, _)) => {
                 let wait = Duration::from_micros(wait.max(0) as u64);
                 self.remember_own(id, wait);
