@@ -45,8 +45,10 @@ impl Servers {
         }
     }
 
-    async fn start(&mut self, port: u16, args: &[&str]) {
-        let child = Command::new("redis-server")
+    /// Starts a server on `port`; false if it exits instead (the port was taken after
+    /// it was picked), so the caller can pick another.
+    async fn try_start(&mut self, port: u16, args: &[&str]) -> bool {
+        let mut child = Command::new("redis-server")
             .args(args)
             .args([
                 "--port",
@@ -63,8 +65,33 @@ impl Servers {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (.ci/run installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while cli(port, &["ping"]) != "PONG" {
+            if child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 20 s for redis-server on {port}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.children.push((port, child));
-        wait_for(|| cli(port, &["ping"]) == "PONG", "redis-server to start").await;
+        true
+    }
+
+    /// A server on a free port (both picked again if one was taken meanwhile), with the
+    /// arguments `args` makes of a second free port: its port.
+    async fn start(&mut self, args: impl Fn(u16) -> Vec<String>) -> u16 {
+        for _ in 0..5 {
+            let (port, spare) = (closed_port().await, closed_port().await);
+            let args = args(spare);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            if self.try_start(port, &args).await {
+                return port;
+            }
+        }
+        panic!("no redis-server would start on a free port");
     }
 
     fn kill(&mut self, port: u16) {
@@ -105,12 +132,10 @@ async fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
 async fn cluster(servers: &mut Servers) -> Vec<u16> {
     let mut ports = Vec::new();
     for n in 0..3 {
-        let (port, bus) = (closed_port().await, closed_port().await);
         let conf = format!("nodes-{n}.conf");
-        servers
-            .start(
-                port,
-                &[
+        let port = servers
+            .start(|bus| {
+                [
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -119,8 +144,10 @@ async fn cluster(servers: &mut Servers) -> Vec<u16> {
                     &bus.to_string(),
                     "--cluster-node-timeout",
                     "2000",
-                ],
-            )
+                ]
+                .map(str::to_owned)
+                .to_vec()
+            })
             .await;
         ports.push(port);
     }
@@ -302,14 +329,13 @@ async fn a_cluster_shares_one_quota_keeps_accounts_in_their_slots_and_follows_a_
 #[tokio::test]
 async fn sentinel_failover_is_followed_back_to_the_shared_limiter() {
     let mut servers = Servers::new("sentinel");
-    let (master, replica, sentinel) = (
-        closed_port().await,
-        closed_port().await,
-        closed_port().await,
-    );
-    servers.start(master, &[]).await;
-    servers
-        .start(replica, &["--replicaof", "127.0.0.1", &master.to_string()])
+    let master = servers.start(|_| Vec::new()).await;
+    let replica = servers
+        .start(|_| {
+            ["--replicaof", "127.0.0.1", &master.to_string()]
+                .map(str::to_owned)
+                .to_vec()
+        })
         .await;
     wait_for(
         || cli(replica, &["info", "replication"]).contains("master_link_status:up"),
@@ -326,8 +352,12 @@ async fn sentinel_failover_is_followed_back_to_the_shared_limiter() {
         ),
     )
     .unwrap();
-    servers
-        .start(sentinel, &[conf.to_str().unwrap(), "--sentinel"])
+    let sentinel = servers
+        .start(|_| {
+            [conf.to_str().unwrap(), "--sentinel"]
+                .map(str::to_owned)
+                .to_vec()
+        })
         .await;
     wait_for(
         || cli(sentinel, &["sentinel", "replicas", "mymaster"]).contains(&replica.to_string()),
