@@ -216,15 +216,6 @@ fn move_slot(ports: &[u16], slot: u16, from: u16, to: u16) {
     }
 }
 
-async fn burst(proxy: &Proxy, n: usize) -> Vec<u16> {
-    let calls = (0..n).map(|_| proxy.get("/api/v1/campaigns"));
-    futures_util::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(|r| r.status().as_u16())
-        .collect()
-}
-
 async fn limiter_state(proxy: &Proxy) -> String {
     let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
     ready["limiter"]["state"]
@@ -265,7 +256,10 @@ async fn a_cluster_shares_one_quota_keeps_accounts_in_their_slots_and_follows_a_
         proxies.push(spawn_proxy(s).await);
     }
     let started = Instant::now();
-    let (a, b) = tokio::join!(burst(&proxies[0], 4), burst(&proxies[1], 4));
+    let (a, b) = tokio::join!(
+        campaigns_at_once(&proxies[0], 4),
+        campaigns_at_once(&proxies[1], 4)
+    );
     assert!(a.iter().chain(&b).all(|s| *s == 200), "{a:?} {b:?}");
     assert!(
         started.elapsed() >= period,
@@ -301,7 +295,10 @@ async fn a_cluster_shares_one_quota_keeps_accounts_in_their_slots_and_follows_a_
     move_slot(&ports, slot, from, to);
     assert_eq!(owner(&ports, slot), to);
     let before = sim.stats().requests;
-    let (a, b) = tokio::join!(burst(&proxies[0], 4), burst(&proxies[1], 4));
+    let (a, b) = tokio::join!(
+        campaigns_at_once(&proxies[0], 4),
+        campaigns_at_once(&proxies[1], 4)
+    );
     assert!(a.iter().chain(&b).all(|s| *s == 200), "{a:?} {b:?}");
     assert_eq!(sim.stats().requests - before, 8);
     assert_eq!(
@@ -382,7 +379,7 @@ async fn sentinel_failover_is_followed_back_to_the_shared_limiter() {
     s.redis.mode = RedisMode::Sentinel;
     s.redis.master_name = "mymaster".into();
     let proxy = spawn_proxy(s).await;
-    assert!(burst(&proxy, 5).await.iter().all(|s| *s == 200));
+    assert!(campaigns_at_once(&proxy, 5).await.iter().all(|s| *s == 200));
     assert_eq!(limiter_state(&proxy).await, "shared");
     let log = format!("{{{key}:default}}:log");
     assert_eq!(cli(master, &["exists", &log]), "1");
@@ -393,7 +390,7 @@ async fn sentinel_failover_is_followed_back_to_the_shared_limiter() {
     let mut back = false;
     while failed_over.elapsed() < Duration::from_secs(20) {
         assert!(
-            burst(&proxy, 2).await.iter().all(|s| *s == 200),
+            campaigns_at_once(&proxy, 2).await.iter().all(|s| *s == 200),
             "answered during the failover"
         );
         if cli(replica, &["role"]).starts_with("master") && limiter_state(&proxy).await == "shared"
@@ -407,7 +404,7 @@ async fn sentinel_failover_is_followed_back_to_the_shared_limiter() {
         back,
         "back on the shared limiter within 20 s of the master's death"
     );
-    assert!(burst(&proxy, 3).await.iter().all(|s| *s == 200));
+    assert!(campaigns_at_once(&proxy, 3).await.iter().all(|s| *s == 200));
     assert_eq!(
         cli(replica, &["exists", &log]),
         "1",

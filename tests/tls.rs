@@ -154,16 +154,6 @@ async fn https_proxy_and_no_proxy_from_the_environment_are_honoured() {
     assert_eq!(sim.stats().requests, 2);
 }
 
-/// Requests `n` times at once through `proxy`; the statuses.
-async fn burst(proxy: &Proxy, n: usize) -> Vec<u16> {
-    let calls = (0..n).map(|_| proxy.get("/api/v1/campaigns"));
-    futures_util::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(|r| r.status().as_u16())
-        .collect()
-}
-
 #[tokio::test]
 async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {
     let ca = TestCa::new();
@@ -190,7 +180,10 @@ async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {
         assert_eq!(ready["limiter"]["state"], "shared", "{ready}");
     }
     let started = std::time::Instant::now();
-    let (a, b) = tokio::join!(burst(&proxies[0], 4), burst(&proxies[1], 4));
+    let (a, b) = tokio::join!(
+        campaigns_at_once(&proxies[0], 4),
+        campaigns_at_once(&proxies[1], 4)
+    );
     for s in a.into_iter().chain(b) {
         assert_eq!(s, 200);
     }

@@ -253,6 +253,16 @@ pub async fn sim_and_proxy_with(tweak: impl FnOnce(&mut Settings)) -> (Sim, Prox
     (sim, proxy)
 }
 
+/// `n` GETs of `/api/v1/campaigns` at once through `proxy`; the statuses.
+pub async fn campaigns_at_once(proxy: &Proxy, n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|_| proxy.get("/api/v1/campaigns"));
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.status().as_u16())
+        .collect()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
