@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -48,23 +48,8 @@ impl Servers {
     /// Starts a server on `port`; false if it exits instead (the port was taken after
     /// it was picked), so the caller can pick another.
     async fn try_start(&mut self, port: u16, args: &[&str]) -> bool {
-        let mut child = Command::new("redis-server")
-            .args(args)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args(["--dir", self.dir.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (.ci/run installs it)");
+        let dir = self.dir.to_str().unwrap().to_owned();
+        let mut child = spawn_redis(args, port, &["--dir", &dir]);
         let deadline = Instant::now() + Duration::from_secs(20);
         while cli(port, &["ping"]) != "PONG" {
             if child.try_wait().unwrap().is_some() {

@@ -370,6 +370,20 @@ pub fn max_in_window(sim: &Sim, period: Duration, since: Option<tokio::time::Ins
     smartlead_proxy::limiter::log::max_in_window(&slots, period.as_micros() as u64)
 }
 
+/// `redis-server <before> --port <port>` on loopback, without persistence, then
+/// `<after>` (a config file, as Sentinel needs, goes in `before`: it must come first).
+pub fn spawn_redis(before: &[&str], port: u16, after: &[&str]) -> std::process::Child {
+    std::process::Command::new("redis-server")
+        .args(before)
+        .args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(after)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server must be installed (.ci/run installs it)")
+}
+
 /// A private `redis-server` on a free port, killed on drop.
 pub struct PrivateRedis {
     pub port: u16,
@@ -424,17 +438,9 @@ impl PrivateRedis {
     }
 
     pub async fn restart(&mut self) {
-        let port = self.port.to_string();
-        let mut args = vec!["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
         // Later arguments win: `extra` may replace the plain port.
-        args.extend(["--port", &port]);
-        args.extend(self.extra.iter().map(String::as_str));
-        let child = std::process::Command::new("redis-server")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (.ci/run installs it)");
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let child = spawn_redis(&[], self.port, &extra);
         self.child = Some(child);
         for _ in 0..100 {
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
