@@ -115,11 +115,12 @@ pub async fn run_with(
     let pool = POOL_MAX_IDLE.div_ceil(workers);
     let upstream = &shared.settings.upstream;
     let tls = tls::client_config(upstream.ca_file.as_deref()).map_err(RunError::Setup)?;
-    if let (_, Some(via)) = egress::connector(upstream).map_err(RunError::Setup)? {
+    let (connector, via) = egress::connector(upstream).map_err(RunError::Setup)?;
+    if let Some(via) = via {
         tracing::info!(proxy = %via, "the upstream is reached through an egress proxy");
     }
     let clients = (0..workers)
-        .map(|_| UpstreamClient::new(upstream, tls.clone(), pool))
+        .map(|_| UpstreamClient::with_connector(upstream, connector.clone(), tls.clone(), pool))
         .collect::<Result<Vec<_>, _>>()
         .map_err(RunError::Setup)?;
     let stopping = Shutdown::default();

@@ -177,6 +177,17 @@ impl UpstreamClient {
         max_idle: usize,
     ) -> Result<Self, String> {
         let (connector, _) = crate::egress::connector(settings)?;
+        Self::with_connector(settings, connector, tls, max_idle)
+    }
+
+    /// [`UpstreamClient::new`] over `connector` (direct or through the egress proxy),
+    /// chosen once for every serving thread.
+    pub fn with_connector(
+        settings: &UpstreamSettings,
+        connector: crate::egress::Connector,
+        tls: rustls::ClientConfig,
+        max_idle: usize,
+    ) -> Result<Self, String> {
         // HTTP/1.1 only: the pool keeps one request per connection at a time.
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
