@@ -6,6 +6,8 @@ WORKDIR /src
 # Dependencies first: stub sources for every target, so this layer is reused until
 # Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
+# Patched crates (Cargo.toml's [patch.crates-io]) are part of the dependencies.
+COPY vendor ./vendor
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

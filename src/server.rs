@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -225,43 +225,38 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
 
 /// Copies the request head out of hyper's read buffer. Header values and the path
 /// normally point into that buffer, which keeps it alive while the request waits for a
-/// quota slot, so hyper allocates a second one for its next read; with the head copied,
-/// the first is reused. The copies share one allocation.
+/// quota slot; with the head copied it is freed (or reused) at once. The copies share one
+/// allocation, and the values are replaced in hyper's own map.
 fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
-    let shared = std::mem::take(&mut parts.headers);
     // Origin form is what HTTP/1 clients send; anything else is re-parsed on its own.
     let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
     let target = match (origin_form, parts.uri.path_and_query()) {
         (true, Some(p)) => p.as_str(),
         _ => "",
     };
-    let total = target.len() + shared.values().map(HeaderValue::len).sum::<usize>();
+    let total = target.len() + parts.headers.values().map(HeaderValue::len).sum::<usize>();
     // In the thread's slab: no allocation of its own, and slicing it costs none either.
     let copy = crate::slab::write(total, |copy| {
         copy.extend_from_slice(target.as_bytes());
-        for value in shared.values() {
+        for value in parts.headers.values() {
             copy.extend_from_slice(value.as_bytes());
         }
     });
-    // Room for what the proxy adds: the request id and Host.
-    let mut owned = HeaderMap::with_capacity(shared.len() + 2);
-    let mut at = target.len();
-    for (name, value) in &shared {
+    let target_len = target.len();
+    let mut at = target_len;
+    for value in parts.headers.values_mut() {
         let end = at + value.len();
-        let mut copied =
-            HeaderValue::from_maybe_shared(copy.slice(at..end)).unwrap_or_else(|_| value.clone());
-        copied.set_sensitive(value.is_sensitive());
+        if let Ok(mut copied) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            copied.set_sensitive(value.is_sensitive());
+            *value = copied;
+        }
         at = end;
-        let name =
-            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-        owned.append(name, copied);
     }
-    parts.headers = owned;
-    let uri = if target.is_empty() {
+    let uri = if target_len == 0 {
         parts.uri.to_string().parse().ok()
     } else {
-        http::Uri::from_maybe_shared(copy.slice(..target.len())).ok()
+        http::Uri::from_maybe_shared(copy.slice(..target_len)).ok()
     };
     if let Some(uri) = uri {
         parts.uri = uri;

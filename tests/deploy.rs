@@ -87,6 +87,29 @@ fn dockerfile_would_build() {
             "no stub for bench {name}"
         );
     }
+    // Every patched crate's source is there before the dependency layer builds.
+    let first_build = instructions
+        .iter()
+        .position(|i| i.contains(build_cmd))
+        .unwrap();
+    for (name, patch) in manifest
+        .get("patch")
+        .and_then(|p| p.get("crates-io"))
+        .and_then(|p| p.as_table())
+        .into_iter()
+        .flatten()
+    {
+        let Some(path) = patch.get("path").and_then(|p| p.as_str()) else {
+            continue;
+        };
+        let top = path.split('/').next().unwrap();
+        assert!(
+            instructions[..first_build]
+                .iter()
+                .any(|i| i.starts_with("COPY ") && i.split_whitespace().nth(1) == Some(top)),
+            "the patched {name} ({path}) is not copied before the dependency layer"
+        );
+    }
     let has = |prefix: &str| instructions.iter().any(|i| i.starts_with(prefix));
     assert!(has("FROM gcr.io/distroless/cc-debian12:nonroot"));
     assert!(has("USER nonroot"));
