@@ -120,10 +120,12 @@ where
     }
 
     fn call(&mut self, req: Request<Bytes>) -> QuotaRetryFuture {
-        let exchange = exchange(self.inner.clone(), self.quota.clone(), req);
-        QuotaRetryFuture {
-            exchange: Box::pin(exchange),
-        }
+        let exchange: Pin<Box<dyn Future<Output = _> + Send>> =
+            match Attempts::start(self.inner.clone(), self.quota.clone(), req) {
+                Ok(attempts) => Box::pin(exchange(attempts)),
+                Err(error) => Box::pin(std::future::ready(Err(Failure::early(error)))),
+            };
+        QuotaRetryFuture { exchange }
     }
 }
 
@@ -140,25 +142,16 @@ impl Future for QuotaRetryFuture {
     }
 }
 
-/// The request's options, then the loop, ended early if the shutdown grace runs out.
-async fn exchange<S, B>(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Reply, Failure>
+/// The loop, ended early if the shutdown grace runs out. Its future holds the loop's
+/// state and little else: the request's options were read before it was made (an async
+/// function keeps its arguments for its whole life, so it takes only what it keeps).
+async fn exchange<S, B>(mut attempts: Attempts<S>) -> Result<Reply, Failure>
 where
     S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>,
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let (mut parts, body) = req.into_parts();
-    // The caller layer always chooses one: a request without is a bug.
-    let call = parts
-        .extensions
-        .remove::<Call>()
-        .ok_or_else(|| Failure::early(ProxyError::Internal))?;
-    let timeout = request_timeout(&parts.headers).map_err(Failure::early)?;
-    let logged = traffic::wanted(&quota.log, &parts.headers);
-    parts.headers.remove(REQUEST_TIMEOUT_HEADER);
-    parts.headers.remove(traffic::DEBUG_HEADER);
-    call.account.retry_budget.deposit();
-    let mut attempts = Attempts::new(&quota, call, inner, parts, body, timeout, logged);
+    let quota = attempts.quota.clone();
     let outcome = tokio::select! {
         outcome = attempts.run() => outcome,
         _ = quota.shutdown.aborted() => Err(ProxyError::ShuttingDown),
@@ -190,8 +183,8 @@ fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> 
 }
 
 /// The loop's state: the request, its deadlines and what happened so far.
-struct Attempts<'q, S> {
-    quota: &'q Quota,
+struct Attempts<S> {
+    quota: Arc<Quota>,
     /// Its quota, retry budget and how long its pauses may be.
     account: Arc<Account>,
     /// Whose turn in the account's line each attempt waits for.
@@ -209,14 +202,31 @@ struct Attempts<'q, S> {
     traffic: Option<Arc<Traffic>>,
 }
 
-impl<'q, S, B> Attempts<'q, S>
+impl<S, B> Attempts<S>
 where
     S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>,
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    /// The request's options (its account, its own deadline, whether it is logged),
+    /// read before anything waits.
+    fn start(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Self, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        // The caller layer always chooses one: a request without is a bug.
+        let call = parts
+            .extensions
+            .remove::<Call>()
+            .ok_or(ProxyError::Internal)?;
+        let timeout = request_timeout(&parts.headers)?;
+        let logged = traffic::wanted(&quota.log, &parts.headers);
+        parts.headers.remove(REQUEST_TIMEOUT_HEADER);
+        parts.headers.remove(traffic::DEBUG_HEADER);
+        call.account.retry_budget.deposit();
+        Ok(Self::new(quota, call, inner, parts, body, timeout, logged))
+    }
+
     fn new(
-        quota: &'q Quota,
+        quota: Arc<Quota>,
         Call { account, who }: Call,
         inner: S,
         parts: Parts,
@@ -265,91 +275,100 @@ where
     }
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
-        let quota = self.quota;
         let account = self.account.clone();
-        let limiter = &account.limiter;
         loop {
-            match limiter.acquire(self.start_by, &self.who).await {
+            match account.limiter.acquire(self.start_by, &self.who).await {
                 Ok(waited) => self.served.waited += waited,
                 Err(refusal) => return Err(self.refused(refusal)),
             }
             self.served.attempts += 1;
-            let timeout = self.attempt_timeout();
-            let began = Instant::now();
-            let sent = self.send(timeout).await;
-            if let Ok(resp) = &sent {
-                limiter.observe(resp.headers()).await;
-            }
-            let status = sent.as_ref().ok().map(Response::status);
-            let outcome = match (&status, &sent) {
-                (Some(status), _) => status.as_str(),
-                (None, Err(e)) => e.kind(),
-                (None, Ok(_)) => "",
-            };
-            tracing::debug!(
-                attempt = self.served.attempts,
-                outcome,
-                upstream_ms = began.elapsed().as_secs_f64() * 1000.0,
-                "upstream attempt"
-            );
-            crate::metrics::upstream_attempt(outcome);
-            let (retryable, asked, last) = match sent {
-                Ok(resp) if is_pass_through(resp.status()) => {
-                    self.served.upstream_time += began.elapsed();
-                    return Ok(self.success(resp, began.elapsed()));
-                }
-                Ok(resp) => {
-                    let failed = read_failed(resp, timeout).await;
-                    if let Some(t) = &self.traffic {
-                        let (status, headers, body) =
-                            (failed.status, &failed.headers, &failed.body);
-                        t.answered(self.served.attempts, status, headers, body, began.elapsed());
-                    }
-                    self.served.last_status = Some(failed.status);
-                    let asked = retry::upstream_retry_after(
-                        &failed.headers,
-                        &failed.body,
-                        SystemTime::now(),
-                    );
-                    let retryable = retry::retry_status(failed.status, self.safety, &quota.retry);
-                    (retryable, asked, ProxyError::Upstream(Box::new(failed)))
-                }
-                Err(err) => {
-                    if let Some(t) = &self.traffic {
-                        t.failed(self.served.attempts, err.kind(), began.elapsed());
-                    }
-                    (retry::retry_error(&err, self.safety), None, err.into())
-                }
-            };
-            self.served.upstream_time += began.elapsed();
-            let limited = matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
-            if limited {
-                // Every window was kept, so SmartLead's own limit is lower.
-                limiter.refused_anyway().await;
-            }
-            if !retryable || self.served.attempts > quota.retry.max_retries {
-                return Err(self.last(last));
-            }
-            if !limited && !account.retry_budget.withdraw() {
-                self.served.budget_exhausted = true;
-                tracing::warn!(
-                    attempt = self.served.attempts,
-                    "retry budget exhausted; answering with the last error"
-                );
-                return Err(self.last(last));
-            }
-            tracing::info!(attempt = self.served.attempts, outcome, "retrying");
-            crate::metrics::retry(outcome);
-            if limited {
-                // The quota is shared: everyone pauses, and the limiter spaces the restart.
-                limiter.pause(self.pause_for(asked)).await;
-                continue;
-            }
-            match self.wait_or_give_up(asked) {
-                Some(wait) => tokio::time::sleep(wait).await,
-                None => return Err(self.last(last)),
+            // Made at slot time: while it waits for a slot, a request holds only the
+            // small state above, not the attempt's (its upstream call, its timers).
+            if let Some(done) = Box::pin(self.attempt()).await {
+                return done;
             }
         }
+    }
+
+    /// One attempt and what follows it: the answer, or `None` once it is time to try
+    /// again (after a pause or a backoff).
+    async fn attempt(&mut self) -> Option<Result<Response<Body>, ProxyError>> {
+        let quota = self.quota.clone();
+        let account = self.account.clone();
+        let limiter = &account.limiter;
+        let timeout = self.attempt_timeout();
+        let began = Instant::now();
+        let sent = self.send(timeout).await;
+        if let Ok(resp) = &sent {
+            limiter.observe(resp.headers()).await;
+        }
+        let status = sent.as_ref().ok().map(Response::status);
+        let outcome = match (&status, &sent) {
+            (Some(status), _) => status.as_str(),
+            (None, Err(e)) => e.kind(),
+            (None, Ok(_)) => "",
+        };
+        tracing::debug!(
+            attempt = self.served.attempts,
+            outcome,
+            upstream_ms = began.elapsed().as_secs_f64() * 1000.0,
+            "upstream attempt"
+        );
+        crate::metrics::upstream_attempt(outcome);
+        let (retryable, asked, last) = match sent {
+            Ok(resp) if is_pass_through(resp.status()) => {
+                self.served.upstream_time += began.elapsed();
+                return Some(Ok(self.success(resp, began.elapsed())));
+            }
+            Ok(resp) => {
+                let failed = read_failed(resp, timeout).await;
+                if let Some(t) = &self.traffic {
+                    let (status, headers, body) = (failed.status, &failed.headers, &failed.body);
+                    t.answered(self.served.attempts, status, headers, body, began.elapsed());
+                }
+                self.served.last_status = Some(failed.status);
+                let asked =
+                    retry::upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
+                let retryable = retry::retry_status(failed.status, self.safety, &quota.retry);
+                (retryable, asked, ProxyError::Upstream(Box::new(failed)))
+            }
+            Err(err) => {
+                if let Some(t) = &self.traffic {
+                    t.failed(self.served.attempts, err.kind(), began.elapsed());
+                }
+                (retry::retry_error(&err, self.safety), None, err.into())
+            }
+        };
+        self.served.upstream_time += began.elapsed();
+        let limited =
+            matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
+        if limited {
+            // Every window was kept, so SmartLead's own limit is lower.
+            limiter.refused_anyway().await;
+        }
+        if !retryable || self.served.attempts > quota.retry.max_retries {
+            return Some(Err(self.last(last)));
+        }
+        if !limited && !account.retry_budget.withdraw() {
+            self.served.budget_exhausted = true;
+            tracing::warn!(
+                attempt = self.served.attempts,
+                "retry budget exhausted; answering with the last error"
+            );
+            return Some(Err(self.last(last)));
+        }
+        tracing::info!(attempt = self.served.attempts, outcome, "retrying");
+        crate::metrics::retry(outcome);
+        if limited {
+            // The quota is shared: everyone pauses, and the limiter spaces the restart.
+            limiter.pause(self.pause_for(asked)).await;
+            return None;
+        }
+        match self.wait_or_give_up(asked) {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => return Some(Err(self.last(last))),
+        }
+        None
     }
 
     /// One attempt within `timeout`.
