@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench redis` (needs Redis on 127.0.0.1:6379).
 
+// The proxy's allocator, so the client side costs what it does in the proxy.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
