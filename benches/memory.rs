@@ -1,7 +1,9 @@
 //! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue,
 //! against the floor of the stack itself measured in the same run: a bare hyper HTTP/1
 //! server (this bench binary run again, with the same allocator) holding the same 10,000
-//! requests without answering. `PROXY_BINS` adds other builds to compare.
+//! requests without answering. `PROXY_BINS` adds other builds to compare. nginx's
+//! `limit_req` holding the same requests is reported as a reference when nginx is
+//! installed.
 //!
 //! `cargo bench --bench memory` (raise `ulimit -n` above 20,000 first; bench/run does).
 
@@ -17,12 +19,13 @@ use tokio::io::AsyncWriteExt;
 const WAITING: usize = 10_000;
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // A process that is gone (or a kernel thread) counts nothing.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+        .unwrap_or(0)
 }
 
 async fn queued(addr: &str) -> f64 {
@@ -94,6 +97,35 @@ async fn send_waiting(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
     conns
 }
 
+async fn wait_listening(addr: &str) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// RSS (KiB, summed over `pids()`) idle, then with `WAITING` requests sent to `addr`.
+/// With no queue to watch, the second is read once the RSS stops growing.
+async fn idle_and_held(addr: &str, pids: impl Fn() -> Vec<u32>) -> (u64, u64) {
+    let rss = || pids().into_iter().map(rss_kib).sum::<u64>();
+    let idle = rss();
+    let conns = send_waiting(addr, WAITING).await;
+    let mut last = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rss();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    drop(conns);
+    (idle, last)
+}
+
 /// RSS of the bare hyper server: idle, then with `WAITING` pending requests.
 async fn floor() -> (u64, u64) {
     let addr = free_addr();
@@ -103,29 +135,72 @@ async fn floor() -> (u64, u64) {
         .spawn()
         .unwrap();
     let pid = child.id();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = rss_kib(pid);
-    let conns = send_waiting(&addr, WAITING).await;
-    // No queue to watch: wait until the RSS stops growing.
-    let mut last = 0;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = rss_kib(pid);
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    drop(conns);
+    wait_listening(&addr).await;
+    let measured = idle_and_held(&addr, || vec![pid]).await;
     let _ = child.kill();
     let _ = child.wait();
-    (idle, last)
+    measured
+}
+
+/// The reference: nginx (all its processes) with `limit_req` delaying the same requests
+/// (one per minute, a burst of 20,000 allowed to wait), in front of `upstream`. `None`
+/// when nginx is not installed.
+async fn nginx_limit_req(upstream: &str) -> Option<(u64, u64)> {
+    let dir = std::env::temp_dir().join(format!("memory-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let addr = free_addr();
+    let upstream = upstream.trim_start_matches("http://");
+    let upstream = upstream.split('/').next().unwrap_or(upstream);
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;\nworker_rlimit_nofile 65536;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log;\nevents {{ worker_connections 30000; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}; proxy_temp_path {d};\n\
+         fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+         limit_req_zone $server_name zone=quota:1m rate=1r/m;\n\
+         server {{\n    listen {addr};\n    location /api/v1/ {{\n\
+         limit_req zone=quota burst=20000;\n      proxy_pass http://{upstream};\n    }}\n  }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).ok()?;
+    let started = Command::new("nginx")
+        .args(["-c", &dir.join("nginx.conf").display().to_string()])
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(started, Ok(s) if s.success()) {
+        let _ = std::fs::remove_dir_all(&dir);
+        return None;
+    }
+    wait_listening(&addr).await;
+    let master: u32 = std::fs::read_to_string(dir.join("nginx.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let measured = idle_and_held(&addr, || process_tree(master)).await;
+    let _ = Command::new("kill").arg(master.to_string()).status();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(measured)
+}
+
+/// `root` and its children.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // The parent is the second field after the command, which is in parentheses.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(root) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 fn main() {
@@ -233,6 +308,17 @@ async fn bench() {
         bare_per,
         "1.00"
     );
+    match nginx_limit_req(&sim.base_url()).await {
+        Some((idle, loaded)) => println!(
+            "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
+            "nginx limit_req (reference)",
+            mib(idle),
+            mib(loaded),
+            (loaded.saturating_sub(idle) * 1024) as f64 / WAITING as f64,
+            loaded as f64 / bare_loaded.max(1) as f64,
+        ),
+        None => println!("nginx limit_req (reference): skipped, nginx is not installed"),
+    }
     for (name, bin) in binaries() {
         let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url()).await;
         let per = (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0);
