@@ -1,7 +1,8 @@
 //! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue,
 //! against the floor of the stack itself measured in the same run: a bare hyper HTTP/1
-//! server (this bench binary run again, with the same allocator) holding the same 10,000
-//! requests without answering. `PROXY_BINS` adds other builds to compare. nginx's
+//! server (same allocator) holding the same 10,000 requests without answering, built
+//! against hyper as published (`STOCK_FLOOR`, bench/floor; bench/run builds it) and
+//! against the repository's patched hyper (this bench binary run again). `PROXY_BINS` adds other builds to compare. nginx's
 //! `limit_req` holding the same requests is reported as a reference when nginx is
 //! installed.
 //!
@@ -126,14 +127,20 @@ async fn idle_and_held(addr: &str, pids: impl Fn() -> Vec<u32>) -> (u64, u64) {
     (idle, last)
 }
 
-/// RSS of the bare hyper server: idle, then with `WAITING` pending requests.
-async fn floor() -> (u64, u64) {
+/// RSS of a bare hyper server: idle, then with `WAITING` pending requests. `stock` is
+/// one built against hyper as published (bench/floor, its path in `STOCK_FLOOR`);
+/// without it, this bench binary, whose hyper is the repository's patched one.
+async fn floor(stock: Option<&str>) -> (u64, u64) {
     let addr = free_addr();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--bare-hyper", &addr])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut command = match stock {
+        Some(bin) => Command::new(bin),
+        None => {
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.arg("--bare-hyper");
+            c
+        }
+    };
+    let mut child = command.arg(&addr).stdout(Stdio::null()).spawn().unwrap();
     let pid = child.id();
     wait_listening(&addr).await;
     let measured = idle_and_held(&addr, || vec![pid]).await;
@@ -294,40 +301,58 @@ async fn bench() {
     })
     .await
     .unwrap();
-    let (bare_idle, bare_loaded) = floor().await;
-    let bare_per = (bare_loaded.saturating_sub(bare_idle) * 1024) as f64 / WAITING as f64;
+    // The floor the target is set against is hyper as published; the patched one (what
+    // this build serves with) is shown beside it.
+    let stock = std::env::var("STOCK_FLOOR").ok();
+    let (bare_idle, bare_loaded) = floor(stock.as_deref()).await;
+    let per = |idle: u64, loaded: u64, n: f64| (loaded.saturating_sub(idle) * 1024) as f64 / n;
     println!(
-        "{:<28} {:>10} {:>14} {:>12} {:>10}",
+        "{:<30} {:>10} {:>14} {:>12} {:>10}",
         "", "idle MiB", "10,000 waiting", "per request", "vs floor"
     );
+    let floor_name = if stock.is_some() {
+        "bare hyper 1.12.0 (the floor)"
+    } else {
+        "bare hyper, patched (floor)"
+    };
     println!(
-        "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10}",
-        "bare hyper (the floor)",
+        "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10}",
+        floor_name,
         mib(bare_idle),
         mib(bare_loaded),
-        bare_per,
+        per(bare_idle, bare_loaded, WAITING as f64),
         "1.00"
     );
+    if stock.is_some() {
+        let (idle, loaded) = floor(None).await;
+        println!(
+            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
+            "bare hyper, patched here",
+            mib(idle),
+            mib(loaded),
+            per(idle, loaded, WAITING as f64),
+            loaded as f64 / bare_loaded.max(1) as f64,
+        );
+    }
     match nginx_limit_req(&sim.base_url()).await {
         Some((idle, loaded)) => println!(
-            "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
+            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
             "nginx limit_req (reference)",
             mib(idle),
             mib(loaded),
-            (loaded.saturating_sub(idle) * 1024) as f64 / WAITING as f64,
+            per(idle, loaded, WAITING as f64),
             loaded as f64 / bare_loaded.max(1) as f64,
         ),
         None => println!("nginx limit_req (reference): skipped, nginx is not installed"),
     }
     for (name, bin) in binaries() {
         let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url()).await;
-        let per = (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0);
         println!(
-            "{:<28} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{}",
+            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{}",
             name,
             mib(idle),
             mib(loaded),
-            per,
+            per(idle, loaded, waiting.max(1.0)),
             loaded as f64 / bare_loaded.max(1) as f64,
             if waiting < WAITING as f64 - 20.0 {
                 format!("  (only {waiting:.0} waiting)")
