@@ -305,60 +305,48 @@ async fn bench() {
     // this build serves with) is shown beside it.
     let stock = std::env::var("STOCK_FLOOR").ok();
     let (bare_idle, bare_loaded) = floor(stock.as_deref()).await;
-    let per = |idle: u64, loaded: u64, n: f64| (loaded.saturating_sub(idle) * 1024) as f64 / n;
     println!(
         "{:<30} {:>10} {:>14} {:>12} {:>10}",
         "", "idle MiB", "10,000 waiting", "per request", "vs floor"
     );
-    let floor_name = if stock.is_some() {
-        "bare hyper 1.12.0 (the floor)"
-    } else {
-        "bare hyper, patched (floor)"
+    let row = |name: &str, idle: u64, loaded: u64, waiting: f64, note: String| {
+        println!(
+            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{note}",
+            name,
+            mib(idle),
+            mib(loaded),
+            (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0),
+            loaded as f64 / bare_loaded.max(1) as f64,
+        )
     };
-    println!(
-        "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10}",
-        floor_name,
-        mib(bare_idle),
-        mib(bare_loaded),
-        per(bare_idle, bare_loaded, WAITING as f64),
-        "1.00"
-    );
+    let all = WAITING as f64;
+    let floor_name = match stock {
+        Some(_) => "bare hyper 1.12.0 (the floor)",
+        None => "bare hyper, patched (floor)",
+    };
+    row(floor_name, bare_idle, bare_loaded, all, String::new());
     if stock.is_some() {
         let (idle, loaded) = floor(None).await;
-        println!(
-            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
-            "bare hyper, patched here",
-            mib(idle),
-            mib(loaded),
-            per(idle, loaded, WAITING as f64),
-            loaded as f64 / bare_loaded.max(1) as f64,
-        );
+        row("bare hyper, patched here", idle, loaded, all, String::new());
     }
     match nginx_limit_req(&sim.base_url()).await {
-        Some((idle, loaded)) => println!(
-            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}",
+        Some((idle, loaded)) => row(
             "nginx limit_req (reference)",
-            mib(idle),
-            mib(loaded),
-            per(idle, loaded, WAITING as f64),
-            loaded as f64 / bare_loaded.max(1) as f64,
+            idle,
+            loaded,
+            all,
+            String::new(),
         ),
         None => println!("nginx limit_req (reference): skipped, nginx is not installed"),
     }
     for (name, bin) in binaries() {
         let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url()).await;
-        println!(
-            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{}",
-            name,
-            mib(idle),
-            mib(loaded),
-            per(idle, loaded, waiting.max(1.0)),
-            loaded as f64 / bare_loaded.max(1) as f64,
-            if waiting < WAITING as f64 - 20.0 {
-                format!("  (only {waiting:.0} waiting)")
-            } else {
-                String::new()
-            }
-        );
+        let short = waiting < all - 20.0;
+        let note = if short {
+            format!("  (only {waiting:.0} waiting)")
+        } else {
+            String::new()
+        };
+        row(&name, idle, loaded, waiting, note);
     }
 }
