@@ -542,3 +542,33 @@ async fn a_client_that_stops_reading_is_cut_off() {
     assert_eq!(proxy.get("/healthz").await.status(), 200);
     proxy.stop().await;
 }
+
+/// Requests a client sends before its first is answered (here while that one waits for
+/// the quota: one byte of the next, then the rest with a third) are each answered, in
+/// order. The patched hyper (vendor/hyper) lets go of the read buffer between requests
+/// and watches for a hang-up with a one-byte read; neither may lose what was sent.
+#[tokio::test]
+async fn requests_sent_ahead_while_one_waits_are_all_answered_in_order() {
+    let (sim, proxy) = setup(|s| s.limit.one_window(1, Duration::from_millis(500))).await;
+    still_serves(&proxy).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let get = |n: u32, last: bool| {
+        let close = if last { "Connection: close\r\n" } else { "" };
+        format!("GET /api/v1/campaigns?n={n} HTTP/1.1\r\nHost: x\r\n{close}\r\n")
+    };
+    stream.write_all(get(1, false).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let rest = format!("{}{}", get(2, false), get(3, true));
+    stream.write_all(&rest.as_bytes()[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stream.write_all(&rest.as_bytes()[1..]).await.unwrap();
+    let answers = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    let heads: Vec<&str> = answers
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|a| &a[..3])
+        .collect();
+    assert_eq!(heads, ["200", "200", "200"], "{answers}");
+    assert_eq!(sim.stats().requests, 4, "each reached SmartLead once");
+    still_serves(&proxy).await;
+}
