@@ -65,7 +65,7 @@ end
 /// many reservations and an id and a max_wait (µs) each.
 /// Returns one whole number per id (exact: Redis answers a Lua number as an integer),
 /// read by [`Granted::of`]: the wait (µs) when granted, and when refused
-/// `-(wait * 256 + binding window (1-based)) - 1`.
+/// `-(wait * (windows + 1) + binding window (1-based, 0 for none)) - 1`.
 const RESERVE_MANY: &str = r#"
 local kept = redis.call('MGET', KEYS[3], KEYS[2])
 local adopted = tonumber(kept[1] or 'nil')
@@ -105,7 +105,7 @@ for j = 1, tonumber(ARGV[at]) do
     end
   end
   if slot > now + max_wait then
-    out[#out + 1] = -((slot - now) * 256 + binding) - 1
+    out[#out + 1] = -((slot - now) * (#ws + 1) + binding) - 1
   else
     if slot ~= printed then printed, text = slot, s(slot) end
     zadd[#zadd + 1] = text
@@ -458,15 +458,16 @@ enum Granted {
 }
 
 impl Granted {
-    /// The script's number for one reservation (see `RESERVE_MANY`).
-    fn of(n: i64) -> Self {
+    /// The script's number for one reservation of a batch sent with `windows` windows
+    /// (see `RESERVE_MANY`).
+    fn of(n: i64, windows: usize) -> Self {
         let micros = |m: i64| Duration::from_micros(m.max(0) as u64);
         if n >= 0 {
-            Granted::After(micros(n))
-        } else {
-            let packed = -(n + 1);
-            Granted::Refused(micros(packed / 256), packed % 256)
+            return Granted::After(micros(n));
         }
+        let packed = -(n + 1);
+        let wide = windows as i64 + 1;
+        Granted::Refused(micros(packed / wide), packed % wide)
     }
 }
 
@@ -517,12 +518,14 @@ pub struct RedisBackend {
 }
 
 impl RedisBackend {
-    fn windows_args<'a>(&self, inv: &mut redis::ScriptInvocation<'a>) {
-        let windows = lock(&self.windows).clone();
+    /// Adds the windows to `inv`; returns how many there are.
+    fn windows_args<'a>(&self, inv: &mut redis::ScriptInvocation<'a>) -> usize {
+        let windows = lock(&self.windows);
         inv.arg(windows.len() / 2);
-        for n in windows {
-            inv.arg(n);
+        for n in windows.iter() {
+            inv.arg(*n);
         }
+        windows.len() / 2
     }
 
     /// Sends what is waiting, batch after batch, until nothing is.
@@ -545,7 +548,7 @@ impl RedisBackend {
             inv.key(&self.keys.pause)
                 .key(&self.keys.limit)
                 .arg(self.follow.load(Ordering::Relaxed) + 1);
-            self.windows_args(&mut inv);
+            let windows = self.windows_args(&mut inv);
             inv.arg(asked.len());
             for a in &asked {
                 inv.arg(a.id).arg(micros(a.max_wait));
@@ -561,7 +564,7 @@ impl RedisBackend {
             };
             if let Ok(all) = &answers {
                 self.remember_own(asked.iter().zip(all).filter_map(|(a, n)| {
-                    match Granted::of(*n) {
+                    match Granted::of(*n, windows) {
                         Granted::After(wait) => Some((a.id, wait)),
                         Granted::Refused(..) => None,
                     }
@@ -569,7 +572,7 @@ impl RedisBackend {
             }
             for (i, a) in asked.into_iter().enumerate() {
                 let granted = match &answers {
-                    Ok(all) => Ok(Granted::of(all[i])),
+                    Ok(all) => Ok(Granted::of(all[i], windows)),
                     Err(e) => Err(e.clone()),
                 };
                 // A caller that went away meanwhile gives its slot back.
@@ -970,26 +973,27 @@ async fn listen(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
 mod tests {
     use super::*;
 
-    /// What `RESERVE_MANY` answers for a refusal after `wait` µs held back by `binding`.
-    fn refused(wait: i64, binding: i64) -> i64 {
-        -(wait * 256 + binding) - 1
+    /// What `RESERVE_MANY` answers, with `windows` windows, for a refusal after `wait` µs
+    /// held back by `binding`.
+    fn refused(wait: i64, binding: i64, windows: i64) -> i64 {
+        -(wait * (windows + 1) + binding) - 1
     }
 
     #[test]
     fn the_script_s_numbers_read_back_as_what_it_decided() {
         let us = Duration::from_micros;
-        assert_eq!(Granted::of(0), Granted::After(us(0)));
-        assert_eq!(Granted::of(1_500), Granted::After(us(1_500)));
-        assert_eq!(Granted::of(refused(0, 0)), Granted::Refused(us(0), 0));
+        assert_eq!(Granted::of(0, 3), Granted::After(us(0)));
+        assert_eq!(Granted::of(1_500, 3), Granted::After(us(1_500)));
+        assert_eq!(Granted::of(refused(0, 0, 3), 3), Granted::Refused(us(0), 0));
         assert_eq!(
-            Granted::of(refused(2_000, 2)),
+            Granted::of(refused(2_000, 2, 3), 3),
             Granted::Refused(us(2_000), 2)
         );
-        // A day's wait under the longest window a config could name.
+        // A day's wait, held back by the last of a thousand windows.
         let day = 86_400_000_000;
         assert_eq!(
-            Granted::of(refused(day, 255)),
-            Granted::Refused(us(day as u64), 255)
+            Granted::of(refused(day, 1_000, 1_000), 1_000),
+            Granted::Refused(us(day as u64), 1_000)
         );
     }
 }
