@@ -213,7 +213,7 @@ where
     fn start(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Self, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // The caller layer always chooses one: a request without is a bug.
-        let call = parts
+        let Call { account, who } = parts
             .extensions
             .remove::<Call>()
             .ok_or(ProxyError::Internal)?;
@@ -221,19 +221,7 @@ where
         let logged = traffic::wanted(&quota.log, &parts.headers);
         parts.headers.remove(REQUEST_TIMEOUT_HEADER);
         parts.headers.remove(traffic::DEBUG_HEADER);
-        call.account.retry_budget.deposit();
-        Ok(Self::new(quota, call, inner, parts, body, timeout, logged))
-    }
-
-    fn new(
-        quota: Arc<Quota>,
-        Call { account, who }: Call,
-        inner: S,
-        parts: Parts,
-        body: Bytes,
-        timeout: Option<Duration>,
-        logged: bool,
-    ) -> Self {
+        account.retry_budget.deposit();
         let now = Instant::now();
         let give_up_at = timeout.map(|t| now + t);
         let start_by = (now + quota.max_wait).min(give_up_at.unwrap_or(now + quota.max_wait));
@@ -254,7 +242,7 @@ where
                 &quota.secrets,
             ))
         });
-        Self {
+        Ok(Self {
             served: Served {
                 upstream: true,
                 account: Some(account.name.clone()),
@@ -271,7 +259,7 @@ where
             start_by,
             give_up_at,
             traffic,
-        }
+        })
     }
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
@@ -293,7 +281,6 @@ where
     /// One attempt and what follows it: the answer, or `None` once it is time to try
     /// again (after a pause or a backoff).
     async fn attempt(&mut self) -> Option<Result<Response<Body>, ProxyError>> {
-        let quota = self.quota.clone();
         let account = self.account.clone();
         let limiter = &account.limiter;
         let timeout = self.attempt_timeout();
@@ -329,7 +316,7 @@ where
                 self.served.last_status = Some(failed.status);
                 let asked =
                     retry::upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
-                let retryable = retry::retry_status(failed.status, self.safety, &quota.retry);
+                let retryable = retry::retry_status(failed.status, self.safety, &self.quota.retry);
                 (retryable, asked, ProxyError::Upstream(Box::new(failed)))
             }
             Err(err) => {
@@ -346,7 +333,7 @@ where
             // Every window was kept, so SmartLead's own limit is lower.
             limiter.refused_anyway().await;
         }
-        if !retryable || self.served.attempts > quota.retry.max_retries {
+        if !retryable || self.served.attempts > self.quota.retry.max_retries {
             return Some(Err(self.last(last)));
         }
         if !limited && !account.retry_budget.withdraw() {
