@@ -49,15 +49,18 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
     local.block_on(&rt, async move {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let pool: Pool = Rc::default();
+        // Made once, as the proxy makes its `Host` once.
+        let host = hyper::header::HeaderValue::from_str(&upstream.to_string()).unwrap();
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let pool = pool.clone();
+            let (pool, host) = (pool.clone(), host.clone());
             tokio::task::spawn_local(async move {
-                let service =
-                    hyper::service::service_fn(move |req| forward(pool.clone(), upstream, req));
+                let service = hyper::service::service_fn(move |req| {
+                    forward(pool.clone(), upstream, host.clone(), req)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -69,6 +72,7 @@ fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
 async fn forward(
     pool: Pool,
     upstream: SocketAddr,
+    host: hyper::header::HeaderValue,
     mut req: Request<Incoming>,
 ) -> Result<Response<Incoming>, hyper::Error> {
     let popped = pool.borrow_mut().pop();
@@ -84,10 +88,7 @@ async fn forward(
         }
     };
     sender.ready().await?;
-    req.headers_mut().insert(
-        hyper::header::HOST,
-        hyper::header::HeaderValue::from_str(&upstream.to_string()).unwrap(),
-    );
+    req.headers_mut().insert(hyper::header::HOST, host);
     let answer = sender.send_request(req).await;
     // Back once the head is in: the next user's ready() waits for this body's end.
     pool.borrow_mut().push(sender);
