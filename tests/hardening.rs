@@ -82,6 +82,70 @@ async fn slowloris_headers_are_dropped() {
     proxy.stop().await;
 }
 
+/// Sends one GET on `s` and reads its whole answer (a `Content-Length` body).
+async fn one_keep_alive_exchange(s: &mut tokio::net::TcpStream) -> String {
+    s.write_all(b"GET /api/v1/campaigns HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let Some(head_end) = text.find("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = text[..head_end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a Content-Length");
+        if got.len() >= head_end + 4 + length {
+            return text;
+        }
+    }
+}
+
+/// The header-read timer is moved lazily across a keep-alive connection's requests
+/// (vendor/README.md): heads that arrive in time never trip it, however long the
+/// connection lives, and a slow head still does.
+#[tokio::test]
+async fn the_header_timeout_spans_each_head_not_the_connection() {
+    let (sim, proxy) = setup(|s| s.server.client_timeout = Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let started = Instant::now();
+    // Past three timeout periods, a prompt head every 100 ms.
+    while started.elapsed() < Duration::from_millis(1000) {
+        let answer = one_keep_alive_exchange(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = sim.stats().requests;
+    assert!(served >= 5, "{served} requests");
+    s.write_all(b"GET /api/v1/campaigns HTTP/1.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let stalled = Instant::now();
+    read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        stalled.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stalled.elapsed()
+    );
+    assert_eq!(sim.stats().requests, served);
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_stalled_request_body_gets_408() {
     let (sim, proxy) = setup(|s| s.server.client_timeout = Duration::from_millis(500)).await;

@@ -1,12 +1,10 @@
 use std::fmt;
-#[cfg(feature = "server")]
-use std::future::Future;
 use std::io;
 use std::marker::{PhantomData, Unpin};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 #[cfg(feature = "server")]
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::rt::{Read, Write};
 use bytes::{Buf, Bytes};
@@ -65,6 +63,8 @@ where
                 h1_header_read_timeout_fut: None,
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
+                #[cfg(feature = "server")]
+                h1_header_read_deadline: None,
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
@@ -213,6 +213,28 @@ where
         read_buf.len() >= 24 && read_buf[..24] == *H2_PREFACE
     }
 
+    /// smartlead-proxy: whether the head being read is past its deadline. The timer
+    /// may be set for an earlier head's deadline; going off early, it is moved to this
+    /// one's (once per timeout period at most, not once per request).
+    #[cfg(feature = "server")]
+    fn header_read_timed_out(&mut self, cx: &mut Context<'_>) -> bool {
+        let (Some(fut), Some(deadline)) = (
+            self.state.h1_header_read_timeout_fut.as_mut(),
+            self.state.h1_header_read_deadline,
+        ) else {
+            return false;
+        };
+        if fut.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.state.timer.now() >= deadline {
+            return true;
+        }
+        trace!("moving h1 header read timeout timer");
+        self.state.timer.reset(fut, deadline);
+        fut.as_mut().poll(cx).is_ready()
+    }
+
     pub(super) fn poll_read_head(
         &mut self,
         cx: &mut Context<'_>,
@@ -225,16 +247,17 @@ where
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
                 let deadline = self.state.timer.now() + h1_header_read_timeout;
                 self.state.h1_header_read_timeout_running = true;
-                match &mut self.state.h1_header_read_timeout_fut {
-                    Some(h1_header_read_timeout_fut) => {
-                        trace!("resetting h1 header read timeout timer");
-                        self.state.timer.reset(h1_header_read_timeout_fut, deadline);
-                    }
-                    None => {
-                        trace!("setting h1 header read timeout timer");
-                        self.state.h1_header_read_timeout_fut =
-                            Some(self.state.timer.sleep_until(deadline));
-                    }
+                // smartlead-proxy: the timer is made once per connection and moved
+                // lazily. Only the deadline is recorded per request; the timer keeps
+                // an older, earlier deadline and is moved when it goes off early (see
+                // `header_read_timed_out`). Re-arming it per request cost a timer
+                // registration and, often, a wake of the thread's event loop (an
+                // eventfd write and an extra epoll_wait) on every request.
+                self.state.h1_header_read_deadline = Some(deadline);
+                if self.state.h1_header_read_timeout_fut.is_none() {
+                    trace!("setting h1 header read timeout timer");
+                    self.state.h1_header_read_timeout_fut =
+                        Some(self.state.timer.sleep_until(deadline));
                 }
             }
         }
@@ -259,17 +282,11 @@ where
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
                 #[cfg(feature = "server")]
-                if self.state.h1_header_read_timeout_running {
-                    if let Some(h1_header_read_timeout_fut) =
-                        &mut self.state.h1_header_read_timeout_fut
-                    {
-                        if Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready() {
-                            self.state.h1_header_read_timeout_running = false;
+                if self.state.h1_header_read_timeout_running && self.header_read_timed_out(cx) {
+                    self.state.h1_header_read_timeout_running = false;
 
-                            warn!("read header from client timeout");
-                            return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
-                        }
-                    }
+                    warn!("read header from client timeout");
+                    return Poll::Ready(Some(Err(crate::Error::new_header_timeout())));
                 }
 
                 return Poll::Pending;
@@ -278,8 +295,8 @@ where
 
         #[cfg(feature = "server")]
         {
+            // smartlead-proxy: the timer stays for the next head (see above).
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -966,6 +983,9 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    // smartlead-proxy: the deadline of the head being read (the timer may be earlier).
+    #[cfg(feature = "server")]
+    h1_header_read_deadline: Option<Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]
