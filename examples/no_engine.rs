@@ -16,6 +16,8 @@ use std::rc::Rc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod floor;
+
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -23,45 +25,14 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 type Pool = Rc<RefCell<Vec<(TcpStream, Vec<u8>)>>>;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (Some(listen), Some(upstream)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: no_engine <listen addr> <upstream addr>");
-        std::process::exit(2);
-    };
-    let upstream: SocketAddr = upstream.parse().expect("an upstream address");
-    let listener = std::net::TcpListener::bind(listen).expect("the listen address");
-    listener.set_nonblocking(true).unwrap();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let listener = listener.try_clone().unwrap();
-            std::thread::spawn(move || serve(listener, upstream))
-        })
-        .collect();
-    for h in handles {
-        let _ = h.join();
-    }
-}
-
-fn serve(listener: std::net::TcpListener, upstream: SocketAddr) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    floor::run("no_engine", |upstream| {
         let pool: Pool = Rc::default();
         let host: Rc<[u8]> = upstream.to_string().into_bytes().into();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
+        move |stream| {
             let (pool, host) = (pool.clone(), host.clone());
-            tokio::task::spawn_local(async move {
+            async move {
                 let _ = connection(stream, pool, upstream, &host).await;
-            });
+            }
         }
     });
 }
