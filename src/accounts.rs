@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::HeaderName;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
@@ -27,7 +28,7 @@ use crate::retry::RetryBudget;
 use crate::upstream::Target;
 
 /// The request header naming an account; the proxy's, never forwarded.
-pub const ACCOUNT_HEADER: &str = "x-smartlead-account";
+pub const ACCOUNT_HEADER: HeaderName = HeaderName::from_static("x-smartlead-account");
 
 /// One SmartLead account as the request path uses it.
 #[derive(Debug)]

@@ -4,10 +4,12 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use http::HeaderName;
+
 /// The request header naming a client; the proxy's, never forwarded.
-pub const CLIENT_HEADER: &str = "x-client-id";
+pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-client-id");
 /// The request header asking for a priority; the proxy's, never forwarded.
-pub const PRIORITY_HEADER: &str = "x-priority";
+pub const PRIORITY_HEADER: HeaderName = HeaderName::from_static("x-priority");
 
 /// 1-64 characters of `[A-Za-z0-9._:-]`: what `X-Client-Id` and token names may be.
 pub fn valid_client_id(text: &str) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use serde_json::{Map, Value, json};
 
 use crate::key::Secrets;
@@ -71,7 +71,7 @@ pub enum ProxyError {
     BadPath(&'static str),
     /// A request header the proxy reads, with a value it cannot use.
     BadHeader {
-        name: &'static str,
+        name: HeaderName,
         expected: &'static str,
     },
     PayloadTooLarge {
@@ -262,7 +262,7 @@ impl ProxyError {
                 d.insert("method".into(), m.as_str().into());
             }
             BadHeader { name, .. } => {
-                d.insert("header".into(), (*name).into());
+                d.insert("header".into(), name.as_str().into());
             }
             PayloadTooLarge { limit } => {
                 d.insert("max_body_bytes".into(), (*limit).into());

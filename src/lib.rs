@@ -39,6 +39,7 @@ pub mod config;
 pub mod demo;
 pub mod egress;
 pub mod error;
+pub mod headers;
 pub mod healthcheck;
 pub mod key;
 pub mod leads;

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
@@ -32,7 +34,7 @@ impl Safety {
                 .idempotent_posts
                 .iter()
                 .any(|p| path_matches(p, api_path)))
-            || headers.contains_key("idempotency-key");
+            || headers.contains_key(IDEMPOTENCY_KEY);
         Self { idempotent }
     }
 }

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
@@ -16,7 +16,7 @@ use crate::key::Secrets;
 
 /// The per-request switch, honoured only with `log.allow_debug_header = true`; removed
 /// before forwarding.
-pub const DEBUG_HEADER: &str = "x-debug-log";
+pub const DEBUG_HEADER: HeaderName = HeaderName::from_static("x-debug-log");
 /// The tracing target of the records; `log.bodies` or `log.allow_debug_header` turn it
 /// on at debug level whatever `log.level` says.
 pub const TARGET: &str = "smartlead_proxy::traffic";

@@ -16,6 +16,7 @@ use hyper_rustls::HttpsConnector;
 use percent_encoding::percent_decode_str;
 
 use crate::config::{BaseUrl, UpstreamSettings};
+use crate::headers::remove_all;
 use crate::key::ApiKey;
 
 /// Idle upstream connections kept for reuse (in all, shared out between the serving
@@ -399,8 +400,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Headers that describe one connection, never forwarded either way (RFC 9110 §7.6.1).
-const HOP_BY_HOP: &[HeaderName] = &[
+/// Headers that describe one connection, never forwarded either way (RFC 9110 §7.6.1;
+/// `Keep-Alive` and `Proxy-Connection` from older clients and servers).
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -408,14 +410,14 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names instead of a lookup per name.
-    let any = headers
-        .keys()
-        .any(|n| HOP_BY_HOP.contains(n) || n == "keep-alive" || n == "proxy-connection");
+    let any = headers.keys().any(|n| HOP_BY_HOP.contains(n));
     if !any {
         return;
     }
@@ -431,20 +433,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    remove_all(headers, &HOP_BY_HOP);
+    remove_all(headers, &named);
 }
 
 /// The client's headers as they should reach SmartLead.
 pub fn request_headers(mut headers: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     // Host comes from the target URI; length is recomputed from the buffered body.
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::EXPECT);
+    remove_all(
+        &mut headers,
+        &[header::HOST, header::CONTENT_LENGTH, header::EXPECT],
+    );
     headers
 }
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, Either, Ready};
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -455,10 +455,10 @@ impl Limiter {
     /// instance pauses until the reset; a limit different from the per-minute window's is
     /// logged once and, with `limit.follow_upstream`, the smaller of the two is used.
     pub async fn observe(&self, headers: &HeaderMap) {
-        if let Some(upstream) = header_number(headers, "x-ratelimit-limit") {
+        if let Some(upstream) = header_number(headers, RATELIMIT_LIMIT) {
             self.follow_limit(upstream.max(1.0) as usize).await;
         }
-        if header_number(headers, "x-ratelimit-remaining") != Some(0.0) {
+        if header_number(headers, RATELIMIT_REMAINING) != Some(0.0) {
             return;
         }
         let Some(reset) = reset_after(headers, std::time::SystemTime::now()) else {
@@ -748,7 +748,12 @@ impl Drop for Place<'_> {
     }
 }
 
-fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
+// SmartLead's rate-limit headers, named once (a `&str` name is parsed on every lookup).
+const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+fn header_number(headers: &HeaderMap, name: HeaderName) -> Option<f64> {
     headers
         .get(name)?
         .to_str()
@@ -762,7 +767,7 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
 /// `x-ratelimit-reset` as a wait: seconds from now, or (for values that can only be
 /// one) a Unix time in seconds.
 fn reset_after(headers: &HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
-    let v = header_number(headers, "x-ratelimit-reset")?;
+    let v = header_number(headers, RATELIMIT_RESET)?;
     const UNIX_TIME_FROM: f64 = 1_000_000_000.0;
     let secs = if v >= UNIX_TIME_FROM {
         let now = now

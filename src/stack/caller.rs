@@ -248,9 +248,7 @@ where
         if self.accounts.tokens_required() {
             headers.remove(header::AUTHORIZATION);
         }
-        headers.remove(ACCOUNT_HEADER);
-        headers.remove(CLIENT_HEADER);
-        headers.remove(PRIORITY_HEADER);
+        crate::headers::remove_all(headers, &[ACCOUNT_HEADER, CLIENT_HEADER, PRIORITY_HEADER]);
         req.extensions_mut().insert(call);
         CallerFuture::Allowed {
             call: self.inner.call(req),

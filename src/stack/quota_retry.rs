@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode, header, request::Parts};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header, request::Parts};
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
@@ -40,7 +40,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A caller's own deadline for the whole request: `X-Request-Timeout: 10` (seconds, may
 /// be fractional) or a duration such as `2500ms`, `1m`. Not forwarded.
-pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+pub const REQUEST_TIMEOUT_HEADER: HeaderName = HeaderName::from_static("x-request-timeout");
 
 /// Longer deadlines are refused: nothing waits that long, and a clock plus a huge
 /// duration overflows.
@@ -219,8 +219,10 @@ where
             .ok_or(ProxyError::Internal)?;
         let timeout = request_timeout(&parts.headers)?;
         let logged = traffic::wanted(&quota.log, &parts.headers);
-        parts.headers.remove(REQUEST_TIMEOUT_HEADER);
-        parts.headers.remove(traffic::DEBUG_HEADER);
+        crate::headers::remove_all(
+            &mut parts.headers,
+            &[REQUEST_TIMEOUT_HEADER, traffic::DEBUG_HEADER],
+        );
         account.retry_budget.deposit();
         let now = Instant::now();
         let give_up_at = timeout.map(|t| now + t);
