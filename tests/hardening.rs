@@ -146,6 +146,31 @@ async fn the_header_timeout_spans_each_head_not_the_connection() {
     proxy.stop().await;
 }
 
+/// At most 100 headers (hyper's default, src/server.rs): 90 are served, 120 refused.
+#[tokio::test]
+async fn a_request_with_too_many_headers_is_refused_before_upstream() {
+    let (sim, proxy) = setup(|_| {}).await;
+    let head = |n: usize| {
+        let mut h = String::from("GET /api/v1/campaigns HTTP/1.1\r\nHost: x\r\n");
+        for i in 0..n {
+            h.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+        }
+        h + "Connection: close\r\n\r\n"
+    };
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(head(90).as_bytes()).await.unwrap();
+    let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let served = sim.stats().requests;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(head(120).as_bytes()).await.unwrap();
+    let reply = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    assert_eq!(sim.stats().requests, served);
+    still_serves(&proxy).await;
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_stalled_request_body_gets_408() {
     let (sim, proxy) = setup(|s| s.server.client_timeout = Duration::from_millis(500)).await;
