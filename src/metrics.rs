@@ -10,6 +10,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::client::{ClientId, Priority};
 
+// The label caches below are read on every request. foldhash hashes their short keys in
+// a fraction of the time std's SipHash takes, and each cache is capped in size, so keys
+// chosen to collide have nowhere to grow.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 pub const REQUESTS: &str = "smartlead_proxy_requests_total";
 pub const REQUEST_DURATION: &str = "smartlead_proxy_request_duration_seconds";
 pub const IN_FLIGHT: &str = "smartlead_proxy_in_flight_requests";
@@ -87,7 +93,7 @@ pub fn route_label(path: &str) -> &'static str {
 }
 
 fn intern(label: &str) -> &'static str {
-    static SEEN: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
+    static SEEN: OnceLock<RwLock<FastSet<&'static str>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
     if let Some(l) = seen.read().unwrap_or_else(|e| e.into_inner()).get(label) {
         return l;
@@ -109,7 +115,7 @@ fn intern(label: &str) -> &'static str {
 /// skips the registry's hashing and label allocation after the first request of a kind.
 type RequestHandles = (metrics::Counter, metrics::Histogram);
 type RequestKey = (&'static str, u16, &'static str, Option<Arc<str>>);
-type RequestCache = RwLock<HashMap<RequestKey, RequestHandles>>;
+type RequestCache = RwLock<FastMap<RequestKey, RequestHandles>>;
 
 /// Handles kept before new kinds of requests are counted without a cache (client-key
 /// accounts can make many).
@@ -153,9 +159,9 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A handle per account, made once.
-fn per_account<H: Clone>(
-    cache: &'static OnceLock<RwLock<HashMap<String, H>>>,
+/// A handle per label value (an account, an outcome), made once.
+fn per_label<H: Clone>(
+    cache: &'static OnceLock<RwLock<FastMap<String, H>>>,
     account: &str,
     make: impl FnOnce() -> H,
 ) -> H {
@@ -210,7 +216,7 @@ pub fn render(queues: &[(Arc<str>, [usize; 3])]) -> String {
 /// queues needs no label) get a label of their own for the process's life, so the label
 /// set stays bounded; every other client is `other`.
 pub fn client_wait(client: &ClientId, waited: Duration) {
-    static NAMED: OnceLock<RwLock<HashMap<ClientId, metrics::Histogram>>> = OnceLock::new();
+    static NAMED: OnceLock<RwLock<FastMap<ClientId, metrics::Histogram>>> = OnceLock::new();
     static OTHER: OnceLock<metrics::Histogram> = OnceLock::new();
     let named = NAMED.get_or_init(Default::default);
     if let Some(h) = read(named).get(client) {
@@ -233,19 +239,13 @@ pub fn client_wait(client: &ClientId, waited: Duration) {
 }
 
 pub fn upstream_attempt(outcome: &str) {
-    static CACHE: OnceLock<RwLock<std::collections::HashMap<String, metrics::Counter>>> =
-        OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(c) = cache.read().unwrap_or_else(|e| e.into_inner()).get(outcome) {
-        c.increment(1);
-        return;
-    }
-    let c = counter!(UPSTREAM_ATTEMPTS, "outcome" => outcome.to_owned());
-    c.increment(1);
-    cache
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(outcome.to_owned(), c);
+    static CACHE: OnceLock<RwLock<FastMap<String, metrics::Counter>>> = OnceLock::new();
+    per_label(
+        &CACHE,
+        outcome,
+        || counter!(UPSTREAM_ATTEMPTS, "outcome" => outcome.to_owned()),
+    )
+    .increment(1);
 }
 
 pub fn retry(reason: &str) {
@@ -253,8 +253,8 @@ pub fn retry(reason: &str) {
 }
 
 pub fn limiter_wait(account: &str, waited: Duration) {
-    static CACHE: OnceLock<RwLock<HashMap<String, metrics::Histogram>>> = OnceLock::new();
-    per_account(
+    static CACHE: OnceLock<RwLock<FastMap<String, metrics::Histogram>>> = OnceLock::new();
+    per_label(
         &CACHE,
         account,
         || histogram!(LIMITER_WAIT, "account" => account.to_owned()),
