@@ -19,7 +19,8 @@
 //!   decides who uses each; the [`retry`] policy in one loop; the
 //!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
 //!
-//! Around it: [`config`] (typed settings, layered loading, validation), [`reload`] (the
+//! Around it: [`config`] (typed settings, layered loading, validation), [`headers`]
+//! (taking headers out of a message), [`reload`] (the
 //! settings in force, rebuilt stacks per generation, SIGHUP reloads), [`tls`] and
 //! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`status`] (the
 //! status page, its JSON and terminal table) with [`recent`] (the last error answers),

@@ -66,7 +66,7 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// A low-cardinality route label: ids become `{id}`, unknown shapes past a cap `other`.
-/// Labels are interned (at most [`MAX_ROUTES`] of them), so the hot path allocates
+/// Labels are interned (at most `MAX_ROUTES` of them), so the hot path allocates
 /// nothing once a route has been seen.
 pub fn route_label(path: &str) -> &'static str {
     let Some(rest) = path.strip_prefix(crate::upstream::API_PREFIX) else {
