@@ -162,17 +162,17 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// A handle per label value (an account, an outcome), made once.
 fn per_label<H: Clone>(
     cache: &'static OnceLock<RwLock<FastMap<String, H>>>,
-    account: &str,
+    label: &str,
     make: impl FnOnce() -> H,
 ) -> H {
     let cache = cache.get_or_init(Default::default);
-    if let Some(h) = read(cache).get(account) {
+    if let Some(h) = read(cache).get(label) {
         return h.clone();
     }
     let h = make();
     let mut cache = write(cache);
     if cache.len() < MAX_CACHED {
-        cache.insert(account.to_owned(), h.clone());
+        cache.insert(label.to_owned(), h.clone());
     }
     h
 }

@@ -6,14 +6,14 @@
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, Method, StatusCode, header};
-
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
 
 use crate::config::RetrySettings;
 use crate::limiter::retry_after_secs;
 use crate::upstream::AttemptError;
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// What the caller's request allows.
 #[derive(Debug, Clone, Copy)]
