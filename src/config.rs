@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::key::{ApiKey, Secrets};
 
+mod shown;
+mod whole;
+
+pub use shown::{path as shown_path, quoted};
+use whole::{whole, whole_map, whole_opt, whole_vec};
+
 /// The file read (when present) after the built-in defaults.
 pub const DEFAULT_CONFIG_FILE: &str = "config/default.toml";
 /// Prefix of `SMARTLEAD_PROXY__<SECTION>__<KEY>` overrides.
@@ -41,6 +47,37 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
+impl ConfigError {
+    /// The same error with every secret in `secrets` replaced.
+    fn scrubbed(self, secrets: &Secrets) -> Self {
+        let scrub = |s: String| secrets.scrub(&s).into_owned();
+        match self {
+            Self::Load(s) => Self::Load(scrub(s)),
+            Self::Invalid { key, reason } => Self::Invalid {
+                key: scrub(key),
+                reason: scrub(reason),
+            },
+        }
+    }
+}
+
+/// Windows as `key` gives them: one at least, [`MAX_WINDOWS`] at most.
+fn check_windows(key: &str, windows: &[Window]) -> Result<(), ConfigError> {
+    if windows.is_empty() {
+        return Err(invalid(key, "at least one window is needed"));
+    }
+    if windows.len() > MAX_WINDOWS {
+        return Err(invalid(
+            key,
+            format!(
+                "{} windows; at most {MAX_WINDOWS} per account",
+                windows.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -65,6 +102,7 @@ pub struct Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "whole")]
     pub max_body_bytes: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -75,12 +113,20 @@ pub struct ServerSettings {
     pub client_timeout: Duration,
     /// Threads serving connections, each with its own event loop and upstream pool;
     /// 0 means one per CPU core.
+    #[serde(deserialize_with = "whole")]
     pub workers: usize,
     /// Request bodies held in memory at once (waiting ones included); past it, new
     /// requests with bodies get 503.
+    #[serde(deserialize_with = "whole")]
     pub max_buffered_bytes: usize,
     /// `/status` and `/status.json` need an access token.
     pub status_requires_token: bool,
+    /// Open client connections at most; 0: derived from the file limit at start.
+    #[serde(deserialize_with = "whole")]
+    pub max_connections: usize,
+    /// A request body must arrive whole within this, however slowly it trickles.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
 }
 
 impl ServerSettings {
@@ -104,6 +150,8 @@ impl Default for ServerSettings {
             workers: 0,
             max_buffered_bytes: 256 * 1024 * 1024,
             status_requires_token: false,
+            max_connections: 0,
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -155,24 +203,26 @@ pub struct BaseUrl {
 }
 
 impl BaseUrl {
-    /// Errors show the URL with any credentials in it masked.
+    /// Errors show the URL with its credentials and query values masked ([`shown::url`]).
     pub fn parse(url: &str) -> Result<Self, String> {
-        let shown = mask_userinfo(url);
+        let shown = shown::url(url);
         let uri: http::Uri = url
             .parse()
-            .map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
+            .map_err(|e| format!("{shown} is not a URL ({e})"))?;
         let scheme = match uri.scheme_str() {
             Some(s @ ("http" | "https")) => s.to_owned(),
-            _ => return Err(format!("{shown:?} must start with http:// or https://")),
+            _ => return Err(format!("{shown} must start with http:// or https://")),
         };
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("{shown:?} has no host"))?;
+            .ok_or_else(|| format!("{shown} has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("{shown:?} must not contain credentials"));
+            return Err(format!("{shown} must not contain credentials"));
         }
         if uri.query().is_some() {
-            return Err(format!("{shown:?} must not have a query"));
+            return Err(format!(
+                "{shown} must not have a query (the key goes in SMARTLEAD_API_KEY)"
+            ));
         }
         Ok(Self {
             scheme,
@@ -248,7 +298,10 @@ impl TryFrom<String> for LimitBackend {
         match s.as_str() {
             "local" => Ok(Self::Local),
             "redis" => Ok(Self::Redis),
-            _ => Err(format!("expected \"local\" or \"redis\", got {s:?}")),
+            _ => Err(format!(
+                "expected \"local\" or \"redis\", not {}",
+                quoted(&s)
+            )),
         }
     }
 }
@@ -274,20 +327,21 @@ impl Window {
         }
     }
 
+    /// Errors show the text only as [`quoted`] does.
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
+        let shown = quoted(text);
         let (n, d) = text
             .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not of the form N/duration, like \"60/60s\""))?;
-        let requests: u32 =
-            n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                format!("{text:?}: {n:?} is not a whole number of requests above 0")
-            })?;
+            .ok_or_else(|| format!("{shown} is not of the form N/duration, like \"60/60s\""))?;
+        let requests: u32 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            format!("{shown}: the number of requests must be a whole number above 0")
+        })?;
         let period = humantime::parse_duration(d.trim())
-            .map_err(|e| format!("{text:?}: {d:?} is not a duration ({e})"))?;
+            .map_err(|_| format!("{shown}: the part after / is not a duration (like 60s, 1h)"))?;
         if period.is_zero() || period > DAY {
             return Err(format!(
-                "{text:?}: the period must be above 0 and at most 1day"
+                "{shown}: the period must be above 0 and at most 1day"
             ));
         }
         Ok(Self {
@@ -361,7 +415,12 @@ pub struct LimitSettings {
     pub max_queue_per_client: usize,
     /// Honour `X-Priority`.
     pub allow_priority: bool,
+    /// When non-empty, only these clients may use `X-Priority: high`.
+    pub high_priority_clients: Vec<String>,
 }
+
+/// Most windows one account may have: each is kept, checked and shown per request.
+pub const MAX_WINDOWS: usize = 16;
 
 /// The largest weight `limit.client_weights` accepts: a turn is split into this many.
 pub const MAX_CLIENT_WEIGHT: u32 = 1000;
@@ -381,12 +440,8 @@ impl LimitSettings {
             .unwrap_or_default()
     }
 
-    /// Which configuration keys gave the windows, for errors.
     fn check(&self) -> Result<(), ConfigError> {
-        if self.windows.is_empty() {
-            return Err(invalid("limit.windows", "at least one window is needed"));
-        }
-        Ok(())
+        check_windows("limit.windows", &self.windows)
     }
 }
 
@@ -416,6 +471,7 @@ impl Serialize for LimitSettings {
             client_weights: std::collections::BTreeMap<&'a str, u32>,
             max_queue_per_client: usize,
             allow_priority: bool,
+            high_priority_clients: &'a [String],
         }
         Shown {
             windows: &self.windows,
@@ -436,6 +492,7 @@ impl Serialize for LimitSettings {
                 .collect(),
             max_queue_per_client: self.max_queue_per_client,
             allow_priority: self.allow_priority,
+            high_priority_clients: &self.high_priority_clients,
         }
         .serialize(s)
     }
@@ -446,21 +503,27 @@ impl Serialize for LimitSettings {
 #[serde(default, deny_unknown_fields)]
 struct RawLimit {
     windows: Option<Vec<Window>>,
+    #[serde(deserialize_with = "whole_opt")]
     requests: Option<u32>,
     #[serde(with = "humantime_serde::option")]
     period: Option<Duration>,
     #[serde(with = "humantime_serde")]
     max_wait: Duration,
+    #[serde(deserialize_with = "whole")]
     max_queue: usize,
     #[serde(with = "humantime_serde")]
     margin: Duration,
     backend: LimitBackend,
     follow_upstream: bool,
+    #[serde(deserialize_with = "whole")]
     max_client_keys: usize,
     per_client: String,
+    #[serde(deserialize_with = "whole_map")]
     client_weights: HashMap<String, u32>,
+    #[serde(deserialize_with = "whole_opt")]
     max_queue_per_client: Option<usize>,
     allow_priority: bool,
+    high_priority_clients: Vec<String>,
 }
 
 impl Default for RawLimit {
@@ -479,6 +542,7 @@ impl Default for RawLimit {
             client_weights: HashMap::new(),
             max_queue_per_client: None,
             allow_priority: true,
+            high_priority_clients: Vec::new(),
         }
     }
 }
@@ -520,14 +584,31 @@ impl TryFrom<RawLimit> for LimitSettings {
         for (client, weight) in &raw.client_weights {
             if !crate::client::valid_client_id(client) {
                 return Err(format!(
-                    "limit.client_weights: {client:?} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)"
+                    "limit.client_weights: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
+                    quoted(client)
                 ));
             }
             if !(1..=MAX_CLIENT_WEIGHT).contains(weight) {
                 return Err(format!(
-                    "limit.client_weights: the weight of {client:?} must be 1 to {MAX_CLIENT_WEIGHT}"
+                    "limit.client_weights: the weight of {} must be 1 to {MAX_CLIENT_WEIGHT}",
+                    quoted(client)
                 ));
             }
+        }
+        if let Some(bad) = raw
+            .high_priority_clients
+            .iter()
+            .find(|c| !crate::client::valid_client_id(c))
+        {
+            return Err(format!(
+                "limit.high_priority_clients: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
+                quoted(bad)
+            ));
+        }
+        // Checked here, before the per-client share that follows it, so the error names
+        // the key that was set.
+        if raw.max_queue == 0 {
+            return Err("limit.max_queue must be at least 1".into());
         }
         let max_queue_per_client = raw.max_queue_per_client.unwrap_or(raw.max_queue);
         if max_queue_per_client == 0 {
@@ -545,6 +626,7 @@ impl TryFrom<RawLimit> for LimitSettings {
             client_weights: raw.client_weights,
             max_queue_per_client,
             allow_priority: raw.allow_priority,
+            high_priority_clients: raw.high_priority_clients,
         })
     }
 }
@@ -591,7 +673,10 @@ impl TryFrom<String> for OnRedisError {
         match s.as_str() {
             "local" => Ok(Self::Local),
             "reject" => Ok(Self::Reject),
-            _ => Err(format!("expected \"local\" or \"reject\", got {s:?}")),
+            _ => Err(format!(
+                "expected \"local\" or \"reject\", not {}",
+                quoted(&s)
+            )),
         }
     }
 }
@@ -629,7 +714,8 @@ impl TryFrom<String> for RedisMode {
             "cluster" => Ok(Self::Cluster),
             "sentinel" => Ok(Self::Sentinel),
             _ => Err(format!(
-                "expected \"standalone\", \"cluster\" or \"sentinel\", got {s:?}"
+                "expected \"standalone\", \"cluster\" or \"sentinel\", not {}",
+                quoted(&s)
             )),
         }
     }
@@ -651,16 +737,19 @@ impl Default for RedisSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySettings {
+    #[serde(deserialize_with = "whole")]
     pub max_retries: u32,
     #[serde(with = "humantime_serde")]
     pub base_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
+    #[serde(deserialize_with = "whole_vec")]
     pub statuses: Vec<u16>,
     pub idempotent_posts: Vec<String>,
     /// Retries may be at most this share of requests over `budget_window`...
     pub budget_ratio: f64,
     /// ...but this many are always allowed per window.
+    #[serde(deserialize_with = "whole")]
     pub budget_min_retries: u32,
     #[serde(with = "humantime_serde")]
     pub budget_window: Duration,
@@ -685,6 +774,7 @@ impl Default for RetrySettings {
 #[serde(default, deny_unknown_fields)]
 pub struct LeadsSettings {
     pub validate: bool,
+    #[serde(deserialize_with = "whole")]
     pub max_per_request: usize,
     pub auto_batch: bool,
     /// Personalisation fields whose absence is reported in `X-Lead-Warnings`.
@@ -715,7 +805,10 @@ impl TryFrom<String> for LogFormat {
         match s.as_str() {
             "json" => Ok(Self::Json),
             "pretty" => Ok(Self::Pretty),
-            _ => Err(format!("expected \"json\" or \"pretty\", got {s:?}")),
+            _ => Err(format!(
+                "expected \"json\" or \"pretty\", not {}",
+                quoted(&s)
+            )),
         }
     }
 }
@@ -726,6 +819,7 @@ pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
     pub bodies: bool,
+    #[serde(deserialize_with = "whole")]
     pub body_bytes: usize,
     /// Lets a request turn the traffic log on for itself with `X-Debug-Log: 1`.
     pub allow_debug_header: bool,
@@ -757,16 +851,31 @@ impl Settings {
         explicit: Option<&Path>,
         env: &HashMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut builder =
-            config::Config::builder().add_source(config::File::from(default_file).required(false));
+        let known = env_secrets(env);
+        Self::load_checked(default_file, explicit, env)
+            .map_err(|e| e.scrubbed(&known))
+            .and_then(|s| {
+                let secrets = s.secrets_and_tokens().with_all(&known);
+                s.validate().map_err(|e| e.scrubbed(&secrets))?;
+                Ok(s)
+            })
+    }
+
+    /// The layers read and typed, not yet validated.
+    fn load_checked(
+        default_file: &Path,
+        explicit: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(text) = read_file(default_file, false)? {
+            builder = builder.add_source(text);
+        }
         if let Some(path) = explicit {
-            if !path.is_file() {
-                return Err(ConfigError::Load(format!(
-                    "config file {} is not a readable file",
-                    path.display()
-                )));
-            }
-            builder = builder.add_source(config::File::from(PathBuf::from(path)));
+            builder = builder.add_source(
+                read_file(path, true)?
+                    .unwrap_or_else(|| config::File::from_str("", config::FileFormat::Toml)),
+            );
         }
         let prefixed: config::Map<String, String> = env
             .iter()
@@ -785,10 +894,10 @@ impl Settings {
         let loaded = builder
             .add_source(env_source)
             .build()
-            .map_err(|e| ConfigError::Load(one_line(&e.to_string())))?;
+            .map_err(|e| ConfigError::Load(shown::load_error(&e)))?;
         let mut settings: Settings = loaded
             .try_deserialize()
-            .map_err(|e| ConfigError::Load(one_line(&e.to_string())))?;
+            .map_err(|e| ConfigError::Load(shown::load_error(&e)))?;
         if let Some(key) = env.get(API_KEY_VAR).filter(|k| !k.is_empty()) {
             settings.upstream.api_key = Some(ApiKey::new(key.clone()));
         }
@@ -797,7 +906,6 @@ impl Settings {
             let key = env.get(&account.key_env).filter(|k| !k.is_empty());
             account.key = key.map(|k| ApiKey::new(k.clone()));
         }
-        settings.validate()?;
         Ok(settings)
     }
 
@@ -815,6 +923,8 @@ impl Settings {
         }
         positive("server.client_timeout", s.client_timeout)?;
         at_most("server.client_timeout", s.client_timeout, HOUR)?;
+        positive("server.body_timeout", s.body_timeout)?;
+        at_most("server.body_timeout", s.body_timeout, HOUR)?;
         at_most("server.shutdown_grace", s.shutdown_grace, HOUR)?;
         if s.workers > 1024 {
             return Err(invalid(
@@ -904,7 +1014,7 @@ impl Settings {
         if let Some(bad) = r.idempotent_posts.iter().find(|p| !p.starts_with('/')) {
             return Err(invalid(
                 "retry.idempotent_posts",
-                format!("{bad:?} must start with '/'"),
+                format!("{} must start with '/'", quoted(bad)),
             ));
         }
 
@@ -917,8 +1027,16 @@ impl Settings {
         if self.log.body_bytes > 1024 * 1024 {
             return Err(invalid("log.body_bytes", "must be at most 1048576 (1 MiB)"));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| invalid("log.level", one_line(&e.to_string())))?;
+        // The filter's own error quotes the text, so it is not passed on.
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|_| {
+            invalid(
+                "log.level",
+                format!(
+                    "{} is not a level or filter (like \"info\" or \"smartlead_proxy=debug\")",
+                    quoted(&self.log.level)
+                ),
+            )
+        })?;
         Ok(())
     }
 
@@ -934,8 +1052,8 @@ impl Settings {
                 return Err(invalid(
                     "redis.url",
                     format!(
-                        "{:?} must start with redis://, rediss:// or unix://",
-                        mask_userinfo(url)
+                        "{} must start with redis://, rediss:// or unix://",
+                        shown::url(url)
                     ),
                 ));
             }
@@ -975,7 +1093,7 @@ impl Settings {
             if !valid_account_name(&a.name) {
                 return Err(invalid(
                     at("name"),
-                    format!("{:?} must be 1-32 of a-z, 0-9, _ and -", a.name),
+                    format!("{} must be 1-32 of a-z, 0-9, _ and -", quoted(&a.name)),
                 ));
             }
             if a.name == DEFAULT_ACCOUNT {
@@ -985,7 +1103,10 @@ impl Settings {
                 ));
             }
             if !names.insert(a.name.as_str()) {
-                return Err(invalid(at("name"), format!("{:?} is named twice", a.name)));
+                return Err(invalid(
+                    at("name"),
+                    format!("{} is named twice", quoted(&a.name)),
+                ));
             }
             let here = |field: &str| format!("accounts[{}].{field}", a.name);
             match &a.key {
@@ -993,8 +1114,8 @@ impl Settings {
                     return Err(invalid(
                         here("key_env"),
                         format!(
-                            "the environment variable {:?} that holds the account's key is not set",
-                            a.key_env
+                            "the environment variable {} that holds the account's key is not set",
+                            quoted_var(&a.key_env)
                         ),
                     ));
                 }
@@ -1002,8 +1123,8 @@ impl Settings {
                     .check()
                     .map_err(|reason| invalid(here("key_env"), reason))?,
             }
-            if a.windows.as_ref().is_some_and(Vec::is_empty) {
-                return Err(invalid(here("windows"), "at least one window is needed"));
+            if let Some(windows) = &a.windows {
+                check_windows(&here("windows"), windows)?;
             }
             for t in &a.tokens {
                 if t.expose_secret().is_empty() {
@@ -1018,6 +1139,16 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// [`Settings::secrets`] and the access tokens: what no configuration error may show.
+    fn secrets_and_tokens(&self) -> Secrets {
+        let tokens = self
+            .server
+            .access_tokens
+            .iter()
+            .chain(self.accounts.iter().flat_map(|a| &a.tokens));
+        tokens.fold(self.secrets(), |s, t| s.with(t.expose_secret()))
     }
 
     /// Every secret in these settings, to keep out of answers and logs: the API keys and
@@ -1036,6 +1167,77 @@ impl Settings {
             .collect::<Vec<_>>();
         passwords.iter().fold(secrets, |s, p| s.with(p))
     }
+}
+
+/// Secrets the environment holds, to scrub from configuration errors before the settings
+/// exist: the key, every variable named like a key, token, secret or password, and the
+/// password of any URL among them.
+fn env_secrets(env: &HashMap<String, String>) -> Secrets {
+    let secret_name = |name: &str| {
+        let upper = name.to_ascii_uppercase();
+        ["KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD"]
+            .iter()
+            .any(|w| upper.contains(w))
+            || upper == format!("{ENV_PREFIX}__REDIS__URL")
+    };
+    let mut secrets = Secrets::default();
+    for (_, value) in env.iter().filter(|(n, _)| secret_name(n)) {
+        for part in value.split(',') {
+            secrets = secrets.with(part.trim());
+            if let Some(p) = url_password(part) {
+                secrets = secrets.with(&p);
+            }
+        }
+    }
+    secrets
+}
+
+/// An environment variable's name, as an error may show it (a name, not a value, unless
+/// a value was put there).
+fn quoted_var(name: &str) -> String {
+    let looks_like_a_name = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if looks_like_a_name {
+        format!("{name:?}")
+    } else {
+        quoted(name)
+    }
+}
+
+/// A configuration file as a source, or `None` when an optional one is not there. A file
+/// that cannot be read, or is not TOML, is named in the error; the error quotes none of
+/// its lines.
+fn read_file(
+    path: &Path,
+    required: bool,
+) -> Result<Option<config::File<config::FileSourceString, config::FileFormat>>, ConfigError> {
+    let shown = path.display();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_owned(),
+                _ => e.to_string(),
+            };
+            return Err(ConfigError::Load(format!(
+                "config file {shown} cannot be read: {why}"
+            )));
+        }
+    };
+    if let Err(e) = text.parse::<toml::Table>() {
+        return Err(ConfigError::Load(format!(
+            "config file {shown}: {}",
+            shown::syntax_error(&e.to_string())
+        )));
+    }
+    Ok(Some(config::File::from_str(
+        &text,
+        config::FileFormat::Toml,
+    )))
 }
 
 fn url_password(url: &str) -> Option<String> {
@@ -1088,15 +1290,15 @@ impl Settings {
 
 /// An egress proxy is reached with CONNECT over plain HTTP: `http://[user:pass@]host:port`.
 fn check_proxy(proxy: &str) -> Result<(), String> {
-    let shown = mask_userinfo(proxy);
-    let url = url::Url::parse(proxy).map_err(|e| format!("{shown:?} is not a URL ({e})"))?;
+    let shown = shown::url(proxy);
+    let url = url::Url::parse(proxy).map_err(|e| format!("{shown} is not a URL ({e})"))?;
     if url.scheme() != "http" {
         return Err(format!(
-            "{shown:?} must be an http:// proxy (it is reached with CONNECT)"
+            "{shown} must be an http:// proxy (it is reached with CONNECT)"
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{shown:?} has no host"));
+        return Err(format!("{shown} has no host"));
     }
     Ok(())
 }
@@ -1333,6 +1535,177 @@ mod tests {
             let key = bad.split(' ').next().unwrap();
             assert!(err.contains(&format!("limit.{key}")), "{bad}: {err}");
         }
+    }
+
+    /// A key as SmartLead issues them, planted where it does not belong.
+    const PLANTED: &str = "0f3c9a7d-2b8e-4c61-a5f0-9e3d7b2c8a41_k2x9q7";
+
+    /// Environment variables and a config file's text.
+    type Planting = (Vec<(String, String)>, Option<String>);
+
+    /// Every way of putting `PLANTED` into setting `section.key`: as text, in a URL's
+    /// query, in a list, as a map's name, and through the environment.
+    fn plantings(section: &str, key: &str) -> Vec<Planting> {
+        let url = format!("https://server.smartlead.ai/api/v1?api_key={PLANTED}");
+        let mut out = Vec::new();
+        for value in [
+            format!("{PLANTED:?}"),
+            format!("{url:?}"),
+            format!("[{PLANTED:?}]"),
+            format!("{{ {PLANTED:?} = 1 }}"),
+            format!("{{ a = {PLANTED:?} }}"),
+        ] {
+            let file = if section == "accounts" {
+                let other = if key == "name" {
+                    "key_env = \"K\""
+                } else {
+                    "name = \"a\""
+                };
+                format!("[[accounts]]\n{other}\n{key} = {value}\n")
+            } else {
+                format!("[{section}]\n{key} = {value}\n")
+            };
+            out.push((vec![], Some(file)));
+        }
+        if section != "accounts" {
+            let var = format!(
+                "SMARTLEAD_PROXY__{}__{}",
+                section.to_uppercase(),
+                key.to_uppercase()
+            );
+            out.push((vec![(var.clone(), PLANTED.to_owned())], None));
+            out.push((vec![(var, url)], None));
+        }
+        out
+    }
+
+    #[test]
+    fn no_configuration_error_shows_a_key_put_in_any_setting() {
+        let defaults: toml::Table = Settings::default().to_toml().parse().unwrap();
+        let mut settings: Vec<(String, String)> = defaults
+            .iter()
+            .filter_map(|(section, t)| Some((section, t.as_table()?)))
+            .flat_map(|(section, t)| t.keys().map(move |k| (section.clone(), k.clone())))
+            .collect();
+        for key in ["name", "key_env", "windows", "tokens"] {
+            settings.push(("accounts".into(), key.into()));
+        }
+        for key in ["api_key", "requests", "period", "lease"] {
+            settings.push(("upstream".into(), key.into()));
+            settings.push(("limit".into(), key.into()));
+        }
+        assert!(settings.len() > 50, "{settings:?}");
+        let matcher = ApiKey::new(PLANTED).secrets();
+        let mut refused = 0;
+        for (section, key) in &settings {
+            for (vars, file) in plantings(section, key) {
+                // The environment's key is another one: the error has nothing to scrub
+                // with, so it must not have shown the value in the first place.
+                let mut vars: Vec<(&str, &str)> =
+                    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                vars.push(("K", "another-key-entirely"));
+                let Err(err) = load(&vars, file.as_deref()) else {
+                    continue;
+                };
+                refused += 1;
+                let err = err.to_string();
+                assert!(
+                    matches!(matcher.scrub(&err), std::borrow::Cow::Borrowed(_)),
+                    "{section}.{key} ({file:?} {vars:?}): {err}"
+                );
+            }
+        }
+        assert!(refused > 200, "{refused} refused");
+    }
+
+    #[test]
+    fn integer_settings_refuse_fractions_and_errors_name_the_key_set() {
+        for (setting, value) in [
+            ("server]\nmax_body_bytes", "1048576.9"),
+            ("server]\nmax_body_bytes", "1e30"),
+            ("limit]\nmax_queue", "0"),
+            ("limit]\nmax_queue", "2.5"),
+            ("retry]\nstatuses", "[429.5]"),
+            ("limit]\nclient_weights", "{ ui = 1.5 }"),
+            ("leads]\nmax_per_request", "-1"),
+        ] {
+            let err = load(&[], Some(&format!("[{setting} = {value}\n")))
+                .unwrap_err()
+                .to_string();
+            let key = setting.replace("]\n", ".");
+            assert!(err.contains(&key), "{key} = {value}: {err}");
+        }
+        let ok = load(&[("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", "2048")], None).unwrap();
+        assert_eq!(
+            ok.server.max_body_bytes, 2048,
+            "whole numbers from the environment"
+        );
+        let ok = load(&[], Some("[server]\nmax_body_bytes = 1024.0\n")).unwrap();
+        assert_eq!(
+            ok.server.max_body_bytes, 1024,
+            "a float with no fraction is whole"
+        );
+    }
+
+    #[test]
+    fn an_account_has_at_most_sixteen_windows() {
+        let windows = |n: usize| {
+            (1..=n)
+                .map(|i| format!("\"{i}/{i}s\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert!(
+            load(
+                &[],
+                Some(&format!("[limit]\nwindows = [{}]\n", windows(16)))
+            )
+            .is_ok()
+        );
+        let err = load(
+            &[],
+            Some(&format!("[limit]\nwindows = [{}]\n", windows(17))),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("limit.windows") && err.contains("16"), "{err}");
+        let file = format!(
+            "[[accounts]]\nname = \"a\"\nkey_env = \"K\"\nwindows = [{}]\n",
+            windows(17)
+        );
+        let err = load(&[("K", "some-key-1")], Some(&file))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("accounts[a].windows"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_or_broken_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("slp-dir-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&dir).unwrap();
+        let env: HashMap<String, String> = [(API_KEY_VAR.to_owned(), "key".to_owned())].into();
+        let err = Settings::load_from(Path::new("/nonexistent"), Some(&dir), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+        let err = Settings::load_from(&dir, None, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&dir.display().to_string()),
+            "the default file too: {err}"
+        );
+        let broken = dir.join("broken.toml");
+        std::fs::write(&broken, format!("[upstream]\nbase_url = {PLANTED}\n")).unwrap();
+        let err = Settings::load_from(Path::new("/nonexistent"), Some(&broken), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("broken.toml") && err.contains("line 2"),
+            "{err}"
+        );
+        assert!(!err.contains(&PLANTED[..12]), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -123,6 +123,22 @@ impl Secrets {
             .fold(self.clone(), |s, k| s.with(k.secret.expose_secret()))
     }
 
+    /// These secrets and all of `other`'s.
+    pub fn with_all(&self, other: &Secrets) -> Self {
+        if other.is_empty() {
+            return self.clone();
+        }
+        let patterns: Vec<_> = self
+            .patterns
+            .iter()
+            .chain(other.patterns.iter())
+            .cloned()
+            .collect();
+        Self {
+            patterns: patterns.into(),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }

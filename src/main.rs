@@ -246,10 +246,11 @@ async fn serve(config: Option<PathBuf>) -> ExitCode {
         }
     };
     tokio::spawn(hangups);
+    let secrets = settings.secrets();
     match smartlead_proxy::run_with(listener, settings, shutdown_signal(), Some(reloader)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("smartlead-proxy: {e}");
+            eprintln!("smartlead-proxy: {}", secrets.redact(&e.to_string()));
             ExitCode::from(1)
         }
     }

@@ -903,3 +903,121 @@ async fn sighup_reloads_the_config_file_and_a_bad_one_changes_nothing() {
     let mut proxy = proxy;
     assert!(proxy.terminate().success());
 }
+
+/// A key as SmartLead issues them, pasted where it does not belong.
+const PASTED: &str = "0f3c9a7d-2b8e-4c61-a5f0-9e3d7b2c8a41_k2x9q7";
+
+/// Config files with [`PASTED`] in a wrong setting, each with the key its error names.
+fn pasted_configs() -> Vec<(&'static str, String)> {
+    let url = format!("https://server.smartlead.ai/api/v1?api_key={PASTED}");
+    vec![
+        (
+            "upstream.base_url",
+            format!("[upstream]\nbase_url = {url:?}\n"),
+        ),
+        (
+            "limit.windows",
+            format!("[limit]\nwindows = [\"10/1s\", {PASTED:?}]\n"),
+        ),
+        (
+            "limit.max_wait",
+            format!("[limit]\nmax_wait = {PASTED:?}\n"),
+        ),
+        (
+            "limit.max_queue",
+            format!("[limit]\nmax_queue = {PASTED:?}\n"),
+        ),
+        (
+            "redis.url",
+            format!("[limit]\nbackend = \"redis\"\n[redis]\nurl = {PASTED:?}\n"),
+        ),
+        (
+            "accounts[0].name",
+            format!("[[accounts]]\nname = {PASTED:?}\nkey_env = \"K\"\n"),
+        ),
+        (
+            "accounts[a].key_env",
+            format!("[[accounts]]\nname = \"a\"\nkey_env = {PASTED:?}\n"),
+        ),
+        ("log.format", format!("[log]\nformat = {PASTED:?}\n")),
+        (
+            "upstream.proxy",
+            format!("[upstream]\nproxy = \"ftp://{PASTED}\"\n"),
+        ),
+        ("config file", format!("[upstream]\nbase_url = {PASTED}\n")),
+    ]
+}
+
+#[test]
+fn a_key_in_the_wrong_setting_is_never_printed_at_start_or_by_check_config() {
+    let key = ("SMARTLEAD_API_KEY", SECRET);
+    for (i, (named, text)) in pasted_configs().into_iter().enumerate() {
+        let f = temp_file(&format!("pasted-{i}.toml"), &text);
+        let path = f.to_str().unwrap();
+        for args in [
+            vec!["--config", path],
+            vec!["check-config", "--config", path],
+        ] {
+            let err = start_error(&[key], &args);
+            assert!(err.contains(named), "{named}: {err}");
+            assert_no_key(&err, PASTED, &format!("{named} ({args:?})"));
+            assert_no_key(&err, SECRET, &format!("{named} ({args:?})"));
+        }
+    }
+    // Through the environment too, where the value may also be a URL with the key.
+    let url = format!("https://server.smartlead.ai/api/v1?api_key={PASTED}");
+    for (var, value) in [
+        ("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", url.as_str()),
+        ("SMARTLEAD_PROXY__LIMIT__WINDOWS", PASTED),
+        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", PASTED),
+        ("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", PASTED),
+    ] {
+        let err = start_error(&[key, (var, value)], &[]);
+        assert_no_key(&err, PASTED, var);
+    }
+}
+
+#[tokio::test]
+async fn a_reload_refused_for_a_pasted_key_does_not_print_it() {
+    let sim = secret_sim().await;
+    let f = temp_file("reloaded.toml", "[limit]\nmax_wait = \"5s\"\n");
+    let path = f.to_str().unwrap().to_owned();
+    let mut proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY_CONFIG", &path),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+        ],
+    );
+    // start() sets upstream.base_url in the environment, which wins over the file.
+    let mut configs = pasted_configs();
+    configs.retain(|(named, _)| *named != "upstream.base_url");
+    for (i, (named, text)) in configs.iter().enumerate() {
+        std::fs::write(&f, text).unwrap();
+        proxy.send("-HUP");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while proxy
+            .output()
+            .iter()
+            .filter(|l| l.contains("reload refused"))
+            .count()
+            <= i
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{named}: {:#?}",
+                proxy.output()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        proxy.get("/api/v1/campaigns").await.status(),
+        200,
+        "the old one serves"
+    );
+    let output = proxy.output().join("\n");
+    assert_no_key(&output, PASTED, "the reload errors");
+    assert_no_key(&output, SECRET, "the reload errors");
+    assert!(proxy.terminate().success());
+}
