@@ -182,6 +182,9 @@ impl Token {
 pub struct Call {
     pub account: Arc<Account>,
     pub who: crate::client::Who,
+    /// The account was `default` for want of anything else (no token's, none named, no
+    /// client key in the query): a client key in the body may still choose one.
+    pub open: bool,
 }
 
 impl Call {
@@ -190,6 +193,7 @@ impl Call {
         Self {
             account,
             who: Default::default(),
+            open: false,
         }
     }
 }
@@ -200,6 +204,8 @@ impl Call {
 pub struct Chosen {
     pub account: Arc<Account>,
     pub token_name: Option<Arc<str>>,
+    /// See [`Call::open`].
+    pub open: bool,
 }
 
 /// Every account of this proxy.
@@ -338,6 +344,7 @@ impl Accounts {
         } else {
             (None, None)
         };
+        let open = bound.is_none() && named.is_none() && client_key.is_none();
         let chosen = match (bound, named) {
             (Some(account), Some(asked)) if *account.name != *asked => {
                 return Err(ProxyError::WrongAccount {
@@ -360,7 +367,15 @@ impl Accounts {
         Ok(Chosen {
             account: chosen,
             token_name,
+            open,
         })
+    }
+
+    /// The quota of a client key found in the body of a request whose account was still
+    /// [`Call::open`]; `None` when client keys do not get quotas of their own.
+    pub fn for_client_key(&self, key: &str) -> Option<Result<Arc<Account>, ProxyError>> {
+        let keys = self.client_keys.as_ref()?;
+        Some(keys.get(key).inspect(|a| a.touch()))
     }
 
     /// The token presented, comparing every token in constant time without stopping at

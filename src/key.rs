@@ -3,6 +3,7 @@
 //! reader could decode back, and replaces them with `***`.
 
 mod find;
+pub mod in_body;
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -259,9 +260,9 @@ impl Secrets {
 }
 
 /// `api_key=v`, `"api_key": "v"`, `api_key: v` (any case, also inside a JSON string
-/// where the quotes are escaped) with `v` replaced.
+/// where the quotes are escaped, and in every name form that parsers read as `api_key`:
+/// `api%5Fkey`, `api.key`, `api_key[]`, `api_key%5B0%5D`...) with `v` replaced.
 pub fn redact_api_key_values(text: &str) -> Option<String> {
-    const NAME: &[u8] = b"api_key";
     let bytes = text.as_bytes();
     let skip = |mut i: usize, also: &[u8]| {
         while i < bytes.len() && (bytes[i].is_ascii_whitespace() || also.contains(&bytes[i])) {
@@ -270,14 +271,13 @@ pub fn redact_api_key_values(text: &str) -> Option<String> {
         i
     };
     let find_name = |from: usize| {
-        bytes[from..]
-            .windows(NAME.len())
-            .position(|w| w.eq_ignore_ascii_case(NAME))
-            .map(|p| from + p)
+        (from..bytes.len().saturating_sub(6)).find_map(|at| {
+            let end = api_key_name_at(bytes, at)?;
+            Some((at, end))
+        })
     };
     let (mut out, mut copied, mut from) = (String::new(), 0, 0);
-    while let Some(found) = find_name(from) {
-        let name_end = found + NAME.len();
+    while let Some((_, name_end)) = find_name(from) {
         from = name_end;
         let mut i = skip(name_end, b"\\\"");
         if !matches!(bytes.get(i), Some(b'=' | b':')) {
@@ -316,6 +316,37 @@ pub fn redact_api_key_values(text: &str) -> Option<String> {
         out.push_str(&text[copied..]);
         out
     })
+}
+
+/// The end of an `api_key` name that starts at `at`: `api`, then `_` (or `.`, space,
+/// `+`, or any of them percent-encoded), then `key`, then any bracket groups (`[..]`,
+/// `%5B..%5D`).
+fn api_key_name_at(bytes: &[u8], at: usize) -> Option<usize> {
+    let word = |i: usize, w: &[u8]| {
+        let end = i + w.len();
+        (end <= bytes.len() && bytes[i..end].eq_ignore_ascii_case(w)).then_some(end)
+    };
+    let i = word(at, b"api")?;
+    let i = match bytes.get(i)? {
+        b'_' | b'.' | b' ' | b'+' => i + 1,
+        b'%' => ["5f", "2e", "20"]
+            .iter()
+            .find_map(|e| word(i + 1, e.as_bytes()))?,
+        _ => return None,
+    };
+    let mut i = word(i, b"key")?;
+    loop {
+        let (open, close): (&[u8], &[u8]) = match bytes.get(i) {
+            Some(b'[') => (b"[", b"]"),
+            Some(b'%') if word(i, b"%5b").is_some() => (b"%5b", b"%5d"),
+            _ => return Some(i),
+        };
+        let inner = i + open.len();
+        let close_at = (inner..bytes.len())
+            .take(64)
+            .find(|&j| word(j, close).is_some())?;
+        i = close_at + close.len();
+    }
 }
 
 #[cfg(test)]
@@ -418,6 +449,15 @@ mod tests {
                 r#"{"body":"{\"api_key\":\"***\",\"n\":1}"}"#,
             ),
             ("api_key: abc def", "api_key: *** def"),
+            ("a=1&api_key[]=abc&b=2", "a=1&api_key[]=***&b=2"),
+            (
+                "api_key%5B0%5D=abc&api_key[x][y]=d",
+                "api_key%5B0%5D=***&api_key[x][y]=***",
+            ),
+            (
+                "api%5Fkey=abc&API.KEY=d&api+key=e",
+                "api%5Fkey=***&API.KEY=***&api+key=***",
+            ),
         ] {
             assert_eq!(s.redact(text), want, "{text}");
         }

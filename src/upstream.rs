@@ -119,17 +119,23 @@ impl Target {
         Ok(uri)
     }
 
-    /// Appends `?query` without any client `api_key` and with the configured one.
+    /// Appends `?query` without any client `api_key` (in any of the forms
+    /// [`is_api_key_name`] knows) and with the configured one; with `allow_client_key`, a
+    /// client's first key goes on as plain `api_key=`, its other ones are dropped.
     fn push_query(&self, out: &mut String, query: Option<&str>) {
         let mut client_key = false;
         let mut sep = '?';
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let name = pair.split('=').next().unwrap_or("");
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             if is_api_key_name(name) {
-                if !self.allow_client_key {
-                    continue;
+                if self.allow_client_key && !client_key && !value.is_empty() {
+                    client_key = true;
+                    out.push(sep);
+                    out.push_str("api_key=");
+                    out.push_str(value);
+                    sep = '&';
                 }
-                client_key = true;
+                continue;
             }
             out.push(sep);
             out.push_str(pair);
@@ -345,13 +351,25 @@ pub fn client_key(query: Option<&str>) -> Option<String> {
     })
 }
 
-fn is_api_key_name(name: &str) -> bool {
+/// Whether a query or form name is read as `api_key` by common parsers: any case,
+/// percent- or plus-encoded, with PHP's `.` or space for the `_`, and the bracket forms
+/// `api_key[]`, `api_key[0]`, `api_key[x]` (qs, PHP and Rails read them as `api_key`).
+pub fn is_api_key_name(name: &str) -> bool {
     if !name.contains(['%', '+']) {
-        return name.eq_ignore_ascii_case("api_key");
+        return reads_as_api_key(name.as_bytes());
     }
-    percent_decode_str(&name.replace('+', " "))
-        .decode_utf8_lossy()
-        .eq_ignore_ascii_case("api_key")
+    let decoded = percent_decode_str(&name.replace('+', " ")).collect::<Vec<u8>>();
+    reads_as_api_key(&decoded)
+}
+
+fn reads_as_api_key(name: &[u8]) -> bool {
+    let Some((head, rest)) = name.split_at_checked(7) else {
+        return false;
+    };
+    let spelled = head[..3].eq_ignore_ascii_case(b"api")
+        && matches!(head[3], b'_' | b'.' | b' ')
+        && head[4..].eq_ignore_ascii_case(b"key");
+    spelled && (rest.is_empty() || (rest.starts_with(b"[") && rest.ends_with(b"]")))
 }
 
 /// Refuses dot-segments and encoded separators anywhere in the path.
@@ -478,6 +496,47 @@ mod tests {
         );
         let uri = u.uri("/api/v1/campaigns", Some("API%5FKEY=x")).unwrap();
         assert_eq!(uri.query(), Some("api_key=K3Y"));
+    }
+
+    #[test]
+    fn every_name_parsers_read_as_api_key_is_the_key() {
+        let u = target(false);
+        for name in [
+            "api_key",
+            "API_KEY",
+            "api%5Fkey",
+            "api_key[]",
+            "api_key%5B%5D",
+            "api_key%5b%5d",
+            "api_key[0]",
+            "api_key[x]",
+            "api_key[a][b]",
+            "api.key",
+            "api+key",
+            "api%20key",
+            "Api_Key%5B0%5D",
+        ] {
+            let uri = u
+                .uri("/api/v1/campaigns", Some(&format!("a=1&{name}=theirs&b=2")))
+                .unwrap();
+            assert_eq!(uri.query(), Some("a=1&b=2&api_key=K3Y"), "{name}");
+        }
+        for name in ["api_keys", "xapi_key", "api_key]", "api_key[", "apikey"] {
+            assert!(!is_api_key_name(name), "{name}");
+        }
+        let u = target(true);
+        let uri = u
+            .uri("/api/v1/campaigns", Some("api_key[]=theirs&api_key=second"))
+            .unwrap();
+        assert_eq!(
+            uri.query(),
+            Some("api_key=theirs"),
+            "one key, plainly named"
+        );
+        assert_eq!(
+            client_key(Some("api_key%5B0%5D=theirs")).as_deref(),
+            Some("theirs")
+        );
     }
 
     #[test]

@@ -156,3 +156,161 @@ fn the_leak_checker_finds_every_form() {
         "11 characters are allowed"
     );
 }
+
+/// A client's own key, in every place SmartLead reads one from.
+const THEIRS: &str = "client-own-key-0123456789abcdef";
+
+/// What the simulator received for one request: its query and body.
+fn received(sim: &Sim) -> (String, String, smartlead_proxy::sim::Recorded) {
+    let got = sim.requests().pop().expect("forwarded");
+    let query = got.query.clone().unwrap_or_default();
+    let body = String::from_utf8(got.body.to_vec()).unwrap();
+    (query, body, got)
+}
+
+#[tokio::test]
+async fn an_api_key_in_a_body_or_a_bracket_query_name_never_reaches_smartlead() {
+    let (sim, proxy) = sim_and_proxy_with(|s| {
+        s.log.bodies = true;
+        s.log.level = "trace".into();
+    })
+    .await;
+    let c = client();
+    let json = "application/json";
+    let form = "application/x-www-form-urlencoded";
+    for (content_type, body, forwarded) in [
+        (
+            json,
+            format!(r#"{{"name":"x","api_key":"{THEIRS}"}}"#),
+            r#"{"name":"x"}"#.to_owned(),
+        ),
+        (
+            json,
+            format!(r#"{{ "api_key" : "{THEIRS}" ,  "n": [1, 2] }}"#),
+            r#"{ "n": [1, 2] }"#.to_owned(),
+        ),
+        (
+            json,
+            format!(r#"{{"API_KEY":"{THEIRS}","a":{{"api_key":"nested"}}}}"#),
+            r#"{"a":{"api_key":"nested"}}"#.to_owned(),
+        ),
+        (
+            json,
+            format!(r#"{{"api\u005fkey":"{THEIRS}"}}"#),
+            "{}".to_owned(),
+        ),
+        (
+            form,
+            format!("a=1&api_key={THEIRS}&b=2"),
+            "a=1&b=2".to_owned(),
+        ),
+        (
+            form,
+            format!("api_key%5B%5D={THEIRS}&api_key[0]={THEIRS}&c=3"),
+            "c=3".to_owned(),
+        ),
+    ] {
+        for method in ["POST", "PATCH", "PUT"] {
+            let resp = c
+                .request(
+                    method.parse().unwrap(),
+                    proxy.url("/api/v1/campaigns/7/settings"),
+                )
+                .header("content-type", content_type)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                resp.status().as_u16() < 500,
+                "{method} {body}: {}",
+                resp.status()
+            );
+            let (query, got_body, got) = received(&sim);
+            assert_eq!(got_body, forwarded, "{method} {body}");
+            let length = got.headers["content-length"].to_str().unwrap();
+            assert_eq!(length, forwarded.len().to_string(), "{method} {body}");
+            assert_eq!(got.api_keys(), [KEY], "{method} {body}: {query}");
+            assert!(!query.contains(THEIRS), "{query}");
+        }
+    }
+    for name in [
+        "api_key[]",
+        "api_key%5B%5D",
+        "api_key[0]",
+        "api_key[x]",
+        "API_KEY%5b0%5d",
+        "api%5Fkey",
+    ] {
+        let resp = proxy
+            .get(&format!(
+                "/api/v1/campaigns?limit=5&{name}={THEIRS}&offset=0"
+            ))
+            .await;
+        assert_eq!(resp.status(), 200, "{name}");
+        let (query, _, got) = received(&sim);
+        assert_eq!(got.api_keys(), [KEY], "{name}");
+        assert!(
+            !query.contains(THEIRS) && query.contains("limit=5&offset=0"),
+            "{name}: {query}"
+        );
+    }
+    // The traffic log, at trace, with bodies: never the client's key, in any form.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_no_key(&captured_text(), THEIRS, "the logs");
+    assert_key_not_logged();
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn with_client_keys_allowed_a_key_in_the_body_chooses_its_own_quota() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(THEIRS.into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut s = settings(&sim.base_url());
+    s.upstream.api_key = None;
+    s.upstream.allow_client_key = true;
+    let proxy = spawn_proxy(s).await;
+    let c = client();
+    for (content_type, body, forwarded) in [
+        (
+            "application/json",
+            format!(r#"{{"lead_list":[],"api_key":"{THEIRS}"}}"#),
+            r#"{"lead_list":[]}"#,
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            format!("api_key={THEIRS}&x=1"),
+            "x=1",
+        ),
+    ] {
+        let resp = c
+            .post(proxy.url("/api/v1/campaigns/7/settings"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        // The simulator checks the key before the route: not 401 means it was taken.
+        assert_ne!(resp.status(), 401, "SmartLead saw the client's key");
+        let (_, got_body, got) = received(&sim);
+        assert_eq!(got_body, forwarded);
+        assert_eq!(got.api_keys(), [THEIRS], "moved to the query");
+    }
+    let status: Value = proxy.get("/status.json").await.json().await.unwrap();
+    let names: Vec<&str> = status["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("key:")),
+        "its own quota: {names:?}"
+    );
+    assert_no_key(&status.to_string(), THEIRS, "/status.json");
+    proxy.stop().await;
+}

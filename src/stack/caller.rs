@@ -217,6 +217,7 @@ impl<S> Caller<S> {
         Ok(Call {
             account: chosen.account,
             who,
+            open: chosen.open && accounts.keeps_client_keys(),
         })
     }
 }

@@ -14,16 +14,19 @@
 //!    [`crate::error::answer`], the one place that answers), with `x-proxy-attempts`.
 //! 7. [`buffer`]: the body is read (bounded in size, time and total memory) so retries
 //!    can replay it.
-//! 8. [`lead_import`]: lead imports are checked before any quota is spent, and split into
+//! 8. [`body_key`]: a client's `api_key` in a JSON or form body is taken out (and with
+//!    `upstream.allow_client_key` may choose the account, like the query's).
+//! 9. [`lead_import`]: lead imports are checked before any quota is spent, and split into
 //!    batches when `leads.auto_batch` says so.
-//! 9. [`key_injection`]: the one allowed upstream target, with the account's key;
-//!    secrets scrubbed from every header that comes back.
-//! 10. [`quota_retry`]: a slot of the account's quota, an attempt, and another within the
+//! 10. [`key_injection`]: the one allowed upstream target, with the account's key;
+//!     secrets scrubbed from every header that comes back.
+//! 11. [`quota_retry`]: a slot of the account's quota, an attempt, and another within the
 //!     deadline while the answer is worth retrying (one layer, one loop: they share one
 //!     deadline).
-//! 11. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
+//! 12. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
 
 pub mod access_log;
+pub mod body_key;
 pub mod buffer;
 pub mod caller;
 pub mod envelope;
@@ -166,6 +169,7 @@ where
         .layer(caller::CallerLayer::new(&shared.accounts, &shared.clients))
         .layer(envelope::EnvelopeLayer::new(&shared.secrets))
         .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))
+        .layer(body_key::BodyKeyLayer::new(&shared.accounts))
         .layer(lead_import::LeadImportLayer::new(
             &s.leads,
             &s.upstream,

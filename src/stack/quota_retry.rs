@@ -213,7 +213,7 @@ where
     fn start(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Self, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // The caller layer always chooses one: a request without is a bug.
-        let Call { account, who } = parts
+        let Call { account, who, .. } = parts
             .extensions
             .remove::<Call>()
             .ok_or(ProxyError::Internal)?;
