@@ -20,12 +20,22 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("no data for {0:?}")]
 pub struct Stalled(pub Duration);
 
-/// Wraps a body so that a gap longer than `idle` between frames ends it with [`Stalled`].
+/// The error a body that took longer than its whole-body limit ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("not whole within {0:?}")]
+pub struct TooSlow(pub Duration);
+
+/// Wraps a body so that a gap longer than `idle` between frames ends it with [`Stalled`],
+/// and, with a whole-body limit, a body not done by then ends with [`TooSlow`]: a client
+/// trickling a byte at a time never stalls, but it does run out of time.
 pub struct IdleTimeout<B> {
     inner: B,
     idle: Duration,
+    /// The whole-body limit and when it runs out.
+    whole: Option<(Duration, Instant)>,
     /// Started the first time the inner body has nothing ready: a small body that arrives
-    /// in one piece never touches the timer.
+    /// in one piece never touches the timer. One timer serves both limits: it is set to
+    /// whichever comes first.
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -34,7 +44,29 @@ impl<B> IdleTimeout<B> {
         Self {
             inner,
             idle,
+            whole: None,
             sleep: None,
+        }
+    }
+
+    /// Also ends the body with [`TooSlow`] once `whole` has passed from now.
+    pub fn with_whole_limit(inner: B, idle: Duration, whole: Duration) -> Self {
+        Self {
+            whole: Some((whole, Instant::now() + whole)),
+            ..Self::new(inner, idle)
+        }
+    }
+
+    /// When the timer should next fire.
+    fn next_deadline(&self) -> Instant {
+        let idle = Instant::now() + self.idle;
+        self.whole.map_or(idle, |(_, at)| idle.min(at))
+    }
+
+    fn timed_out(&self) -> BoxError {
+        match self.whole {
+            Some((within, at)) if Instant::now() >= at => Box::new(TooSlow(within)),
+            _ => Box::new(Stalled(self.idle)),
         }
     }
 }
@@ -54,18 +86,19 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
+                let next = this.next_deadline();
                 if let Some(sleep) = this.sleep.as_mut() {
-                    sleep.as_mut().reset(Instant::now() + this.idle);
+                    sleep.as_mut().reset(next);
                 }
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
-                let idle = this.idle;
+                let next = this.next_deadline();
                 let sleep = this
                     .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(Stalled(this.idle))))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(this.timed_out()))),
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -84,6 +84,14 @@ pub enum ProxyError {
     BodyUnreadable,
     /// Request bodies held at once would pass `server.max_buffered_bytes`.
     OutOfBodyMemory,
+    /// The body did not arrive whole within `server.body_timeout`.
+    BodyTooSlow {
+        within: Duration,
+    },
+    /// `server.max_connections` client connections are open.
+    TooManyConnections {
+        max: usize,
+    },
     /// A missing or wrong access token.
     Unauthorized,
     /// A lead import refused before anything was sent.
@@ -148,7 +156,8 @@ impl ProxyError {
             WrongAccount { .. } => StatusCode::FORBIDDEN,
             TooManyClientKeys { .. } => StatusCode::SERVICE_UNAVAILABLE,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
+            BodyStalled { .. } | BodyTooSlow { .. } => StatusCode::REQUEST_TIMEOUT,
+            TooManyConnections { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Unauthorized => StatusCode::UNAUTHORIZED,
             RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             OutOfBodyMemory | LimiterUnavailable(_) | NotReady { .. } | ShuttingDown => {
@@ -173,7 +182,8 @@ impl ProxyError {
             TooManyClientKeys { .. } => "UNAVAILABLE",
             InvalidLeads(_) => "VALIDATION_ERROR",
             PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
-            BodyStalled { .. } => "REQUEST_TIMEOUT",
+            BodyStalled { .. } | BodyTooSlow { .. } => "REQUEST_TIMEOUT",
+            TooManyConnections { .. } => "UNAVAILABLE",
             Unauthorized => "UNAUTHORIZED",
             RateLimited(_) => "RATE_LIMITED",
             OutOfBodyMemory | LimiterUnavailable(_) | NotReady { .. } | ShuttingDown => {
@@ -207,6 +217,13 @@ impl ProxyError {
             BodyStalled { after } => format!(
                 "the request body stalled for {} (server.client_timeout)",
                 humantime::format_duration(*after)
+            ),
+            BodyTooSlow { within } => format!(
+                "the request body did not arrive whole within {} (server.body_timeout)",
+                humantime::format_duration(*within)
+            ),
+            TooManyConnections { max } => format!(
+                "the proxy has {max} client connections open, its most (server.max_connections)"
             ),
             BodyUnreadable => "the request body could not be read".into(),
             OutOfBodyMemory => "the proxy is holding as many request bodies as \
@@ -269,6 +286,10 @@ impl ProxyError {
             }
             OutOfBodyMemory => {
                 d.insert("reason".into(), "memory".into());
+            }
+            TooManyConnections { max } => {
+                d.insert("reason".into(), "connections".into());
+                d.insert("max_connections".into(), (*max).into());
             }
             InvalidLeads(r) => {
                 d.insert("field".into(), r.field.clone().into());
@@ -345,7 +366,7 @@ impl ProxyError {
                 let secs = crate::limiter::retry_after_secs(*retry_after);
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            ProxyError::OutOfBodyMemory => {
+            ProxyError::OutOfBodyMemory | ProxyError::TooManyConnections { .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ProxyError::Unauthorized => {
@@ -658,6 +679,14 @@ fn hint(error: &ProxyError, served: &Served) -> String {
             .into(),
         BodyStalled { .. } => "the client stopped sending its request for longer than \
              server.client_timeout: check the client and the network between it and the proxy"
+            .into(),
+        BodyTooSlow { .. } => "the client sent its request body more slowly than \
+             server.body_timeout allows for the whole of it: check the client and the network, \
+             or raise server.body_timeout"
+            .into(),
+        TooManyConnections { .. } => "every connection the proxy may hold is open: clients \
+             should reuse keep-alive connections; raise server.max_connections (and the file \
+             limit, LimitNOFILE) if this is real load"
             .into(),
         OutOfBodyMemory => "many large requests are waiting in the proxy \
              (server.max_buffered_bytes of bodies held): retry after Retry-After, or raise \
@@ -1020,6 +1049,18 @@ mod tests {
                 "server.client_timeout",
             ),
             (ProxyError::OutOfBodyMemory, 0, "server.max_buffered_bytes"),
+            (
+                ProxyError::BodyTooSlow {
+                    within: Duration::from_secs(60),
+                },
+                0,
+                "server.body_timeout",
+            ),
+            (
+                ProxyError::TooManyConnections { max: 10 },
+                0,
+                "server.max_connections",
+            ),
             (
                 ProxyError::MethodNotAllowed(Method::CONNECT),
                 0,

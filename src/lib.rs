@@ -37,6 +37,7 @@ pub mod accounts;
 pub mod body;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod demo;
 pub mod egress;
 pub mod error;
@@ -107,6 +108,14 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
     status::start_clock();
+    if let Some(files) = connections::raise_file_limit() {
+        tracing::info!(
+            soft_before = files.soft_before,
+            soft = files.soft,
+            hard = files.hard,
+            "open files limit (the soft limit is raised to the hard one)"
+        );
+    }
     let tokens = !settings.server.access_tokens.is_empty()
         || settings.accounts.iter().any(|a| !a.tokens.is_empty());
     if !addr.ip().is_loopback() && !tokens {
@@ -132,6 +141,11 @@ pub async fn run_with(
     let (mine, my_client) = threads.next().expect("at least one serving thread");
     let grace = shared.settings.server.shutdown_grace;
     let client_timeout = shared.settings.server.client_timeout;
+    let connections = shared.connections.clone();
+    tracing::info!(
+        max = connections.max(),
+        "client connections (server.max_connections)"
+    );
     let live = reload::Live::new(shared);
     let mut finished = Vec::with_capacity(workers);
     for (n, (incoming, client)) in threads.enumerate() {
@@ -163,7 +177,10 @@ pub async fn run_with(
         grace,
         client_timeout,
     };
-    tokio::join!(server::accept(listener, senders, stop), serve(me));
+    tokio::join!(
+        server::accept(listener, senders, &connections, stop),
+        serve(me)
+    );
     for done in finished {
         let _ = done.await;
     }
@@ -173,7 +190,7 @@ pub async fn run_with(
 
 /// What one serving thread serves with.
 struct Thread {
-    incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>,
+    incoming: mpsc::UnboundedReceiver<server::Accepted>,
     live: Arc<reload::Live>,
     shutdown: Shutdown,
     client: UpstreamClient,

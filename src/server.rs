@@ -24,6 +24,10 @@ use tokio::time::Sleep;
 use tower::{Service, ServiceExt};
 
 use crate::client::Peer;
+use crate::connections::{Connections, Held};
+
+/// An accepted connection, its peer, and its place among the counted connections.
+pub type Accepted = (std::net::TcpStream, SocketAddr, Held);
 
 /// A request may carry at most 100 headers (hyper's default; more get a 431). Left to
 /// hyper rather than set: given any `max_headers`, hyper fills its two 100-slot parse
@@ -36,11 +40,14 @@ fn builder(header_read_timeout: Duration) -> http1::Builder {
 }
 
 /// Accepts connections until `stop` resolves and deals them round-robin to the serving
-/// threads (one listening socket; each connection then stays on one thread). Dropping
-/// the senders on return tells the threads to stop serving new connections.
+/// threads (one listening socket; each connection then stays on one thread), up to
+/// `connections`' cap; past it a connection gets its answer from
+/// [`crate::connections::over_cap`]. Dropping the senders on return tells the threads to
+/// stop serving new connections.
 pub async fn accept(
     listener: TcpListener,
-    workers: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
+    connections: &Connections,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -50,8 +57,12 @@ pub async fn accept(
             accepted = listener.accept() => match accepted.and_then(|(s, peer)| Ok((s.into_std()?, peer))) {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    let Some(held) = connections.try_open() else {
+                        crate::connections::over_cap(stream, connections);
+                        continue;
+                    };
                     // A worker that is gone has stopped; its connection is just closed.
-                    let _ = workers[next].send((stream, peer));
+                    let _ = workers[next].send((stream, peer, held));
                     next = (next + 1) % workers.len();
                 }
                 Err(e) => {
@@ -79,7 +90,7 @@ pub trait Stacks: Clone + Send + 'static {
 /// Serves the connections this thread is dealt with the stacks `stacks` gives until the
 /// acceptor stops, then returns the handle that drains them.
 pub async fn serve_connections<T, S>(
-    mut incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    mut incoming: mpsc::UnboundedReceiver<Accepted>,
     stacks: T,
     header_read_timeout: Duration,
 ) -> GracefulShutdown
@@ -93,7 +104,7 @@ where
 {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder(header_read_timeout));
-    while let Some((stream, peer)) = incoming.recv().await {
+    while let Some((stream, peer, counted)) = incoming.recv().await {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(s) => s,
             Err(e) => {
@@ -120,6 +131,7 @@ where
             let conn = builder.serve_connection(io, service);
             // Client resets and timeouts end here; nothing to report.
             let _ = watcher.watch(conn).await;
+            drop(counted);
         }));
     }
     graceful

@@ -197,6 +197,10 @@ fn compose_runs_two_proxies_on_one_redis() {
             .join("Dockerfile")
             .exists()
     );
+    for proxy in ["proxy-a", "proxy-b"] {
+        let nofile = &services[proxy]["ulimits"]["nofile"];
+        assert_eq!(nofile["hard"].as_u64(), Some(65536), "{proxy}: {nofile:?}");
+    }
     let app_env = str_map(&services["app"]["environment"]);
     assert!(app_env["SMARTLEAD_BASE_URL"].ends_with(":8787/api/v1"));
     assert!(
@@ -275,6 +279,7 @@ fn systemd_unit_is_hardened() {
         ("KillSignal", "SIGTERM"),
         ("ExecStart", "/usr/local/bin/smartlead-proxy"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("LimitNOFILE", "65536"),
     ] {
         assert_eq!(settings.get(key).copied(), Some(want), "{key}");
     }

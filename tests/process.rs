@@ -18,7 +18,19 @@ const SECRET: &str = "sk/live+TESTKEY=42";
 const SECRET_ENCODED: &str = "sk%2Flive%2BTESTKEY%3D42";
 
 fn command(envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
+    command_via(&[], envs)
+}
+
+/// The binary run by `wrapper` (a command and its arguments, like `prlimit`), if any.
+fn command_via(wrapper: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(BIN);
+            cmd
+        }
+        None => Command::new(BIN),
+    };
     cmd.env_clear()
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
@@ -149,6 +161,10 @@ struct Running {
 }
 
 fn start(base_url: &str, extra: &[(&str, &str)]) -> Running {
+    start_via(&[], base_url, extra)
+}
+
+fn start_via(wrapper: &[&str], base_url: &str, extra: &[(&str, &str)]) -> Running {
     let mut envs = vec![
         ("SMARTLEAD_API_KEY", SECRET),
         ("SMARTLEAD_PROXY__UPSTREAM__BASE_URL", base_url),
@@ -160,7 +176,7 @@ fn start(base_url: &str, extra: &[(&str, &str)]) -> Running {
     // Later ones win; an empty value leaves the variable unset.
     envs.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
     envs.extend(extra.iter().filter(|(_, v)| !v.is_empty()));
-    let mut child = command(&envs).spawn().unwrap();
+    let mut child = command_via(wrapper, &envs).spawn().unwrap();
     let lines = Arc::new(Mutex::new(Vec::new()));
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -1019,5 +1035,105 @@ async fn a_reload_refused_for_a_pasted_key_does_not_print_it() {
     let output = proxy.output().join("\n");
     assert_no_key(&output, PASTED, "the reload errors");
     assert_no_key(&output, SECRET, "the reload errors");
+    assert!(proxy.terminate().success());
+}
+
+/// Connections that send a POST head and then trickle their body: with the systemd
+/// default of 1024 open files they used to take every descriptor, so that nothing else,
+/// `/healthz` included, could be accepted.
+#[tokio::test]
+async fn trickling_clients_past_the_file_limit_lock_nobody_out() {
+    let _ = rlimit::increase_nofile_limit(8192); // the test's own 1,100 connections
+    let sim = secret_sim().await;
+    let mut proxy = start_via(
+        &["prlimit", "--nofile=1024:1024"],
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY__SERVER__BODY_TIMEOUT", "4s"),
+            ("SMARTLEAD_PROXY__SERVER__MAX_BODY_BYTES", "100000"),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+        ],
+    );
+    let mut trickling = Vec::new();
+    for _ in 0..1100 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(proxy.addr).await else {
+            continue;
+        };
+        use tokio::io::AsyncWriteExt;
+        let head = b"POST /api/v1/campaigns/1/settings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{";
+        if s.write_all(head).await.is_ok() {
+            trickling.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let health = c
+        .get(proxy.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz answers");
+    assert_eq!(health.status(), 200);
+    let ready = c
+        .get(proxy.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz answers");
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["error"]["details"]["reason"], "connections", "{body}");
+    let refused = c
+        .get(proxy.url("/api/v1/campaigns"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "UNAVAILABLE");
+    assert_eq!(body["error"]["details"]["reason"], "connections", "{body}");
+    // server.body_timeout ends the trickles (a byte now and then never stalls them).
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for s in &mut trickling {
+            use tokio::io::AsyncWriteExt;
+            let _ = s.try_write(b" ");
+            let _ = s.flush().await;
+        }
+    }
+    let served = c.get(proxy.url("/api/v1/campaigns")).send().await.unwrap();
+    assert_eq!(served.status(), 200, "the trickles were timed out");
+    assert_eq!(
+        c.get(proxy.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
+    let mut timed_out = 0;
+    for s in trickling.iter_mut().take(50) {
+        let mut buf = vec![0u8; 2048];
+        use tokio::io::AsyncReadExt;
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+            && String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408")
+        {
+            timed_out += 1;
+        }
+    }
+    assert!(timed_out > 0, "the trickles got 408");
+    drop(trickling);
+    let output = proxy.output();
+    let accept_failures = output
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert_eq!(accept_failures, 0, "{:#?}", &output[..output.len().min(20)]);
+    let limits = output
+        .iter()
+        .find(|l| l.contains("open files limit"))
+        .expect("logged");
+    assert!(
+        limits.contains("\"soft\":1024") && limits.contains("\"hard\":1024"),
+        "{limits}"
+    );
     assert!(proxy.terminate().success());
 }

@@ -1,6 +1,6 @@
 //! The client's body, read whole before anything else happens, so retries can replay it:
-//! at most `server.max_body_bytes` (413), each part within `server.client_timeout` (408),
-//! and all bodies held at once within `server.max_buffered_bytes` (503, after the rest
+//! at most `server.max_body_bytes` (413), each part within `server.client_timeout` and
+//! the whole of it within `server.body_timeout` (408), and all bodies held at once within `server.max_buffered_bytes` (503, after the rest
 //! of the body is read and dropped so the client can take the answer in). The body's
 //! share of that budget is held until the request is done.
 
@@ -16,7 +16,7 @@ use http_body::Body;
 use tower::{Layer, Service};
 
 use super::{Failure, Reply};
-use crate::body::{BodyBudget, BodyShare, IdleTimeout, Stalled};
+use crate::body::{BodyBudget, BodyShare, IdleTimeout, Stalled, TooSlow};
 use crate::config::ServerSettings;
 use crate::error::ProxyError;
 
@@ -26,6 +26,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct Limits {
     max_body: usize,
     client_timeout: Duration,
+    body_timeout: Duration,
     budget: BodyBudget,
 }
 
@@ -40,6 +41,7 @@ impl BufferLayer {
             limits: Arc::new(Limits {
                 max_body: server.max_body_bytes,
                 client_timeout: server.client_timeout,
+                body_timeout: server.body_timeout,
                 budget: budget.clone(),
             }),
         }
@@ -103,7 +105,11 @@ where
         BufferFuture::Reading {
             reading: Reading {
                 parts: Some(parts),
-                body: IdleTimeout::new(body, self.limits.client_timeout),
+                body: IdleTimeout::with_whole_limit(
+                    body,
+                    self.limits.client_timeout,
+                    self.limits.body_timeout,
+                ),
                 chunks: Vec::new(),
                 read: 0,
                 room: true,
@@ -140,6 +146,10 @@ where
                 Err(e) if e.downcast_ref::<Stalled>().is_some() => {
                     let after = self.limits.client_timeout;
                     return Poll::Ready(Err(ProxyError::BodyStalled { after }));
+                }
+                Err(e) if e.downcast_ref::<TooSlow>().is_some() => {
+                    let within = self.limits.body_timeout;
+                    return Poll::Ready(Err(ProxyError::BodyTooSlow { within }));
                 }
                 Err(_) => return Poll::Ready(Err(ProxyError::BodyUnreadable)),
             };

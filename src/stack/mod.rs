@@ -47,6 +47,7 @@ use tower::{Service, ServiceBuilder};
 use crate::accounts::Accounts;
 use crate::body::BodyBudget;
 use crate::config::Settings;
+use crate::connections::Connections;
 use crate::error::ProxyError;
 use crate::key::Secrets;
 use crate::served::Served;
@@ -107,6 +108,8 @@ pub struct Shared {
     /// How clients are told apart and held to their caps.
     pub clients: caller::Clients,
     pub bodies: BodyBudget,
+    /// Open client connections and their cap (`server.max_connections`).
+    pub connections: Connections,
 }
 
 impl Shared {
@@ -120,6 +123,7 @@ impl Shared {
             accounts: Arc::new(Accounts::new(&settings)?),
             clients: caller::Clients::new(&settings.limit),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
+            connections: Connections::new(settings.server.max_connections),
             settings,
         })
     }
@@ -135,6 +139,7 @@ impl Shared {
             accounts: Arc::new(self.accounts.reload(&settings).await),
             clients: self.clients.reload(&settings.limit),
             bodies: self.bodies.clone(),
+            connections: self.connections.clone(),
             settings,
         }
     }
@@ -163,6 +168,7 @@ where
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
         .layer(own_routes::OwnRoutesLayer::new(
             &shared.accounts,
+            &shared.connections,
             shutdown,
             s.server.status_requires_token,
         ))

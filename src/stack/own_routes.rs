@@ -19,6 +19,7 @@ use tower::{Layer, Service};
 
 use super::Reply;
 use crate::accounts::Accounts;
+use crate::connections::Connections;
 use crate::error::{ProxyError, answer, is_never_forwarded};
 use crate::key::Secrets;
 use crate::served::Served;
@@ -36,6 +37,7 @@ pub fn is_api(path: &str) -> bool {
 #[derive(Clone)]
 struct Health {
     accounts: Arc<Accounts>,
+    connections: Connections,
     shutdown: Shutdown,
     /// `/status` and `/status.json` need an access token.
     status_requires_token: bool,
@@ -47,9 +49,15 @@ pub struct OwnRoutesLayer {
 }
 
 impl OwnRoutesLayer {
-    pub fn new(accounts: &Arc<Accounts>, shutdown: &Shutdown, status_requires_token: bool) -> Self {
+    pub fn new(
+        accounts: &Arc<Accounts>,
+        connections: &Connections,
+        shutdown: &Shutdown,
+        status_requires_token: bool,
+    ) -> Self {
         let health = Health {
             accounts: accounts.clone(),
+            connections: connections.clone(),
             shutdown: shutdown.clone(),
             status_requires_token,
         };
@@ -160,6 +168,9 @@ async fn readyz(State(health): State<Health>, req: Request<Body>) -> Response {
     if health.shutdown.has_begun() {
         return not_ready("shutting_down", None);
     }
+    if health.connections.at_cap() {
+        return not_ready("connections", None);
+    }
     let accounts = health.accounts.all();
     // The backend is the same for every account: Redis is up for all or for none.
     let Some(limiter) = accounts.first().map(|a| a.limiter.status()) else {
@@ -268,7 +279,12 @@ mod tests {
         let mut settings = crate::Settings::default();
         settings.upstream.api_key = Some(crate::key::ApiKey::new("k"));
         let accounts = Arc::new(Accounts::new(&settings).unwrap());
-        OwnRoutesLayer::new(&accounts, &Shutdown::default(), false)
+        OwnRoutesLayer::new(
+            &accounts,
+            &Connections::new(100),
+            &Shutdown::default(),
+            false,
+        )
     }
 
     /// Answers 299 for anything that reaches it.
