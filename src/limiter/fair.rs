@@ -9,6 +9,14 @@
 //! clients take turns (a client with weight 4 four turns to another's one) and each
 //! client's own requests keep their order. The earliest slot goes to the first waiter.
 //!
+//! Classes are strict with one exception, the starvation floor: while a lower class
+//! waits it gets at least one slot in [`FLOOR`]. A class that has watched `FLOOR - 1`
+//! slots in a row go to other classes has its first waiter promoted to the head of the
+//! line, ahead of every class, until it is served; so `high` can delay `normal` and `low`
+//! but never starve them. With all three waiting the slots go high, high, normal, low,
+//! ...: a quarter each to `normal` and `low`; when both come due at the same slot, `low`
+//! goes right after `normal` (its one gap of `FLOOR` slots).
+//!
 //! Serving someone first moves others later: a waiter whose slot moves past its deadline
 //! is refused at that moment, and a newcomer whose own slot would be past its deadline is
 //! refused at once. Pure: time comes in as an argument; waking waiters is the caller's.
@@ -29,6 +37,8 @@ pub type Key = u64;
 const TURN: u64 = 1 << 20;
 /// Tags of clients with nothing waiting are forgotten every this many arrivals.
 const TIDY_EVERY: u64 = 1024;
+/// A waiting class gets at least one slot in this many.
+pub const FLOOR: u32 = 4;
 
 #[derive(Debug)]
 struct Waiter {
@@ -39,6 +49,8 @@ struct Waiter {
     tag: u64,
     /// `TURN / weight`.
     step: u64,
+    /// Moved ahead of every class by the starvation floor.
+    promoted: bool,
     client: ClientId,
     deadline: Instant,
     wake: Arc<Notify>,
@@ -46,8 +58,8 @@ struct Waiter {
 
 impl Waiter {
     /// The order waiters are served in.
-    fn order(&self) -> (Priority, u64, Key) {
-        (self.class, self.tag, self.id)
+    fn order(&self) -> (bool, Priority, u64, Key) {
+        (!self.promoted, self.class, self.tag, self.id)
     }
 }
 
@@ -93,6 +105,8 @@ pub struct Queue {
     vtime: [u64; 3],
     /// Each (class, client)'s last tag.
     last: HashMap<(Priority, ClientId), u64>,
+    /// Per class, the slots that went to higher classes in a row while it waited.
+    passed_over: [u32; 3],
     /// Requests each client has in the line (or about to be).
     seats: HashMap<ClientId, usize>,
     ids: Key,
@@ -166,6 +180,7 @@ impl Queue {
             class,
             tag,
             step,
+            promoted: false,
             client: who.client.clone(),
             deadline,
             wake,
@@ -213,9 +228,48 @@ impl Queue {
         self.slots.remove(0);
         let class = first.class as usize;
         self.vtime[class] = self.vtime[class].max(first.tag);
+        self.served(first.class);
+        self.promote_passed_over(now, effects);
         self.wake_first(effects);
         self.forget_if_empty();
         Turn::Go
+    }
+
+    /// A slot went to `class`: every other class still waiting was passed over once more.
+    fn served(&mut self, class: Priority) {
+        let mut waiting = [false; 3];
+        for w in &self.waiters {
+            waiting[w.class as usize] = true;
+        }
+        for c in Priority::ALL {
+            let i = c as usize;
+            self.passed_over[i] = match (c, waiting[i]) {
+                (c, _) if c == class => 0,
+                (_, true) => self.passed_over[i] + 1,
+                (_, false) => 0,
+            };
+        }
+    }
+
+    /// The starvation floor: the highest class passed over `FLOOR - 1` times has its first
+    /// waiter moved to the head of the line (those it passes each move one slot later).
+    fn promote_passed_over(&mut self, now: Instant, effects: &mut Effects) {
+        if self.waiters.first().is_none_or(|w| w.promoted) {
+            return;
+        }
+        let Some(class) = Priority::ALL
+            .into_iter()
+            .find(|c| self.passed_over[*c as usize] >= FLOOR - 1)
+        else {
+            return;
+        };
+        let Some(at) = self.waiters.iter().position(|w| w.class == class) else {
+            return;
+        };
+        let mut waiter = self.waiters.remove(at);
+        waiter.promoted = true;
+        self.waiters.insert(0, waiter);
+        self.refuse_late(1, now, Limited::PastDeadline, effects);
     }
 
     /// `key` leaves without starting (its caller went away, or its deadline passed): the
@@ -288,6 +342,7 @@ impl Queue {
     fn forget_if_empty(&mut self) {
         if self.waiters.is_empty() {
             self.last.clear();
+            self.passed_over = [0; 3];
         }
     }
 
@@ -481,10 +536,52 @@ mod tests {
         add(&mut q, &mut log, &who("later", Priority::Low, 1), &mut keys);
         let served = drain(&mut q, &mut keys, t0);
         assert_eq!(served[0], "urgent");
-        assert_eq!(served.last().unwrap(), "later");
-        let first_ten = &served[1..11];
-        let heavy = first_ten.iter().filter(|c| *c == "heavy").count();
-        assert_eq!(heavy, 8, "4:1 in turns: {first_ten:?}");
+        // The floor: passed over three times (urgent and two normal), low goes fourth.
+        assert_eq!(served[3], "later", "{served:?}");
+        let normal: Vec<&String> = served
+            .iter()
+            .filter(|c| *c == "heavy" || *c == "light")
+            .collect();
+        let heavy = normal[..10].iter().filter(|c| **c == "heavy").count();
+        assert_eq!(heavy, 8, "4:1 in turns: {normal:?}");
+    }
+
+    #[test]
+    fn a_lower_class_gets_one_slot_in_four_while_it_waits() {
+        let t0 = Instant::now();
+        let (mut q, mut log, mut keys) = (Queue::default(), Log { t0, next: 0 }, Vec::new());
+        for _ in 0..4 {
+            add(&mut q, &mut log, &who("bulk", Priority::Low, 1), &mut keys);
+            add(
+                &mut q,
+                &mut log,
+                &who("batch", Priority::Normal, 1),
+                &mut keys,
+            );
+        }
+        for _ in 0..24 {
+            add(&mut q, &mut log, &who("ui", Priority::High, 1), &mut keys);
+        }
+        let served = drain(&mut q, &mut keys, t0);
+        assert_eq!(served.len(), 32);
+        // While a class waits it has a quarter of the slots, and no more than FLOOR in a
+        // row pass it by (two classes due at once go one after the other).
+        for class in ["batch", "bulk"] {
+            let last = served.iter().rposition(|c| c == class).unwrap();
+            for run in served[..=last].windows(FLOOR as usize + 1) {
+                assert!(run.iter().any(|c| c == class), "{class}: {served:?}");
+            }
+            let share = served[..=last].iter().filter(|c| *c == class).count();
+            assert!(
+                share * 4 >= last,
+                "{class}: {share} of {}: {served:?}",
+                last + 1
+            );
+        }
+        assert_eq!(&served[..4], ["ui", "ui", "ui", "batch"], "{served:?}");
+        // High still goes first most of the time: half the slots while both others wait.
+        let ui = served[..16].iter().filter(|c| *c == "ui").count();
+        assert!(ui >= 8, "{served:?}");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct Clients {
     cap: Option<(Window, Arc<ClientCaps>)>,
     weights: Arc<HashMap<String, u32>>,
     allow_priority: bool,
+    /// `limit.high_priority_clients`: when non-empty, only they may use `high`.
+    high: Arc<std::collections::HashSet<String>>,
 }
 
 impl Clients {
@@ -48,6 +50,7 @@ impl Clients {
                 .map(|w| (w.clone(), Arc::new(ClientCaps::new(w.requests, w.period)))),
             weights: Arc::new(limit.client_weights.clone()),
             allow_priority: limit.allow_priority,
+            high: Arc::new(limit.high_priority_clients.iter().cloned().collect()),
         }
     }
 
@@ -69,6 +72,7 @@ impl Clients {
         token_name: Option<Arc<str>>,
         peer: Option<&Peer>,
     ) -> Result<Who, ProxyError> {
+        let may_be_high = self.may_be_high(headers, token_name.as_deref());
         let client = match headers.get(CLIENT_HEADER) {
             Some(v) => match v.to_str().map(str::trim) {
                 Ok(id) if valid_client_id(id) => ClientId::Named(id.into()),
@@ -97,6 +101,12 @@ impl Clients {
             }
             _ => Priority::Normal,
         };
+        // Anybody else's `high` counts as `normal`, not as an error: a client cannot
+        // tell whether it is listed.
+        let priority = match priority {
+            Priority::High if !may_be_high => Priority::Normal,
+            p => p,
+        };
         let weight = if self.weights.is_empty() {
             1
         } else {
@@ -110,6 +120,24 @@ impl Clients {
             priority,
             weight,
         })
+    }
+
+    /// Whether the request may use `X-Priority: high`: anybody may while
+    /// `limit.high_priority_clients` is empty; else a request with a named token only when
+    /// the token's name is listed (its `X-Client-Id` cannot lend it the right), and one
+    /// without only when its `X-Client-Id` is.
+    fn may_be_high(&self, headers: &HeaderMap, token_name: Option<&str>) -> bool {
+        if self.high.is_empty() {
+            return true;
+        }
+        let name = match token_name {
+            Some(name) => Some(name),
+            None => headers
+                .get(CLIENT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim),
+        };
+        name.is_some_and(|n| self.high.contains(n))
     }
 
     /// A 429 when the client is over `limit.per_client`.
