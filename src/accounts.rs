@@ -40,9 +40,26 @@ pub struct Account {
     pub retry_budget: RetryBudget,
     /// When a request last chose it (client-key accounts are dropped once idle).
     last_used: Mutex<Instant>,
+    /// SmartLead answered its key 401 or 403: a client key's slot is free to take.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl Account {
+    /// SmartLead refused this account's key (401 or 403).
+    pub fn key_refused(&self) {
+        self.refused
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether it can be forgotten now: nobody holds it and nobody waits in its line.
+    fn unused(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) == 1 && self.limiter.queued() == 0
+    }
+
     fn touch(&self) {
         *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
@@ -98,6 +115,7 @@ impl Quotas {
             limiter: Arc::new(limiter),
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),
+            refused: Default::default(),
         }
     }
 }
@@ -112,6 +130,7 @@ impl Quotas {
             limiter: old.limiter.clone(),
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),
+            refused: Default::default(),
         }
     }
 
@@ -445,6 +464,26 @@ impl ClientKeys {
 
     /// The quotas `old` holds, carried over (so a key keeps its one quota across a
     /// reload).
+    /// Frees slots: every key SmartLead refused (its requests in flight keep their
+    /// quota), every quota unused and idle past its longest window, and if that frees
+    /// none, the least recently used quota with no waiter. Forgetting a quota forgets its
+    /// past starts (README, "Client keys"): on the local backend a key that comes back
+    /// within its longest window starts afresh; on Redis its log is kept there.
+    fn make_room(&self, held: &mut HashMap<[u8; 32], Arc<Account>>) {
+        held.retain(|_, a| !a.is_refused() && (!a.unused() || a.idle_for() < self.idle_after));
+        if held.len() < self.max {
+            return;
+        }
+        let lru = held
+            .iter()
+            .filter(|(_, a)| a.unused())
+            .max_by_key(|(_, a)| a.idle_for())
+            .map(|(hash, _)| *hash);
+        if let Some(hash) = lru {
+            held.remove(&hash);
+        }
+    }
+
     fn take_over(&self, old: &ClientKeys, quotas: &Quotas) {
         let old_held = old.held.lock().unwrap_or_else(|e| e.into_inner());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
@@ -467,11 +506,14 @@ impl ClientKeys {
         hash.copy_from_slice(tag.as_ref());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(account) = held.get(&hash) {
+            // A key SmartLead refused may have been fixed since: it is tried again.
+            account
+                .refused
+                .store(false, std::sync::atomic::Ordering::Relaxed);
             return Ok(account.clone());
         }
         if held.len() >= self.max {
-            // Drop quotas idle past their longest window; none in use is ever dropped.
-            held.retain(|_, a| Arc::strong_count(a) > 1 || a.idle_for() < self.idle_after);
+            self.make_room(&mut held);
         }
         if held.len() >= self.max {
             let soonest = held

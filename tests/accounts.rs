@@ -464,3 +464,62 @@ async fn two_proxies_on_redis_share_each_accounts_quota() {
         p.stop().await;
     }
 }
+
+/// With `allow_client_key`, keys SmartLead refuses give their slot back at once, and when
+/// every slot is held the least recently used key with no waiter gives way: 1,000 junk
+/// keys answered 401 used to hold every slot for an hour (503, Retry-After: 3630).
+#[tokio::test]
+async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
+    const REAL: [&str; 4] = [
+        "real-key-one-1a2b3c4d",
+        "real-key-two-5e6f7a8b",
+        "real-key-three-9c0d1e",
+        "real-key-four-2f3a4b5c",
+    ];
+    let sim = Sim::start(SimConfig {
+        api_key: Some(REAL[0].into()),
+        more_keys: REAL[1..].iter().map(|k| k.to_string()).collect(),
+        requests: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut s = quota_settings(&sim.base_url(), 10_000, Duration::from_secs(3600), None);
+    s.upstream.api_key = None;
+    s.upstream.allow_client_key = true;
+    s.limit.max_client_keys = 1000;
+    let proxy = spawn_proxy(s.clone()).await;
+    let c = client();
+    let junk: Vec<u16> = futures_util::future::join_all((0..1000).map(|i| {
+        let url = proxy.url(&format!("/api/v1/campaigns?api_key=junk-key-{i:06}-xxxxxx"));
+        let c = c.clone();
+        async move { c.get(url).send().await.unwrap().status().as_u16() }
+    }))
+    .await;
+    assert!(junk.iter().all(|s| *s == 401), "SmartLead refused them");
+    let resp = proxy
+        .get(&format!("/api/v1/campaigns?api_key={}", REAL[0]))
+        .await;
+    assert_eq!(resp.status(), 200, "a real key gets a slot at once");
+    proxy.stop().await;
+
+    // Every slot held by a key in good standing: the least recently used gives way.
+    s.limit.max_client_keys = 3;
+    let proxy = spawn_proxy(s).await;
+    for key in REAL {
+        let resp = proxy.get(&format!("/api/v1/campaigns?api_key={key}")).await;
+        assert_eq!(resp.status(), 200, "{key}");
+    }
+    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
+    let keys = ready["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["name"].as_str().unwrap().starts_with("key:"))
+        .count();
+    assert_eq!(keys, 3, "{ready}");
+    proxy.stop().await;
+    for key in REAL {
+        assert_no_key(&captured_text(), key, "the logs");
+    }
+}

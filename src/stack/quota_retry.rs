@@ -292,6 +292,13 @@ where
             limiter.observe(resp.headers()).await;
         }
         let status = sent.as_ref().ok().map(Response::status);
+        if matches!(
+            status,
+            Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        ) {
+            // A client key's slot is given back (limit.max_client_keys).
+            account.key_refused();
+        }
         let outcome = match (&status, &sent) {
             (Some(status), _) => status.as_str(),
             (None, Err(e)) => e.kind(),
