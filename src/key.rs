@@ -4,6 +4,7 @@
 
 mod find;
 pub mod in_body;
+pub mod streamed;
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -164,6 +165,38 @@ impl Secrets {
             return Cow::Borrowed(text);
         }
         Cow::Owned(find::replace(text, found, REDACTED.as_bytes()))
+    }
+
+    /// For a body streamed in pieces: of `pending` (what has come and not been sent), the
+    /// part that can be sent now with every secret replaced by as many `*` (so the body
+    /// keeps its length), and how many bytes of `pending` it stands for. What is kept back
+    /// is the trailing run of bytes that could be part of a secret, at most
+    /// [`Secrets::longest_form`] of them, moved back further to the start of any secret
+    /// that reaches into them: a secret split between pieces is seen whole, and a piece
+    /// that ends in anything else goes on at once. At the body's `end` everything goes.
+    pub fn scrub_streamed<'a>(&self, pending: &'a [u8], end: bool) -> (Cow<'a, [u8]>, usize) {
+        let found = self.found(pending, false);
+        let mut send = if end {
+            pending.len()
+        } else {
+            let tail = self
+                .patterns
+                .iter()
+                .map(|p| p.trailing_run(pending))
+                .max()
+                .unwrap_or(0);
+            pending.len() - tail.min(self.longest_form())
+        };
+        // Moving back past one secret can reach into another that overlaps it.
+        while let Some(r) = found.iter().find(|r| r.start < send && r.end > send) {
+            send = r.start;
+        }
+        let inside: Vec<Range<usize>> = found.into_iter().filter(|r| r.end <= send).collect();
+        let head = &pending[..send];
+        if inside.is_empty() {
+            return (Cow::Borrowed(head), send);
+        }
+        (Cow::Owned(find::mask(head, &inside)), send)
     }
 
     /// Bytes with every secret replaced.

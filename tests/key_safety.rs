@@ -314,3 +314,78 @@ async fn with_client_keys_allowed_a_key_in_the_body_chooses_its_own_quota() {
     assert_no_key(&status.to_string(), THEIRS, "/status.json");
     proxy.stop().await;
 }
+
+/// An upstream that answers 200 with `first`, then a moment later `second`, as two
+/// chunks of one body (so the proxy gets them as two pieces).
+async fn two_chunk_upstream(first: String, second: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (first, second) = (first.clone(), second.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let chunk = |c: &str| format!("{:x}\r\n{c}\r\n", c.len());
+                let _ = s
+                    .write_all(format!("{head}{}", chunk(&first)).as_bytes())
+                    .await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = s
+                    .write_all(format!("{}0\r\n\r\n", chunk(&second)).as_bytes())
+                    .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            });
+        }
+    });
+    format!("http://{addr}/api/v1")
+}
+
+#[tokio::test]
+async fn a_key_echoed_in_a_success_body_is_replaced_even_split_across_chunks() {
+    let body =
+        format!(r#"{{"id":7,"webhook_url":"https://hooks.example/in?api_key={KEY}","name":"x"}}"#);
+    let masked = "*".repeat(KEY.len());
+    let want = &format!(
+        r#"{{"id":7,"webhook_url":"https://hooks.example/in?api_key={masked}","name":"x"}}"#
+    );
+    let split = body.find(KEY).unwrap() + KEY.len() / 2;
+    let (first, second) = body.split_at(split);
+    let base = two_chunk_upstream(first.to_owned(), second.to_owned()).await;
+    let proxy = spawn_proxy(settings(&base)).await;
+    let resp = client()
+        .get(proxy.url("/api/v1/webhooks/7"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(&text, want);
+    assert_no_key(&text, KEY, "the 200 body");
+    proxy.stop().await;
+    // A whole body with a Content-Length: the length it gets is the scrubbed one's.
+    let (sim, proxy) = sim_and_proxy().await;
+    sim.push_fault(smartlead_proxy::sim::Fault::respond(
+        200,
+        Some("application/json"),
+        body,
+    ));
+    let resp = proxy
+        .get_with("/api/v1/campaigns/7", &[("accept-encoding", "gzip, br")])
+        .await;
+    assert_eq!(resp.status(), 200);
+    let length = resp.headers().get("content-length").cloned();
+    let text = resp.text().await.unwrap();
+    assert_eq!(&text, want);
+    let length = length.expect("the answer keeps its Content-Length");
+    assert_eq!(length.to_str().unwrap(), want.len().to_string());
+    assert!(
+        !sim.requests()[0].headers.contains_key("accept-encoding"),
+        "asked for an uncompressed body it can read"
+    );
+    proxy.stop().await;
+}

@@ -54,6 +54,15 @@ impl Pattern {
         self.lower.len()
     }
 
+    /// How many bytes at the end of `text` could be (the start of) a match: every match
+    /// lies inside a run of the bytes this pattern's class holds.
+    pub fn trailing_run(&self, text: &[u8]) -> usize {
+        text.iter()
+            .rev()
+            .take_while(|b| self.class[**b as usize])
+            .count()
+    }
+
     /// Adds every match in `text` to `found` (unordered, possibly overlapping).
     pub fn find(&self, text: &[u8], cut: bool, found: &mut Vec<Range<usize>>) {
         if self.lower.is_empty() {
@@ -239,6 +248,15 @@ fn lower_hex(bytes: &[u8]) -> Vec<u8> {
         .iter()
         .flat_map(|b| [DIGITS[(b >> 4) as usize], DIGITS[(b & 15) as usize]])
         .collect()
+}
+
+/// `text` with every byte of every range replaced by `*`: the same length.
+pub fn mask(text: &[u8], found: &[Range<usize>]) -> Vec<u8> {
+    let mut out = text.to_vec();
+    for r in found {
+        out[r.clone()].fill(b'*');
+    }
+    out
 }
 
 /// `text` with every range replaced by `with` (ranges may overlap and come in any order).

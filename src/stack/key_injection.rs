@@ -3,7 +3,11 @@
 //! account's) and loses the headers that never cross the proxy (hop-by-hop, `Host`,
 //! lengths).
 //! Coming back, every header of SmartLead's answer, success or error, is scrubbed of the
-//! proxy's secrets before a client can see it.
+//! proxy's secrets before a client can see it, and so is a success's body as it streams
+//! ([`crate::key::streamed`]; error bodies are scrubbed where they are wrapped). So that
+//! the body can be read, SmartLead is asked for it uncompressed (`Accept-Encoding` is
+//! not passed on while there are secrets to scrub); a secret in it is masked in place,
+//! so the answer keeps its length.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +22,7 @@ use super::{Failure, Reply};
 use crate::accounts::Call;
 use crate::error::ProxyError;
 use crate::key::Secrets;
+use crate::key::streamed::Scrubbed;
 use crate::upstream::request_headers;
 
 #[derive(Debug)]
@@ -91,9 +96,14 @@ where
         parts.uri = uri;
         parts.headers = request_headers(std::mem::take(&mut parts.headers));
         parts.headers.insert(http::header::HOST, host);
+        if !self.state.secrets.is_empty() {
+            parts.headers.remove(http::header::ACCEPT_ENCODING);
+        }
+        let head = parts.method == http::Method::HEAD;
         KeyInjectionFuture::Sent {
             call: self.inner.call(Request::from_parts(parts, body)),
             state: self.state.clone(),
+            head,
         }
     }
 }
@@ -105,6 +115,8 @@ pin_project_lite::pin_project! {
             #[pin]
             call: F,
             state: Arc<State>,
+            // A HEAD answer has no body to scrub, and keeps its length.
+            head: bool,
         },
         Refused { failure: Option<Failure> },
     }
@@ -118,11 +130,16 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Projected::Sent { call, state } => {
+            Projected::Sent { call, state, head } => {
                 let mut answered = ready!(call.poll(cx));
                 let secrets = &state.secrets;
                 match &mut answered {
-                    Ok(reply) => secrets.scrub_headers(reply.response.headers_mut()),
+                    Ok(reply) => {
+                        secrets.scrub_headers(reply.response.headers_mut());
+                        if !*head {
+                            scrub_body(&mut reply.response, secrets);
+                        }
+                    }
                     Err(Failure {
                         error: ProxyError::Upstream(failed),
                         ..
@@ -136,6 +153,19 @@ where
             }
         }
     }
+}
+
+/// A success with a body streams through [`Scrubbed`].
+fn scrub_body(response: &mut http::Response<axum::body::Body>, secrets: &Secrets) {
+    let status = response.status();
+    if secrets.is_empty()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+    {
+        return;
+    }
+    let body = std::mem::take(response.body_mut());
+    *response.body_mut() = axum::body::Body::new(Scrubbed::new(body, secrets.clone()));
 }
 
 #[cfg(test)]
