@@ -35,8 +35,50 @@ pub const CONFIG_RELOADS: &str = "smartlead_proxy_config_reloads_total";
 const BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
-/// Distinct route labels kept before new ones become `other`.
+/// Distinct route labels kept, besides [`SMARTLEAD_ROUTES`], before new ones become
+/// `other`.
 const MAX_ROUTES: usize = 200;
+
+/// SmartLead's API routes (after `/api/v1`), ids as `{id}`: always labels of their own,
+/// whatever other paths clients send. A shape not here gets a label once SmartLead
+/// answers it with anything but 404, while fewer than [`MAX_ROUTES`] such labels exist.
+pub const SMARTLEAD_ROUTES: &[&str] = &[
+    "/campaigns",
+    "/campaigns/create",
+    "/campaigns/{id}",
+    "/campaigns/{id}/status",
+    "/campaigns/{id}/settings",
+    "/campaigns/{id}/schedule",
+    "/campaigns/{id}/sequences",
+    "/campaigns/{id}/email-accounts",
+    "/campaigns/{id}/leads",
+    "/campaigns/{id}/leads/{id}",
+    "/campaigns/{id}/leads/{id}/pause",
+    "/campaigns/{id}/leads/{id}/resume",
+    "/campaigns/{id}/leads/{id}/unsubscribe",
+    "/campaigns/{id}/leads/{id}/category",
+    "/campaigns/{id}/leads/{id}/message-history",
+    "/campaigns/{id}/leads-export",
+    "/campaigns/{id}/analytics",
+    "/campaigns/{id}/analytics-by-date",
+    "/campaigns/{id}/statistics",
+    "/campaigns/{id}/webhooks",
+    "/campaigns/{id}/reply-email-thread",
+    "/leads",
+    "/leads/{id}",
+    "/leads/{id}/campaigns",
+    "/leads/{id}/unsubscribe",
+    "/leads/fetch-categories",
+    "/leads/add-domain-block-list",
+    "/email-accounts",
+    "/email-accounts/save",
+    "/email-accounts/{id}",
+    "/email-accounts/{id}/warmup",
+    "/email-accounts/{id}/warmup-stats",
+    "/email-accounts/reconnect-failed-email-accounts",
+    "/client",
+    "/client/save",
+];
 /// Clients with a `client` label of their own; the rest are `other`.
 pub const MAX_CLIENT_LABELS: usize = 20;
 
@@ -65,17 +107,24 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// A low-cardinality route label: ids become `{id}`, unknown shapes past a cap `other`.
-/// Labels are interned (at most `MAX_ROUTES` of them), so the hot path allocates
-/// nothing once a route has been seen.
-pub fn route_label(path: &str) -> &'static str {
+/// A request's route as it arrives: a label already, or a shape to label once the answer
+/// shows SmartLead knows it.
+#[derive(Debug)]
+pub enum Route {
+    Known(&'static str),
+    Unknown(String),
+}
+
+/// The route of `path`: ids become `{id}`; SmartLead's own routes, the proxy's and
+/// anything outside `/api/v1` are labels at once, with no allocation.
+pub fn route_of(path: &str) -> Route {
     let Some(rest) = path.strip_prefix(crate::upstream::API_PREFIX) else {
-        return match path {
+        return Route::Known(match path {
             "/healthz" => "/healthz",
             "/readyz" => "/readyz",
             "/metrics" => "/metrics",
             _ => "other",
-        };
+        });
     };
     thread_local! {
         static BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
@@ -88,7 +137,31 @@ pub fn route_label(path: &str) -> &'static str {
             let id_like = seg.len() > 24 || seg.bytes().any(|b| b.is_ascii_digit());
             label.push_str(if id_like { "{id}" } else { seg });
         }
-        intern(label)
+        match known_routes().get(label.as_str()) {
+            Some(known) => Route::Known(known),
+            None => Route::Unknown(label.clone()),
+        }
+    })
+}
+
+/// The label a request is counted under, once answered: `other` when SmartLead said 404
+/// (so clients cannot use up the label set with paths that do not exist).
+pub fn route_label(route: &Route, upstream_not_found: bool) -> &'static str {
+    match route {
+        _ if upstream_not_found => "other",
+        Route::Known(label) => label,
+        Route::Unknown(shape) => intern(shape),
+    }
+}
+
+/// [`SMARTLEAD_ROUTES`] under `/api/v1`, made once.
+fn known_routes() -> &'static FastSet<&'static str> {
+    static KNOWN: OnceLock<FastSet<&'static str>> = OnceLock::new();
+    KNOWN.get_or_init(|| {
+        SMARTLEAD_ROUTES
+            .iter()
+            .map(|r| &*Box::leak(format!("{}{r}", crate::upstream::API_PREFIX).into_boxed_str()))
+            .collect()
     })
 }
 
@@ -291,14 +364,41 @@ pub fn limiter_degraded(degraded: bool) {
 mod tests {
     use super::*;
 
+    fn label(path: &str, not_found: bool) -> &'static str {
+        route_label(&route_of(path), not_found)
+    }
+
     #[test]
     fn route_labels_hide_ids() {
         assert_eq!(
-            route_label("/api/v1/campaigns/123/leads"),
+            label("/api/v1/campaigns/123/leads", false),
             "/api/v1/campaigns/{id}/leads"
         );
-        assert_eq!(route_label("/api/v1/campaigns"), "/api/v1/campaigns");
-        assert_eq!(route_label("/healthz"), "/healthz");
-        assert_eq!(route_label("/wp-admin"), "other");
+        assert_eq!(label("/api/v1/campaigns", false), "/api/v1/campaigns");
+        assert_eq!(label("/healthz", false), "/healthz");
+        assert_eq!(label("/wp-admin", false), "other");
+        assert!(matches!(
+            route_of("/api/v1/campaigns/9/leads"),
+            Route::Known(_)
+        ));
+    }
+
+    #[test]
+    fn paths_smartlead_does_not_know_cannot_use_up_the_labels() {
+        for i in 0..(MAX_ROUTES * 2) {
+            let path =
+                format!("/api/v1/junk-{}/x", (b'a' + (i % 26) as u8) as char) + &"y".repeat(i % 20);
+            assert_eq!(label(&path, true), "other", "answered 404");
+        }
+        for i in 0..(MAX_ROUTES * 2) {
+            // Answered, say, 400: these do get labels, up to the cap.
+            let _ = label(&format!("/api/v1/odd/{}", "z".repeat(i % 24 + 1)), false);
+        }
+        assert_eq!(
+            label("/api/v1/campaigns/123/leads", false),
+            "/api/v1/campaigns/{id}/leads",
+            "SmartLead's routes keep their labels past the cap"
+        );
+        assert_eq!(label("/api/v1/campaigns/123", true), "other");
     }
 }

@@ -167,3 +167,47 @@ async fn metrics_move_with_traffic() {
     assert!(after.contains("# TYPE smartlead_proxy_request_duration_seconds histogram"));
     proxy.stop().await;
 }
+
+/// Random paths cannot use up the route labels: those SmartLead answers 404 are `other`,
+/// and its own routes keep their labels however many other shapes were labelled.
+#[tokio::test]
+async fn random_paths_leave_smartleads_routes_their_labels() {
+    let (_sim, proxy) = sim_and_proxy().await;
+    // Letters only: a digit would make a segment an `{id}`, and all of them one shape.
+    let word = |i: usize, salt: usize| -> String {
+        (0..8)
+            .map(|k| (b'a' + ((i * 7 + k * salt) % 26) as u8) as char)
+            .collect()
+    };
+    for i in 0..200 {
+        let resp = proxy.get(&format!("/api/v1/random/{}", word(i, 5))).await;
+        assert_eq!(resp.status(), 404);
+    }
+    // Shapes SmartLead answers (the simulator's echo route) are labelled up to the cap.
+    for i in 0..250 {
+        let path = format!("/api/v1/echo/{}", word(i, 3));
+        assert_eq!(proxy.get(&path).await.status(), 200);
+    }
+    let campaigns: serde_json::Value = proxy.get("/api/v1/campaigns").await.json().await.unwrap();
+    let id = campaigns[0]["id"].as_u64().expect("a campaign");
+    let resp = client()
+        .post(proxy.url(&format!("/api/v1/campaigns/{id}/leads")))
+        .json(&serde_json::json!({"lead_list": [{"email": "a@example.com"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let metrics = proxy.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"route="/api/v1/campaigns/{id}/leads",status=""#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("/random/"), "404s are other");
+    let routes: std::collections::HashSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("smartlead_proxy_requests_total{"))
+        .filter_map(|l| l.split("route=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(routes.len() <= 200 + 3, "bounded: {}", routes.len());
+    proxy.stop().await;
+}

@@ -67,7 +67,7 @@ where
         let entry = Entry {
             in_flight: InFlight::enter(),
             start,
-            route: crate::metrics::route_label(&path),
+            route: crate::metrics::route_of(&path),
             path: logging().then(|| path.into_owned()),
             method: req.method().clone(),
             request_id: req.headers().get(super::request_id::REQUEST_ID).cloned(),
@@ -89,7 +89,7 @@ struct Entry {
     #[allow(dead_code)]
     in_flight: InFlight,
     start: Instant,
-    route: &'static str,
+    route: crate::metrics::Route,
     /// Only kept when the line will be written.
     path: Option<String>,
     method: Method,
@@ -100,7 +100,8 @@ impl Entry {
     fn write(self, resp: &Response<Body>, served: &Served) {
         let elapsed = self.start.elapsed();
         let status = resp.status().as_u16();
-        let route = self.route;
+        let not_found = served.upstream && status == 404;
+        let route = crate::metrics::route_label(&self.route, not_found);
         if let Some(path) = &self.path {
             let id = self.request_id.as_ref().and_then(|v| v.to_str().ok());
             tracing::info!(
