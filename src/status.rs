@@ -271,6 +271,32 @@ pub fn page(s: &Snapshot) -> String {
     )
 }
 
+/// The page's `Content-Security-Policy`: nothing runs or loads but its own script and
+/// style (by hash) and `/status.json`; no framing, no forms, no base. Bar widths are
+/// `style` attributes (numbers the proxy computes), the one thing allowed inline.
+pub fn content_security_policy() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        format!(
+            "default-src 'none'; script-src '{}'; style-src '{}'; style-src-attr 'unsafe-inline'; \
+             connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+            sha256(SCRIPT),
+            sha256(STYLE)
+        )
+    })
+}
+
+/// A CSP source expression for inline text: `sha256-<base64>`.
+fn sha256(text: &str) -> String {
+    use base64::Engine;
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    )
+}
+
 const STYLE: &str = r#"
 :root{color-scheme:light dark;--bg:#fafafa;--fg:#1b1b1b;--muted:#666;--card:#fff;--line:#ddd;--ok:#2e9d5b;--busy:#d08a00;--full:#c93434;--track:#e8e8e8}
 @media (prefers-color-scheme:dark){:root{--bg:#121417;--fg:#e6e6e6;--muted:#9aa0a6;--card:#1c1f24;--line:#30343a;--track:#2a2e34}}

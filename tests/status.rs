@@ -193,6 +193,21 @@ async fn the_page_is_self_contained() {
     let resp = proxy.get("/status").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'sha256-",
+        "frame-ancestors 'none'",
+        "connect-src 'self'",
+    ] {
+        assert!(csp.contains(directive), "{directive}: {csp}");
+    }
+    assert!(!csp.contains("script-src 'unsafe-inline'"), "{csp}");
+    assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(resp.headers()["referrer-policy"], "no-referrer");
     let html = resp.text().await.unwrap();
     assert!(html.contains("prefers-color-scheme"));
     assert!(html.contains("name=\"viewport\""));

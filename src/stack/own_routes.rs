@@ -247,6 +247,13 @@ async fn status_page(State(health): State<Health>, req: Request<Body>) -> Respon
         [
             (http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (http::header::CACHE_CONTROL, "no-store"),
+            (
+                http::header::CONTENT_SECURITY_POLICY,
+                crate::status::content_security_policy(),
+            ),
+            (http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (http::header::REFERRER_POLICY, "no-referrer"),
+            (http::header::X_FRAME_OPTIONS, "DENY"),
         ],
         crate::status::page(&snapshot),
     )
