@@ -424,10 +424,26 @@ pub fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        whole_retry_after(&mut headers);
+    }
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// Every 429 carries an integer `Retry-After` of at least 1: one that is missing or is
+/// not whole seconds becomes 1 (the paths that know better set their own before).
+fn whole_retry_after(headers: &mut HeaderMap) {
+    let whole = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|secs| secs >= 1);
+    if !whole {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
 }
 
 /// The envelope of one of the proxy's own errors, as a value.

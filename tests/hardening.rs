@@ -661,3 +661,107 @@ async fn requests_sent_ahead_while_one_waits_are_all_answered_in_order() {
     assert_eq!(sim.stats().requests, 4, "each reached SmartLead once");
     still_serves(&proxy).await;
 }
+
+/// Ids over 128 characters or outside visible ASCII are replaced by the proxy's own:
+/// 50 ids of 60 KB used to make `/status.json` 1.5 MB.
+#[tokio::test]
+async fn long_or_odd_request_ids_are_replaced() {
+    let (sim, proxy) = setup(|_| {}).await;
+    sim.push_fault(
+        smartlead_proxy::sim::Fault::json(400, serde_json::json!({"message": "no"})).times(60),
+    );
+    let long = "x".repeat(60_000);
+    for id in [long.as_str(), &"y".repeat(129), "tab\there"] {
+        let resp = proxy
+            .get_with("/api/v1/campaigns", &[("x-request-id", id)])
+            .await;
+        let got = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_ne!(got, id);
+        assert_eq!(got.len(), 36, "a UUID of the proxy's own: {got}");
+    }
+    for _ in 0..50 {
+        proxy
+            .get_with("/api/v1/campaigns", &[("x-request-id", &long)])
+            .await;
+    }
+    let kept = "z".repeat(128);
+    let resp = proxy
+        .get_with("/api/v1/campaigns", &[("x-request-id", &kept)])
+        .await;
+    assert_eq!(resp.headers()["x-request-id"], kept.as_str(), "128 is kept");
+    let status = proxy.get("/status.json").await.text().await.unwrap();
+    assert!(
+        status.len() < 64 * 1024,
+        "/status.json is {} bytes",
+        status.len()
+    );
+    assert!(!status.contains(&"x".repeat(200)));
+    proxy.stop().await;
+}
+
+/// `x-ratelimit-limit: 0` (or less) says nothing usable: with `follow_upstream` it used to
+/// turn the per-minute window into 1 until restart.
+#[tokio::test]
+async fn a_zero_upstream_limit_is_ignored() {
+    let (sim, proxy) = setup(|s| {
+        s.limit.follow_upstream = true;
+        s.limit.one_window(100, Duration::from_secs(60));
+        s.limit.max_wait = Duration::from_millis(300);
+    })
+    .await;
+    for value in ["0", "-5", "0.4"] {
+        sim.push_fault(
+            smartlead_proxy::sim::Fault::json(200, serde_json::json!([]))
+                .header("x-ratelimit-limit", value),
+        );
+        assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            proxy.get("/api/v1/campaigns").await.status(),
+            200,
+            "still 100/60s"
+        );
+    }
+    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let window = &status["accounts"][0]["windows"][0];
+    assert_eq!(window["requests"], 100, "{window}");
+    proxy.stop().await;
+}
+
+/// Every 429 carries an integer `Retry-After` of at least 1, an upstream one passed on
+/// included, whatever (if anything) SmartLead put in its own.
+#[tokio::test]
+async fn every_429_says_when_to_come_back() {
+    let (sim, proxy) = setup(|_| {}).await;
+    for retry_after in [
+        Some(KEY),
+        Some("soon"),
+        Some("-3"),
+        Some("0"),
+        Some("1.5"),
+        None,
+    ] {
+        let mut fault = smartlead_proxy::sim::Fault::json(
+            429,
+            serde_json::json!({"error": {"code": "RATE_LIMITED", "message": "slow down"}}),
+        );
+        if let Some(v) = retry_after {
+            fault = fault.header("retry-after", v);
+        }
+        sim.push_fault(fault);
+        let resp = proxy.get("/api/v1/campaigns").await;
+        assert_eq!(resp.status(), 429, "{retry_after:?}");
+        let secs: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("{retry_after:?}: {:?}", resp.headers()));
+        assert!(secs >= 1, "{retry_after:?}: {secs}");
+        let text = resp.text().await.unwrap();
+        assert_no_key(&text, KEY, "the 429");
+        // The whole limiter paused for it; let it pass before the next.
+        tokio::time::sleep(Duration::from_millis(secs * 1000 + 100)).await;
+    }
+    proxy.stop().await;
+}

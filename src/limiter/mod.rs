@@ -455,8 +455,10 @@ impl Limiter {
     /// instance pauses until the reset; a limit different from the per-minute window's is
     /// logged once and, with `limit.follow_upstream`, the smaller of the two is used.
     pub async fn observe(&self, headers: &HeaderMap) {
-        if let Some(upstream) = header_number(headers, RATELIMIT_LIMIT) {
-            self.follow_limit(upstream.max(1.0) as usize).await;
+        // A limit under 1 says nothing usable (following 0 would leave one request a
+        // window until restart): it is ignored.
+        if let Some(upstream) = header_number(headers, RATELIMIT_LIMIT).filter(|n| *n >= 1.0) {
+            self.follow_limit(upstream as usize).await;
         }
         if header_number(headers, RATELIMIT_REMAINING) != Some(0.0) {
             return;

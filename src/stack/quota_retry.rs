@@ -400,10 +400,23 @@ where
         Response::from_parts(head, body)
     }
 
-    /// The last error, as the client will get it.
+    /// The last error, as the client will get it. An upstream 429 always says when to come
+    /// back: SmartLead's `Retry-After` (or its body's `retry_after`) as whole seconds, or,
+    /// when it gave none that is usable, the pause the proxy put everyone in.
     fn last(&self, mut error: ProxyError) -> ProxyError {
         if let ProxyError::Upstream(failed) = &mut error {
-            own_retry_after(&mut failed.headers, self.account.limiter.longest_pause());
+            let cap = self.account.limiter.longest_pause();
+            own_retry_after(&mut failed.headers, cap);
+            if failed.status == StatusCode::TOO_MANY_REQUESTS
+                && !failed.headers.contains_key(header::RETRY_AFTER)
+            {
+                let asked =
+                    retry::upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
+                let secs = crate::limiter::retry_after_secs(self.pause_for(asked));
+                failed
+                    .headers
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from(secs));
+            }
         }
         error
     }

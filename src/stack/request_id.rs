@@ -55,9 +55,14 @@ where
     }
 }
 
-/// Keeps the caller's `x-request-id`, or assigns a fresh UUID.
+/// The longest `x-request-id` a caller's is kept at: ids are stored with recent errors
+/// and logged, so one of 60 KB would be kept that size.
+pub const MAX_ID: usize = 128;
+
+/// Keeps the caller's `x-request-id` when it is 1 to [`MAX_ID`] visible ASCII
+/// characters; else (or without one) assigns a fresh UUID.
 fn ensure(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(REQUEST_ID) {
+    if let Some(id) = headers.get(REQUEST_ID).filter(|id| usable(id)) {
         return id.clone();
     }
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -66,6 +71,11 @@ fn ensure(headers: &mut HeaderMap) -> HeaderValue {
         .expect("a UUID is a valid header value");
     headers.insert(REQUEST_ID, id.clone());
     id
+}
+
+fn usable(id: &HeaderValue) -> bool {
+    let id = id.as_bytes();
+    (1..=MAX_ID).contains(&id.len()) && id.iter().all(u8::is_ascii_graphic)
 }
 
 pin_project_lite::pin_project! {
@@ -95,6 +105,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_short_visible_ids_are_kept() {
+        let kept = |v: &[u8]| {
+            let mut h = HeaderMap::new();
+            h.insert(REQUEST_ID, HeaderValue::from_bytes(v).unwrap());
+            ensure(&mut h).as_bytes() == v && h[REQUEST_ID].as_bytes() == v
+        };
+        assert!(kept(b"mine-123"));
+        assert!(kept(&[b'a'; MAX_ID]));
+        assert!(!kept(&[b'a'; MAX_ID + 1]));
+        assert!(!kept(&[b'a'; 60_000]));
+        assert!(!kept(b"has space"));
+        assert!(!kept(b"tab\there"));
+        assert!(!kept("caf\u{e9}".as_bytes()));
+    }
 
     #[test]
     fn ids_from_the_slab_are_whole_and_distinct_across_slabs() {
