@@ -1269,6 +1269,7 @@ impl Settings {
         keep!(server.client_timeout);
         keep!(server.shutdown_grace);
         keep!(server.max_buffered_bytes);
+        keep!(server.max_connections);
         keep!(upstream.base_url);
         keep!(upstream.connect_timeout);
         keep!(upstream.ca_file);

@@ -3,18 +3,21 @@
 //! A request's way through, in the order it meets each part ([`stack`] composes them,
 //! once, with a `tower::ServiceBuilder`):
 //!
-//! - [`server`]: the acceptor deals connections to the serving threads; each thread
-//!   serves its connections (HTTP/1.1, header-read and write timeouts) with its own
-//!   [`stack`] and its own upstream connection pool.
+//! - [`server`]: the acceptor deals connections to the serving threads, up to the cap
+//!   [`connections`] keeps (past it: a 503 and close; it also raises the open-files
+//!   limit at start); each thread serves its connections (HTTP/1.1, header-read and
+//!   write timeouts) with its own [`stack`] and its own upstream connection pool.
 //! - [`stack::request_id`] → [`stack::panic_guard`] → [`stack::access_log`] (with
 //!   [`metrics`]) → [`stack::own_routes`] (`/healthz`, `/readyz`, `/metrics`; CONNECT and
 //!   TRACE refused) → [`stack::caller`] (the token, the account the request uses:
 //!   [`accounts`]; the client it comes from, its priority and cap: [`client`]) →
 //!   [`stack::envelope`] (every error becomes
 //!   the JSON envelope in [`error::answer`], the one place that answers) →
-//!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::lead_import`] (the
+//!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::body_key`] (a client's
+//!   `api_key` taken out of the body: [`key::in_body`]) → [`stack::lead_import`] (the
 //!   lead-import guard and batching; [`leads`]) → [`stack::key_injection`] (the target
-//!   and the key from [`upstream::Target`]; secrets scrubbed from what comes back) →
+//!   and the key from [`upstream::Target`]; secrets scrubbed from what comes back, success
+//!   bodies as they stream: [`key::streamed`]) →
 //!   [`stack::quota_retry`] (the [`limiter`]: when slots are, and the fair line that
 //!   decides who uses each; the [`retry`] policy in one loop; the
 //!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).

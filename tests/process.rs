@@ -1137,3 +1137,46 @@ async fn trickling_clients_past_the_file_limit_lock_nobody_out() {
     );
     assert!(proxy.terminate().success());
 }
+
+#[test]
+fn loose_numbers_and_files_are_start_up_errors_naming_what_was_set() {
+    let key = ("SMARTLEAD_API_KEY", SECRET);
+    let windows = (1..=17)
+        .map(|i| format!("\"{i}/{i}s\""))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (text, named) in [
+        (
+            "[server]\nmax_body_bytes = 1048576.9\n",
+            "server.max_body_bytes",
+        ),
+        ("[server]\nmax_body_bytes = 1e30\n", "server.max_body_bytes"),
+        ("[limit]\nmax_queue = 0\n", "limit.max_queue"),
+        ("[retry]\nmax_retries = 2.5\n", "retry.max_retries"),
+        (
+            &format!("[limit]\nwindows = [{windows}]\n"),
+            "limit.windows",
+        ),
+    ] {
+        let f = temp_file("loose.toml", text);
+        let err = start_error(&[key], &["--config", f.to_str().unwrap()]);
+        assert!(
+            err.contains(&format!("{named}:")) || err.contains(&format!("{named} ")),
+            "{text}: {err}"
+        );
+        assert!(
+            !err.contains("max_buffered_bytes") && !err.contains("max_queue_per_client"),
+            "{err}"
+        );
+    }
+    let dir = temp_file("x", "")
+        .parent()
+        .unwrap()
+        .join("a-directory.toml");
+    std::fs::create_dir_all(&dir).unwrap();
+    let err = start_error(&[key], &["--config", dir.to_str().unwrap()]);
+    assert!(
+        err.contains("a-directory.toml") && err.contains("cannot be read"),
+        "{err}"
+    );
+}
