@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::key::{ApiKey, Secrets};
 
-mod shown;
 mod whole;
 
-pub use shown::{path as shown_path, quoted};
+use crate::shown;
+pub use crate::shown::{mask_userinfo, quoted};
 use whole::{whole, whole_map, whole_opt, whole_vec};
 
 /// The file read (when present) after the built-in defaults.
@@ -268,20 +268,6 @@ impl Serialize for BaseUrl {
 impl std::fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.path)
-    }
-}
-
-/// `scheme://user:password@host/...` as `scheme://***@host/...` (any text works: it need
-/// not parse).
-pub fn mask_userinfo(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
-        None => url.to_owned(),
     }
 }
 
@@ -1385,10 +1371,6 @@ fn positive(key: &'static str, d: Duration) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

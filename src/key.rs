@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
@@ -290,6 +290,27 @@ impl Secrets {
             None => scrubbed,
         }
     }
+}
+
+/// Whether a query or form name is read as `api_key` by common parsers: any case,
+/// percent- or plus-encoded, with PHP's `.` or space for the `_`, and the bracket forms
+/// `api_key[]`, `api_key[0]`, `api_key[x]` (qs, PHP and Rails read them as `api_key`).
+pub fn is_api_key_name(name: &str) -> bool {
+    if !name.contains(['%', '+']) {
+        return reads_as_api_key(name.as_bytes());
+    }
+    let decoded = percent_decode_str(&name.replace('+', " ")).collect::<Vec<u8>>();
+    reads_as_api_key(&decoded)
+}
+
+fn reads_as_api_key(name: &[u8]) -> bool {
+    let Some((head, rest)) = name.split_at_checked(7) else {
+        return false;
+    };
+    let spelled = head[..3].eq_ignore_ascii_case(b"api")
+        && matches!(head[3], b'_' | b'.' | b' ')
+        && head[4..].eq_ignore_ascii_case(b"key");
+    spelled && (rest.is_empty() || (rest.starts_with(b"[") && rest.ends_with(b"]")))
 }
 
 /// `api_key=v`, `"api_key": "v"`, `api_key: v` (any case, also inside a JSON string

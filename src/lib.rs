@@ -22,7 +22,8 @@
 //!   decides who uses each; the [`retry`] policy in one loop; the
 //!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
 //!
-//! Around it: [`config`] (typed settings, layered loading, validation), [`headers`]
+//! Around it: [`config`] (typed settings, layered loading, validation; [`shown`], how
+//! its errors show values without secrets), [`headers`]
 //! (taking headers out of a message), [`reload`] (the
 //! settings in force, rebuilt stacks per generation, SIGHUP reloads), [`tls`] and
 //! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`status`] (the
@@ -55,6 +56,7 @@ pub mod reload;
 pub mod retry;
 pub mod served;
 pub mod server;
+pub mod shown;
 pub mod shutdown;
 pub mod sim;
 pub mod slab;

@@ -9,7 +9,7 @@ use rustls::pki_types::pem::PemObject;
 
 /// The certificates in a PEM file; an error names the file and says what is wrong.
 pub fn read_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let shown = crate::config::shown_path(path);
+    let shown = crate::shown::path(path);
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read {shown}: {e}"))?
         .collect::<Result<Vec<_>, _>>()
@@ -30,7 +30,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Str
             roots.add(cert).map_err(|e| {
                 format!(
                     "{}: a certificate is not usable as a root: {e}",
-                    crate::config::shown_path(path)
+                    crate::shown::path(path)
                 )
             })?;
         }

@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::config::{BaseUrl, UpstreamSettings};
 use crate::headers::remove_all;
-use crate::key::ApiKey;
+use crate::key::{ApiKey, is_api_key_name};
 
 /// Idle upstream connections kept for reuse (in all, shared out between the serving
 /// threads' pools); a burst beyond this opens more, which close once idle.
@@ -349,27 +349,6 @@ pub fn client_key(query: Option<&str>) -> Option<String> {
         let value = value.replace('+', " ");
         Some(percent_decode_str(&value).decode_utf8_lossy().into_owned())
     })
-}
-
-/// Whether a query or form name is read as `api_key` by common parsers: any case,
-/// percent- or plus-encoded, with PHP's `.` or space for the `_`, and the bracket forms
-/// `api_key[]`, `api_key[0]`, `api_key[x]` (qs, PHP and Rails read them as `api_key`).
-pub fn is_api_key_name(name: &str) -> bool {
-    if !name.contains(['%', '+']) {
-        return reads_as_api_key(name.as_bytes());
-    }
-    let decoded = percent_decode_str(&name.replace('+', " ")).collect::<Vec<u8>>();
-    reads_as_api_key(&decoded)
-}
-
-fn reads_as_api_key(name: &[u8]) -> bool {
-    let Some((head, rest)) = name.split_at_checked(7) else {
-        return false;
-    };
-    let spelled = head[..3].eq_ignore_ascii_case(b"api")
-        && matches!(head[3], b'_' | b'.' | b' ')
-        && head[4..].eq_ignore_ascii_case(b"key");
-    spelled && (rest.is_empty() || (rest.starts_with(b"[") && rest.ends_with(b"]")))
 }
 
 /// Refuses dot-segments and encoded separators anywhere in the path.

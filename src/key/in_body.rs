@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::upstream::is_api_key_name;
+use super::is_api_key_name;
 
 /// A body with its `api_key` taken out.
 #[derive(Debug, PartialEq)]

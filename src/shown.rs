@@ -26,10 +26,7 @@ pub fn url(value: &str) -> String {
     if !value.contains("://") {
         return quoted(value);
     }
-    format!(
-        "{:?}",
-        mask_long_parts(&mask_query(&super::mask_userinfo(value)))
-    )
+    format!("{:?}", mask_long_parts(&mask_query(&mask_userinfo(value))))
 }
 
 /// Every part between a URL's delimiters that is [`MIN_RUN`] characters or longer as
@@ -59,6 +56,20 @@ pub fn path(path: &std::path::Path) -> String {
         format!("{:?}", text)
     } else {
         quoted(&text)
+    }
+}
+
+/// `scheme://user:password@host/...` as `scheme://***@host/...` (any text works: it need
+/// not parse).
+pub fn mask_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -109,7 +120,13 @@ pub fn load_error(e: &config::ConfigError) -> String {
             format!("{what}: {}", syntax_error(&cause.to_string()))
         }
         E::NotFound(key) => format!("{key} is missing"),
-        other => without_strings(&super::one_line(&other.to_string())),
+        other => without_strings(
+            &other
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
     }
 }
 
