@@ -41,7 +41,7 @@ const MAX_ROUTES: usize = 200;
 
 /// SmartLead's API routes (after `/api/v1`), ids as `{id}`: always labels of their own,
 /// whatever other paths clients send. A shape not here gets a label once SmartLead
-/// answers it with anything but 404, while fewer than [`MAX_ROUTES`] such labels exist.
+/// answers it with anything but 404, while fewer than 200 such labels exist.
 pub const SMARTLEAD_ROUTES: &[&str] = &[
     "/campaigns",
     "/campaigns/create",
