@@ -582,3 +582,60 @@ async fn on_redis_each_instance_is_fair_among_its_own_waiters_through_a_pause() 
     assert!(max_in_window(&sim, period, None) <= 5);
     proxy.stop().await;
 }
+
+/// `limit.per_client` is one cap per client over the whole fleet (a GCRA on Redis): 30
+/// requests of one client spread over two instances, at a cap of 20 per 30 s, admit 20.
+#[tokio::test]
+async fn a_per_client_cap_holds_across_instances() {
+    let sim = unlimited_sim().await;
+    let key = unique_key();
+    let settings = || {
+        let mut s = quota_settings(
+            &sim.base_url(),
+            1000,
+            Duration::from_secs(1),
+            Some((SHARED_REDIS, key.as_str())),
+        );
+        s.limit.per_client = Some(Window::parse("20/30s").unwrap());
+        s
+    };
+    let (a, b) = (spawn_proxy(settings()).await, spawn_proxy(settings()).await);
+    let mut statuses = Vec::new();
+    for i in 0..30 {
+        let proxy = if i % 2 == 0 { &a } else { &b };
+        let (status, body, _) = get(proxy, "w", &[("x-client-id", "worker")]).await;
+        if status == 429 {
+            assert_eq!(body["error"]["details"]["reason"], "client_cap", "{body}");
+        }
+        statuses.push(status);
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, 20, "{statuses:?}");
+    // Another client has a cap of its own.
+    let (status, ..) = get(&a, "other", &[("x-client-id", "other")]).await;
+    assert_eq!(status, 200);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// While Redis is unreachable the cap is this process's again (governor), as before.
+#[tokio::test]
+async fn a_per_client_cap_falls_back_to_the_process_without_redis() {
+    let sim = unlimited_sim().await;
+    let url = format!("redis://127.0.0.1:{}", closed_port().await);
+    let mut s = quota_settings(
+        &sim.base_url(),
+        1000,
+        Duration::from_secs(1),
+        Some((&url, "gone")),
+    );
+    s.limit.per_client = Some(Window::parse("5/30s").unwrap());
+    let proxy = spawn_proxy(s).await;
+    let mut admitted = 0;
+    for _ in 0..8 {
+        let (status, ..) = get(&proxy, "w", &[("x-client-id", "worker")]).await;
+        admitted += usize::from(status == 200);
+    }
+    assert_eq!(admitted, 5);
+    proxy.stop().await;
+}

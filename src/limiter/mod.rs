@@ -102,9 +102,25 @@ pub fn now<'a, T>(value: T) -> Answer<'a, T> {
     Either::Left(futures_util::future::ready(value))
 }
 
+/// What a shared backend says of a client against `limit.per_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapCheck {
+    Admitted,
+    /// Over its cap: this long until it may send again.
+    Refused(Duration),
+    /// Not decided here (a local backend, or Redis did not answer): the process's own
+    /// buckets decide.
+    NotShared,
+}
+
 /// A reservation log somewhere. Waits are relative ("this long from now"), so no two
 /// hosts' clocks are ever compared.
 pub trait Backend: Send + Sync + 'static {
+    /// `client` against a cap of `requests` per `period` shared by every instance (a GCRA
+    /// on Redis); a local backend leaves it to the process's own buckets.
+    fn client_cap(&self, _client: &str, _requests: u32, _period: Duration) -> Answer<'_, CapCheck> {
+        now(CapCheck::NotShared)
+    }
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
     /// Time left until each reservation's slot, which a pause may have moved (`None`: the
@@ -371,6 +387,20 @@ impl Limiter {
 
     pub fn status(&self) -> Status {
         self.backend.status()
+    }
+
+    /// Whether the quota is the fleet's right now (Redis, reachable): then
+    /// `limit.per_client` is checked there ([`Limiter::client_cap`]).
+    pub fn is_shared(&self) -> bool {
+        self.backend.status().state == "shared"
+    }
+
+    /// `client` against `cap`, over every instance sharing the quota.
+    pub async fn client_cap(&self, client: &ClientId, cap: &crate::config::Window) -> CapCheck {
+        let client = client.to_string();
+        self.backend
+            .client_cap(&client, cap.requests, cap.period)
+            .await
     }
 
     /// Requests currently waiting for a slot in this process.

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::local::{LocalBackend, micros};
 use super::log::Span;
-use super::{Answer, Backend, Limited, Refusal, Status};
+use super::{Answer, Backend, CapCheck, Limited, Refusal, Status};
 use crate::config::{OnRedisError, Settings};
 
 /// Longest any single Redis call may take before the instance falls back.
@@ -224,6 +224,19 @@ redis.call('PEXPIRE', KEYS[1], s(math.ceil(tonumber(ARGV[1]) / 1000) + 120000))
 return 1
 "#;
 
+/// `limit.per_client` over the fleet: a GCRA on the client's theoretical arrival time.
+/// KEYS: the client's key. ARGV: the emission interval (period / requests) and the
+/// period, both µs. Returns 0 when admitted, else the wait (µs) until it would be.
+const CLIENT_CAP: &str = r#"
+local interval, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local next = tat + interval
+if next - period > now then return next - period - now end
+redis.call('SET', KEYS[1], s(next), 'PX', s(math.ceil((next - now) / 1000) + 1))
+return 0
+"#;
+
 const HEARTBEAT_SCRIPT: &str = r#"
 redis.call('ZADD', KEYS[1], s(now), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - tonumber(ARGV[2])))
@@ -236,6 +249,7 @@ fn script(body: &str) -> Script {
 }
 
 struct Scripts {
+    client_cap: Script,
     reserve_many: Script,
     waits_of: Script,
     cancel: Script,
@@ -290,6 +304,7 @@ impl RedisLink {
                 used: script(USED),
                 merge: script(MERGE),
                 heartbeat: script(HEARTBEAT_SCRIPT),
+                client_cap: script(CLIENT_CAP),
             },
             base: settings.redis.key.clone(),
             instance: format!("{:016x}", rand::random::<u64>()),
@@ -720,6 +735,26 @@ fn micros_between(now: Instant, at: Instant) -> i64 {
 }
 
 impl Backend for RedisBackend {
+    fn client_cap(&self, client: &str, requests: u32, period: Duration) -> Answer<'_, CapCheck> {
+        let key = format!("{{{}}}:cap:{client}", self.link.base);
+        let interval = micros(period / requests.max(1)).max(1);
+        Either::Right(
+            async move {
+                if !self.link.is_healthy() {
+                    return CapCheck::NotShared;
+                }
+                let mut inv = self.link.scripts.client_cap.key(key);
+                inv.arg(interval).arg(micros(period));
+                match self.link.call::<i64>(inv).await {
+                    Ok(0) => CapCheck::Admitted,
+                    Ok(wait) => CapCheck::Refused(Duration::from_micros(wait.max(1) as u64)),
+                    Err(_) => CapCheck::NotShared,
+                }
+            }
+            .boxed(),
+        )
+    }
+
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>> {
         Either::Right(
             async move {

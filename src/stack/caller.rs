@@ -140,30 +140,53 @@ impl Clients {
         name.is_some_and(|n| self.high.contains(n))
     }
 
-    /// A 429 when the client is over `limit.per_client`.
+    /// `limit.per_client` and this process's buckets, for the fleet check when Redis
+    /// does not answer it.
+    pub fn cap(&self) -> Option<(&Window, &Arc<ClientCaps>)> {
+        self.cap.as_ref().map(|(w, c)| (w, c))
+    }
+
+    /// A 429 when the client is over `limit.per_client` by this process's buckets. While
+    /// the quota is the fleet's, the cap is too: it is checked on Redis before the
+    /// request queues (`stack::quota_retry`), not here.
     fn check_cap(&self, who: &Who, account: &Account) -> Result<(), ProxyError> {
         let Some((window, caps)) = &self.cap else {
             return Ok(());
         };
+        if account.limiter.is_shared() {
+            return Ok(());
+        }
         let Err(retry_after) = caps.check(&who.client) else {
             return Ok(());
         };
-        crate::metrics::quota_rejected(&account.name, Limited::ClientCap.label());
-        let cap = InForce {
-            label: window.to_string(),
-            limit: window.requests as usize,
-            period: window.period,
-        };
-        Err(ProxyError::RateLimited(Box::new(RateLimited {
-            why: Limited::ClientCap,
-            retry_after,
-            window: cap.clone(),
-            policy: vec![cap],
-            account: account.name.clone(),
-            client: Some(who.client.to_string()),
-        })))
+        Err(client_capped(window, retry_after, &account.name, who))
     }
 }
+
+/// The 429 for a client over `limit.per_client`, counted.
+pub fn client_capped(
+    window: &Window,
+    retry_after: std::time::Duration,
+    account: &Arc<str>,
+    who: &Who,
+) -> ProxyError {
+    crate::metrics::quota_rejected(account, Limited::ClientCap.label());
+    let cap = InForce {
+        label: window.to_string(),
+        limit: window.requests as usize,
+        period: window.period,
+    };
+    ProxyError::RateLimited(Box::new(RateLimited {
+        why: Limited::ClientCap,
+        retry_after,
+        window: cap.clone(),
+        policy: vec![cap],
+        account: account.clone(),
+        client: Some(who.client.to_string()),
+    }))
+}
+
+impl Clients {}
 
 #[derive(Clone, Debug)]
 pub struct CallerLayer {

@@ -29,7 +29,7 @@ use crate::client::Who;
 use crate::config::{LogSettings, RetrySettings};
 use crate::error::{Failed, ProxyError, RateLimited};
 use crate::key::Secrets;
-use crate::limiter::{Limited, Refusal};
+use crate::limiter::{CapCheck, Limited, Refusal};
 use crate::retry::{self, Safety};
 use crate::served::Served;
 use crate::shutdown::Shutdown;
@@ -59,6 +59,8 @@ struct Quota {
     log: LogSettings,
     secrets: Secrets,
     shutdown: Shutdown,
+    /// `limit.per_client`, and this process's buckets for when Redis cannot decide.
+    per_client: Option<(crate::config::Window, Arc<crate::client::ClientCaps>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +80,10 @@ impl QuotaRetryLayer {
                 log: s.log.clone(),
                 secrets: shared.secrets.clone(),
                 shutdown: shutdown.clone(),
+                per_client: shared
+                    .clients
+                    .cap()
+                    .map(|(w, caps)| (w.clone(), caps.clone())),
             }),
         }
     }
@@ -266,6 +272,7 @@ where
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
         let account = self.account.clone();
+        fleet_cap(account.clone(), self.who.clone(), self.quota.clone()).await?;
         loop {
             match account.limiter.acquire(self.start_by, &self.who).await {
                 Ok(waited) => self.served.waited += waited,
@@ -464,6 +471,32 @@ where
     fn pause_for(&self, asked: Option<Duration>) -> Duration {
         let asked = asked.unwrap_or(self.quota.retry.base_delay);
         asked.min(self.account.limiter.longest_pause())
+    }
+}
+
+/// `limit.per_client` over the fleet, while the quota is shared: one round trip before
+/// the request queues. When Redis does not decide, this process's buckets do.
+async fn fleet_cap(
+    account: Arc<crate::accounts::Account>,
+    who: crate::client::Who,
+    quota: Arc<Quota>,
+) -> Result<(), ProxyError> {
+    let (Some((window, caps)), true) = (&quota.per_client, account.limiter.is_shared()) else {
+        return Ok(());
+    };
+    let refused = match account.limiter.client_cap(&who.client, window).await {
+        CapCheck::Admitted => None,
+        CapCheck::Refused(wait) => Some(wait),
+        CapCheck::NotShared => caps.check(&who.client).err(),
+    };
+    match refused {
+        Some(wait) => Err(crate::stack::caller::client_capped(
+            window,
+            wait,
+            &account.name,
+            &who,
+        )),
+        None => Ok(()),
     }
 }
 
