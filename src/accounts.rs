@@ -109,6 +109,9 @@ impl Quotas {
             &self.limit,
             longest.max(self.retry.max_delay),
         );
+        if let Some(link) = &self.link {
+            link.counts_waiting(limiter.waiting_counter());
+        }
         Account {
             name: name.into(),
             target,
@@ -336,6 +339,12 @@ impl Accounts {
             all.extend(keys.all());
         }
         all
+    }
+
+    /// The instances sharing the quota through Redis (`None` on the local backend, or
+    /// when Redis does not answer).
+    pub async fn fleet(&self) -> Option<Vec<crate::limiter::redis::Instance>> {
+        self.quotas.link.as_ref()?.fleet().await
     }
 
     /// Once any token is configured, every `/api/v1` request needs one.

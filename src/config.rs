@@ -681,6 +681,9 @@ pub struct RedisSettings {
     pub ca_file: Option<PathBuf>,
     pub key: String,
     pub on_error: OnRedisError,
+    /// An instance's registration expires this long after it last renewed it (it died).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
 }
 
 /// How `redis.url` is read: one server, a cluster's seed nodes, or sentinels.
@@ -716,6 +719,7 @@ impl Default for RedisSettings {
             ca_file: None,
             key: "smartlead-proxy".into(),
             on_error: OnRedisError::Local,
+            lease: Duration::from_secs(3),
         }
     }
 }
@@ -971,6 +975,9 @@ impl Settings {
         }
         if l.backend == LimitBackend::Redis {
             self.check_redis()?;
+        }
+        if !(Duration::from_millis(300)..=MINUTE).contains(&self.redis.lease) {
+            return Err(invalid("redis.lease", "must be between 300ms and 1m"));
         }
         if self.redis.key.is_empty() || self.redis.key.contains(['{', '}']) {
             return Err(invalid("redis.key", "must be non-empty and without braces"));
@@ -1266,6 +1273,7 @@ impl Settings {
         keep!(redis.ca_file);
         keep!(redis.key);
         keep!(redis.on_error);
+        keep!(redis.lease);
         keep!(log.format);
         if self.redis.url.expose_secret() != running.redis.url.expose_secret() {
             kept.push("redis.url");

@@ -30,6 +30,8 @@ pub const LIMITER_DEGRADED: &str = "smartlead_proxy_limiter_degraded";
 pub const UNEXPECTED_UPSTREAM_429: &str = "smartlead_proxy_unexpected_upstream_429_total";
 pub const CLIENT_WAIT: &str = "smartlead_proxy_client_wait_seconds";
 pub const CONFIG_RELOADS: &str = "smartlead_proxy_config_reloads_total";
+pub const LEASE_RENEWALS: &str = "smartlead_proxy_lease_renewals_total";
+pub const LEASE_RECLAIMS: &str = "smartlead_proxy_lease_reclaims_total";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -354,6 +356,14 @@ pub fn unexpected_upstream_429(account: &str) {
 
 pub fn redis_error() {
     counter!(REDIS_ERRORS).increment(1);
+}
+
+/// This instance renewed its lease, and reclaimed `reclaimed` others that had not.
+pub fn lease_renewed(reclaimed: u64) {
+    counter!(LEASE_RENEWALS).increment(1);
+    if reclaimed > 0 {
+        counter!(LEASE_RECLAIMS).increment(reclaimed);
+    }
 }
 
 pub fn limiter_degraded(degraded: bool) {

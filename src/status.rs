@@ -24,6 +24,10 @@ pub struct Snapshot {
     pub accounts: Vec<AccountView>,
     pub retry_budget: Vec<BudgetView>,
     pub recent_errors: Vec<ErrorAnswer>,
+    /// With `limit.backend = "redis"`: every instance whose lease is live (absent when
+    /// Redis does not answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Vec<crate::limiter::redis::Instance>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +147,7 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
             .collect(),
         accounts: views,
         recent_errors: crate::recent::newest_first(),
+        fleet: accounts.fleet().await,
     }
 }
 

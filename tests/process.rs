@@ -1180,3 +1180,75 @@ fn loose_numbers_and_files_are_start_up_errors_naming_what_was_set() {
         "{err}"
     );
 }
+
+/// Each instance holds a lease in Redis, renewed three times per `redis.lease`, and
+/// `/status.json` shows the fleet: id, host, waiting, lease age. An instance killed with
+/// SIGKILL leaves the fleet within its lease; nobody has to clean up after it.
+#[tokio::test]
+async fn the_fleet_is_every_live_lease_and_a_killed_instance_leaves_it() {
+    let sim = secret_sim().await;
+    let key = format!("fleet-{}", std::process::id());
+    let on_redis = |host: &'static str| {
+        [
+            ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
+            ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
+            ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+            ("HOSTNAME", host),
+        ]
+    };
+    let mut a_env = on_redis("host-a").to_vec();
+    a_env.push(("SMARTLEAD_PROXY__REDIS__KEY", &key));
+    let mut b_env = on_redis("host-b").to_vec();
+    b_env.push(("SMARTLEAD_PROXY__REDIS__KEY", &key));
+    let mut a = start(&sim.base_url(), &a_env);
+    let mut b = start(&sim.base_url(), &b_env);
+    let fleet = |proxy: &Running| {
+        let url = proxy.url("/status.json");
+        async move {
+            let s: Value = client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            s["fleet"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let seen = loop {
+        let seen = fleet(&b).await;
+        if seen.len() == 2 || std::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let hosts: Vec<&str> = seen.iter().map(|i| i["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts, ["host-a", "host-b"], "{seen:?}");
+    for i in &seen {
+        assert!(i["lease_age_seconds"].as_f64().unwrap() < 1.0, "{i}");
+        assert_eq!(i["id"].as_str().unwrap().len(), 16, "{i}");
+        assert_eq!(i["this"], i["host"] == "host-b", "{i}");
+    }
+    a.child.kill().unwrap(); // SIGKILL: no goodbye
+    let killed = std::time::Instant::now();
+    let left = loop {
+        let seen = fleet(&b).await;
+        if seen.len() == 1 {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(3), "still {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(left <= Duration::from_millis(1400), "left after {left:?}");
+    assert_eq!(fleet(&b).await[0]["host"], "host-b");
+    let metrics = b.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("smartlead_proxy_lease_renewals_total"),
+        "{metrics}"
+    );
+    assert!(b.terminate().success());
+    let _ = a.child.wait();
+}

@@ -303,6 +303,16 @@ async fn a_cluster_shares_one_quota_keeps_accounts_in_their_slots_and_follows_a_
         "1",
         "the log lives on the new owner"
     );
+    // The fleet's leases (and each lease's hash) share the `{key}` slot.
+    let fleet: serde_json::Value = proxies[0].get("/status.json").await.json().await.unwrap();
+    let fleet = fleet["fleet"].as_array().expect("the fleet on a cluster");
+    assert_eq!(fleet.len(), 2, "{fleet:?}");
+    assert!(
+        fleet
+            .iter()
+            .all(|i| i["lease_age_seconds"].as_f64().unwrap() < 3.0),
+        "{fleet:?}"
+    );
     for p in proxies {
         p.stop().await;
     }

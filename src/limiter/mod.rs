@@ -151,7 +151,8 @@ pub struct Limiter {
     plan: RwLock<Arc<Plan>>,
     /// The plan's `max_queue`, read without its lock.
     max_queue: AtomicUsize,
-    waiting: AtomicUsize,
+    /// Shared with a Redis link, which tells the fleet how many wait here.
+    waiting: Arc<AtomicUsize>,
     /// This process's waiters and the slots they hold, in the order they are served.
     line: std::sync::Mutex<fair::Queue>,
     /// How many are in `line`: with none, a slot free now is taken without the lock.
@@ -287,7 +288,7 @@ impl Limiter {
             account: account.into(),
             max_queue: AtomicUsize::new(plan.max_queue),
             plan: RwLock::new(Arc::new(plan)),
-            waiting: AtomicUsize::new(0),
+            waiting: Default::default(),
             line: Default::default(),
             in_line: AtomicUsize::new(0),
             retimed: AtomicU64::new(0),
@@ -401,6 +402,11 @@ impl Limiter {
         self.backend
             .client_cap(&client, cap.requests, cap.period)
             .await
+    }
+
+    /// The count of requests waiting here, kept up to date (for the fleet's view).
+    pub fn waiting_counter(&self) -> Arc<AtomicUsize> {
+        self.waiting.clone()
     }
 
     /// Requests currently waiting for a slot in this process.

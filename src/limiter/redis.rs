@@ -31,11 +31,9 @@ use crate::config::{OnRedisError, Settings};
 
 /// Longest any single Redis call may take before the instance falls back.
 const OP_TIMEOUT: Duration = Duration::from_millis(500);
-/// How often an instance announces itself (and, when degraded, probes for Redis).
-const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often a degraded instance probes for Redis. A healthy one renews its lease three
+/// times per `redis.lease`.
 const PROBE: Duration = Duration::from_millis(250);
-/// An instance not heard from for this long no longer counts as live.
-const INSTANCE_TTL: Duration = Duration::from_secs(5);
 
 /// Prints a Lua number as an exact integer (the default `%.14g` would round µs times),
 /// reads Redis `TIME`, and reads the windows: `ARGV[w]` is how many, then a limit and a
@@ -237,11 +235,41 @@ redis.call('SET', KEYS[1], s(next), 'PX', s(math.ceil((next - now) / 1000) + 1))
 return 0
 "#;
 
+/// An instance renews its lease: its renewal time in the fleet's sorted set, and what it
+/// tells about itself in a hash that expires with the lease. Leases not renewed within
+/// `redis.lease` are reclaimed (and their hashes dropped).
+/// KEYS: the fleet's sorted set. ARGV: instance id, lease (µs), the hashes' key prefix,
+/// then field/value pairs. Returns {live instances, reclaimed}.
 const HEARTBEAT_SCRIPT: &str = r#"
+local lease = tonumber(ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. s(now - lease))
+for _, id in ipairs(gone) do redis.call('DEL', ARGV[3] .. id) end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. s(now - lease)) end
 redis.call('ZADD', KEYS[1], s(now), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - tonumber(ARGV[2])))
-redis.call('PEXPIRE', KEYS[1], s(math.ceil(tonumber(ARGV[2]) / 1000) * 2))
-return redis.call('ZCARD', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], s(math.ceil(lease / 1000) * 2))
+local info = ARGV[3] .. ARGV[1]
+local fields = {}
+for k = 4, #ARGV do fields[#fields + 1] = ARGV[k] end
+redis.call('HSET', info, unpack(fields))
+redis.call('PEXPIRE', info, s(math.ceil(lease / 1000)))
+return {redis.call('ZCARD', KEYS[1]), #gone}
+"#;
+
+/// The fleet: every instance whose lease is live, with what it told and how long ago it
+/// renewed (µs). KEYS: the fleet's sorted set. ARGV: lease (µs), the hashes' key prefix.
+/// Returns a flat list: id, age, then its hash as field/value pairs, per instance, each
+/// instance's part preceded by its length.
+const FLEET: &str = r#"
+local out = {}
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], s(now - tonumber(ARGV[1])), '+inf', 'WITHSCORES')
+for i = 1, #live, 2 do
+  local info = redis.call('HGETALL', ARGV[2] .. live[i])
+  out[#out + 1] = #info + 2
+  out[#out + 1] = live[i]
+  out[#out + 1] = s(now - tonumber(live[i + 1]))
+  for _, v in ipairs(info) do out[#out + 1] = v end
+end
+return out
 "#;
 
 fn script(body: &str) -> Script {
@@ -250,6 +278,7 @@ fn script(body: &str) -> Script {
 
 struct Scripts {
     client_cap: Script,
+    fleet: Script,
     reserve_many: Script,
     waits_of: Script,
     cancel: Script,
@@ -269,6 +298,14 @@ pub struct RedisLink {
     scripts: Scripts,
     base: String,
     instance: String,
+    /// Where this instance runs, as the fleet view shows it.
+    host: String,
+    /// Unix seconds.
+    started: u64,
+    /// `redis.lease`: renewed three times per lease; unrenewed for one, the instance is gone.
+    lease: Duration,
+    /// Each account's count of requests waiting here.
+    waiting: Mutex<Vec<Weak<AtomicUsize>>>,
     on_error: OnRedisError,
     healthy: AtomicBool,
     /// Instances sharing the quota, as the last heartbeat counted them.
@@ -305,9 +342,16 @@ impl RedisLink {
                 merge: script(MERGE),
                 heartbeat: script(HEARTBEAT_SCRIPT),
                 client_cap: script(CLIENT_CAP),
+                fleet: script(FLEET),
             },
             base: settings.redis.key.clone(),
             instance: format!("{:016x}", rand::random::<u64>()),
+            host: host_name(),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            lease: settings.redis.lease,
+            waiting: Mutex::new(Vec::new()),
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
             live: AtomicUsize::new(1),
@@ -416,13 +460,76 @@ impl RedisLink {
         Ok(())
     }
 
+    /// Counts `waiting` among this instance's waiters, in what it tells the fleet.
+    pub fn counts_waiting(&self, waiting: Arc<AtomicUsize>) {
+        let mut all = lock(&self.waiting);
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&waiting));
+    }
+
+    fn waiting_here(&self) -> usize {
+        lock(&self.waiting)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|w| w.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Renews this instance's lease and what it tells the fleet about itself.
     async fn heartbeat(&self) -> RedisResult<usize> {
-        let key = format!("{{{}}}:instances", self.base);
-        let mut inv = self.scripts.heartbeat.key(key);
-        inv.arg(&self.instance).arg(micros(INSTANCE_TTL));
-        let live: usize = self.call(inv).await?;
+        let mut inv = self.scripts.heartbeat.key(self.fleet_key());
+        inv.arg(&self.instance)
+            .arg(micros(self.lease))
+            .arg(self.instance_prefix())
+            .arg("host")
+            .arg(&self.host)
+            .arg("waiting")
+            .arg(self.waiting_here())
+            .arg("started")
+            .arg(self.started);
+        let (live, reclaimed): (usize, u64) = self.call(inv).await?;
         self.live.store(live.max(1), Ordering::Relaxed);
+        crate::metrics::lease_renewed(reclaimed);
         Ok(live)
+    }
+
+    fn fleet_key(&self) -> String {
+        format!("{{{}}}:instances", self.base)
+    }
+
+    fn instance_prefix(&self) -> String {
+        format!("{{{}}}:instance:", self.base)
+    }
+
+    /// Every instance with a live lease, this one included (`None`: Redis did not answer).
+    pub async fn fleet(&self) -> Option<Vec<Instance>> {
+        let mut inv = self.scripts.fleet.key(self.fleet_key());
+        inv.arg(micros(self.lease)).arg(self.instance_prefix());
+        let flat: Vec<String> = self.call(inv).await.ok()?;
+        let mut out = Vec::new();
+        let mut rest = flat.as_slice();
+        while let Some((len, tail)) = rest.split_first() {
+            let len: usize = len.parse().ok()?;
+            let (part, tail) = tail.split_at_checked(len)?;
+            rest = tail;
+            let field = |name: &str| {
+                part[2..]
+                    .chunks(2)
+                    .find(|kv| kv[0] == name)
+                    .and_then(|kv| kv.get(1))
+                    .cloned()
+            };
+            out.push(Instance {
+                this: part[0] == self.instance,
+                id: part[0].clone(),
+                lease_age_seconds: part[1].parse::<f64>().unwrap_or(0.0) / 1e6,
+                host: field("host").unwrap_or_default(),
+                waiting: field("waiting").and_then(|w| w.parse().ok()).unwrap_or(0),
+                started: field("started").and_then(|w| w.parse().ok()).unwrap_or(0),
+            });
+        }
+        out.sort_by(|a, b| (a.host.as_str(), a.id.as_str()).cmp(&(b.host.as_str(), b.id.as_str())));
+        Some(out)
     }
 
     fn status(&self) -> Status {
@@ -437,6 +544,32 @@ impl RedisLink {
             detail: lock(&self.detail).clone(),
         }
     }
+}
+
+/// One instance of the fleet, as its lease says.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub host: String,
+    /// Requests waiting there, at its last renewal.
+    pub waiting: usize,
+    /// Since its last renewal.
+    pub lease_age_seconds: f64,
+    /// Unix seconds.
+    pub started: u64,
+    /// The instance answering.
+    pub this: bool,
+}
+
+/// This host's name, for the fleet view: `HOSTNAME` (set in containers), else the
+/// kernel's, else `unknown`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 struct Keys {
@@ -929,7 +1062,7 @@ async fn maintain(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
             Ok(_) => {}
             Err(e) => l.degrade(e),
         }
-        let pause = if l.is_healthy() { HEARTBEAT } else { PROBE };
+        let pause = if l.is_healthy() { l.lease / 3 } else { PROBE };
         drop(l);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
