@@ -3,8 +3,10 @@
 //! in constant time); the account is the token's, else the one `X-SmartLead-Account`
 //! names, else the client's own key's (with `upstream.allow_client_key`), else `default`.
 //! The client is `X-Client-Id`, else the token's name, else the peer address; its
-//! priority is `X-Priority`. A client over `limit.per_client` is refused here, before
-//! any queueing. Refusals (401, a bad header or an unknown account 400, another
+//! priority is `X-Priority` (`high` only for `limit.high_priority_clients`, when set). A
+//! client over `limit.per_client` by this process's buckets is refused here, before any
+//! queueing; while the quota is the fleet's (Redis), the cap is checked over the fleet
+//! just before the request queues instead (`stack::quota_retry`). Refusals (401, a bad header or an unknown account 400, another
 //! account's token 403, a client's cap 429) are answered here, nothing sent; the proxy's
 //! headers go no further. The account and the client travel down in the request's
 //! extensions ([`Call`]).
