@@ -92,6 +92,10 @@ async fn ms_per_mb(body: &[u8], scrub: bool) -> (f64, usize) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("scrub bench: skipped (run it with `cargo bench --bench scrub`)");
+        return;
+    }
     println!("Success bodies scrubbed of the key as they stream (16 KiB pieces, 64 MB, best of 5)");
     let clean = body(None);
     let keyed = body(Some(64 * 1024));
