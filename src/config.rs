@@ -1351,9 +1351,12 @@ where
 
 impl Settings {
     /// The effective settings as TOML, every key and token shown as `***` (for
-    /// `check-config`).
+    /// `check-config`), also where one was put into a setting that takes any text
+    /// (`redis.key`, `log.level`).
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot show the settings: {e}\n"))
+        let text =
+            toml::to_string(self).unwrap_or_else(|e| format!("# cannot show the settings: {e}\n"));
+        self.secrets_and_tokens().scrub(&text).into_owned()
     }
 }
 
@@ -1607,6 +1610,19 @@ mod tests {
             }
         }
         assert!(refused > 200, "{refused} refused");
+    }
+
+    #[test]
+    fn the_shown_settings_hold_no_key_even_in_a_free_text_setting() {
+        let file = format!("[redis]\nkey = {PLANTED:?}\n[log]\nlevel = {PLANTED:?}\n");
+        let s = load(&[(API_KEY_VAR, PLANTED)], Some(&file)).unwrap();
+        let shown = s.to_toml();
+        let matcher = ApiKey::new(PLANTED).secrets();
+        assert!(
+            matches!(matcher.scrub(&shown), std::borrow::Cow::Borrowed(_)),
+            "{shown}"
+        );
+        assert!(shown.contains("[redis]"), "{shown}");
     }
 
     #[test]
