@@ -102,20 +102,20 @@ impl Quotas {
             None => Arc::new(LocalBackend::with_spans(spans, "local")),
         };
         let longest = windows.iter().map(|w| w.period).max().unwrap_or_default();
-        let limiter = Limiter::new(
+        let limiter = Arc::new(Limiter::new(
             backend,
             name,
             windows,
             &self.limit,
             longest.max(self.retry.max_delay),
-        );
+        ));
         if let Some(link) = &self.link {
-            link.counts_waiting(limiter.waiting_counter());
+            link.counts_waiting(name, &limiter);
         }
         Account {
             name: name.into(),
             target,
-            limiter: Arc::new(limiter),
+            limiter,
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),
             refused: Default::default(),

@@ -6,6 +6,7 @@
 //! Everything comes from the limiters and the answer path ([`crate::recent`]), never from
 //! /metrics; nothing shown is a key.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
@@ -28,6 +29,10 @@ pub struct Snapshot {
     /// Redis does not answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<Vec<crate::limiter::redis::Instance>>,
+    /// With the fleet: requests waiting per account and client over every instance, as
+    /// their leases last told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_waiting: Option<BTreeMap<String, BTreeMap<String, usize>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +135,7 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
             clients: a.limiter.clients().into_iter().map(Into::into).collect(),
         });
     }
+    let fleet = accounts.fleet().await;
     Snapshot {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: started().elapsed().as_secs(),
@@ -147,8 +153,25 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
             .collect(),
         accounts: views,
         recent_errors: crate::recent::newest_first(),
-        fleet: accounts.fleet().await,
+        fleet_waiting: fleet.as_deref().map(waiting_over),
+        fleet,
     }
+}
+
+/// Every instance's waiting clients, added up per account and client.
+fn waiting_over(
+    fleet: &[crate::limiter::redis::Instance],
+) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let mut out: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for instance in fleet {
+        for (account, clients) in &instance.clients {
+            let here = out.entry(account.clone()).or_default();
+            for (client, n) in clients {
+                *here.entry(client.clone()).or_default() += n;
+            }
+        }
+    }
+    out
 }
 
 /// `&`, `<`, `>`, `"` and `'` escaped for HTML text and attributes.

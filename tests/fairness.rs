@@ -639,3 +639,42 @@ async fn a_per_client_cap_falls_back_to_the_process_without_redis() {
     assert_eq!(admitted, 5);
     proxy.stop().await;
 }
+
+/// `/status.json` shows who waits over the whole fleet, as each instance's lease tells.
+#[tokio::test]
+async fn the_status_shows_waiting_clients_over_the_fleet() {
+    let sim = unlimited_sim().await;
+    let key = unique_key();
+    let settings = || {
+        let mut s = quota_settings(
+            &sim.base_url(),
+            1,
+            Duration::from_millis(250),
+            Some((SHARED_REDIS, key.as_str())),
+        );
+        s.redis.lease = Duration::from_millis(600);
+        s
+    };
+    let (a, b) = (spawn_proxy(settings()).await, spawn_proxy(settings()).await);
+    let mut waiting = queue(&a, "bulk", 6, &[]);
+    waiting.extend(queue(&b, "ui", 3, &[]));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let seen = loop {
+        let s: Value = a.get("/status.json").await.json().await.unwrap();
+        let seen = s["fleet_waiting"]["default"].clone();
+        let both = seen["bulk"].as_u64().unwrap_or(0) > 0 && seen["ui"].as_u64().unwrap_or(0) > 0;
+        if both || Instant::now() > deadline {
+            break (seen, s["fleet"].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seen.0["ui"].as_u64().unwrap_or(0) > 0,
+        "B's client, seen from A: {seen:?}"
+    );
+    assert!(seen.0["bulk"].as_u64().unwrap_or(0) > 0, "{seen:?}");
+    assert_eq!(seen.1.as_array().map(Vec::len), Some(2), "{seen:?}");
+    all(waiting).await;
+    a.stop().await;
+    b.stop().await;
+}

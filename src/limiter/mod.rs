@@ -151,8 +151,7 @@ pub struct Limiter {
     plan: RwLock<Arc<Plan>>,
     /// The plan's `max_queue`, read without its lock.
     max_queue: AtomicUsize,
-    /// Shared with a Redis link, which tells the fleet how many wait here.
-    waiting: Arc<AtomicUsize>,
+    waiting: AtomicUsize,
     /// This process's waiters and the slots they hold, in the order they are served.
     line: std::sync::Mutex<fair::Queue>,
     /// How many are in `line`: with none, a slot free now is taken without the lock.
@@ -288,7 +287,7 @@ impl Limiter {
             account: account.into(),
             max_queue: AtomicUsize::new(plan.max_queue),
             plan: RwLock::new(Arc::new(plan)),
-            waiting: Default::default(),
+            waiting: AtomicUsize::new(0),
             line: Default::default(),
             in_line: AtomicUsize::new(0),
             retimed: AtomicU64::new(0),
@@ -404,9 +403,19 @@ impl Limiter {
             .await
     }
 
-    /// The count of requests waiting here, kept up to date (for the fleet's view).
-    pub fn waiting_counter(&self) -> Arc<AtomicUsize> {
-        self.waiting.clone()
+    /// The `most` clients with the most requests waiting in this process's line, and how
+    /// many each (for the fleet's view).
+    pub fn waiting_clients(&self, most: usize) -> Vec<(String, usize)> {
+        let mut all: Vec<(String, usize)> = self
+            .line()
+            .waiting_by_client()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+        all.sort_by(|a, b| (b.1, &a.0).cmp(&(a.1, &b.0)));
+        all.truncate(most);
+        all
     }
 
     /// Requests currently waiting for a slot in this process.

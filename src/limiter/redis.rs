@@ -304,8 +304,9 @@ pub struct RedisLink {
     started: u64,
     /// `redis.lease`: renewed three times per lease; unrenewed for one, the instance is gone.
     lease: Duration,
-    /// Each account's count of requests waiting here.
-    waiting: Mutex<Vec<Weak<AtomicUsize>>>,
+    /// Each account's line here, by the account's name, for what this instance tells the
+    /// fleet (how many wait, and for which clients).
+    lines: Mutex<Vec<(String, Weak<super::Limiter>)>>,
     on_error: OnRedisError,
     healthy: AtomicBool,
     /// Instances sharing the quota, as the last heartbeat counted them.
@@ -351,7 +352,7 @@ impl RedisLink {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             lease: settings.redis.lease,
-            waiting: Mutex::new(Vec::new()),
+            lines: Mutex::new(Vec::new()),
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
             live: AtomicUsize::new(1),
@@ -460,23 +461,36 @@ impl RedisLink {
         Ok(())
     }
 
-    /// Counts `waiting` among this instance's waiters, in what it tells the fleet.
-    pub fn counts_waiting(&self, waiting: Arc<AtomicUsize>) {
-        let mut all = lock(&self.waiting);
-        all.retain(|w| w.strong_count() > 0);
-        all.push(Arc::downgrade(&waiting));
+    /// Counts the waiters of `account`'s line among this instance's, in what it tells
+    /// the fleet.
+    pub fn counts_waiting(&self, account: &str, line: &Arc<super::Limiter>) {
+        let mut all = lock(&self.lines);
+        all.retain(|(_, l)| l.strong_count() > 0);
+        all.push((account.to_owned(), Arc::downgrade(line)));
     }
 
-    fn waiting_here(&self) -> usize {
-        lock(&self.waiting)
+    /// Requests waiting here, and per account the clients they are for (the busiest
+    /// [`FLEET_CLIENTS`]), as JSON.
+    fn waiting_here(&self) -> (usize, String) {
+        let lines: Vec<(String, Arc<super::Limiter>)> = lock(&self.lines)
             .iter()
-            .filter_map(Weak::upgrade)
-            .map(|w| w.load(Ordering::Relaxed))
-            .sum()
+            .filter_map(|(a, l)| Some((a.clone(), l.upgrade()?)))
+            .collect();
+        let total = lines.iter().map(|(_, l)| l.queued()).sum();
+        let mut clients = serde_json::Map::new();
+        for (account, line) in &lines {
+            let waiting = line.waiting_clients(FLEET_CLIENTS);
+            if !waiting.is_empty() {
+                let each = waiting.into_iter().map(|(c, n)| (c, n.into())).collect();
+                clients.insert(account.clone(), serde_json::Value::Object(each));
+            }
+        }
+        (total, serde_json::Value::Object(clients).to_string())
     }
 
     /// Renews this instance's lease and what it tells the fleet about itself.
     async fn heartbeat(&self) -> RedisResult<usize> {
+        let (waiting, clients) = self.waiting_here();
         let mut inv = self.scripts.heartbeat.key(self.fleet_key());
         inv.arg(&self.instance)
             .arg(micros(self.lease))
@@ -484,7 +498,9 @@ impl RedisLink {
             .arg("host")
             .arg(&self.host)
             .arg("waiting")
-            .arg(self.waiting_here())
+            .arg(waiting)
+            .arg("clients")
+            .arg(clients)
             .arg("started")
             .arg(self.started);
         let (live, reclaimed): (usize, u64) = self.call(inv).await?;
@@ -525,6 +541,9 @@ impl RedisLink {
                 lease_age_seconds: part[1].parse::<f64>().unwrap_or(0.0) / 1e6,
                 host: field("host").unwrap_or_default(),
                 waiting: field("waiting").and_then(|w| w.parse().ok()).unwrap_or(0),
+                clients: field("clients")
+                    .and_then(|c| serde_json::from_str(&c).ok())
+                    .unwrap_or_default(),
                 started: field("started").and_then(|w| w.parse().ok()).unwrap_or(0),
             });
         }
@@ -546,6 +565,9 @@ impl RedisLink {
     }
 }
 
+/// The clients per account an instance tells the fleet about.
+const FLEET_CLIENTS: usize = 50;
+
 /// One instance of the fleet, as its lease says.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct Instance {
@@ -553,6 +575,9 @@ pub struct Instance {
     pub host: String,
     /// Requests waiting there, at its last renewal.
     pub waiting: usize,
+    /// By account, the clients those requests are for (its busiest ones).
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>>,
     /// Since its last renewal.
     pub lease_age_seconds: f64,
     /// Unix seconds.
