@@ -224,7 +224,45 @@ pub fn render(s: &Snapshot) -> String {
         out.push_str(&account_html(a, s));
     }
     out.push_str("</section>");
+    if let Some(fleet) = &s.fleet {
+        out.push_str(&fleet_html(fleet, s.fleet_waiting.as_ref()));
+    }
     out.push_str(&errors_html(&s.recent_errors));
+    out
+}
+
+/// The instances sharing the quota and who waits over all of them (the script's
+/// `fleet` draws the same).
+fn fleet_html(
+    fleet: &[crate::limiter::redis::Instance],
+    waiting: Option<&BTreeMap<String, BTreeMap<String, usize>>>,
+) -> String {
+    let mut out = String::from(
+        "<section class=\"fleet\"><h2>Fleet</h2><div class=\"scroll\"><table><thead><tr><th>host</th><th>instance</th><th>waiting</th><th>lease age</th></tr></thead><tbody>",
+    );
+    for i in fleet {
+        out.push_str(&format!(
+            "<tr data-instance=\"{}\"><td class=\"host\">{}{}</td><td class=\"rid\">{}</td><td>{}</td><td>{:.1}s</td></tr>",
+            esc(&i.id),
+            esc(&i.host),
+            if i.this { " (this one)" } else { "" },
+            esc(&i.id),
+            i.waiting,
+            i.lease_age_seconds
+        ));
+    }
+    out.push_str("</tbody></table></div><p class=\"facts\">waiting over the fleet:");
+    for (account, clients) in waiting.into_iter().flatten() {
+        for (client, n) in clients {
+            out.push_str(&format!(
+                " <span class=\"fleet-client\">{}/{} <b>{}</b></span>",
+                esc(account),
+                esc(client),
+                n
+            ));
+        }
+    }
+    out.push_str("</p></section>");
     out
 }
 
@@ -337,7 +375,7 @@ main{max-width:1240px;margin:0 auto;padding:16px}header h1{font-size:20px;margin
 .fill{display:block;height:100%;background:var(--ok)}.fill.busy{background:var(--busy)}.fill.full{background:var(--full)}
 .num{text-align:right;font-variant-numeric:tabular-nums}.pause{color:var(--full);font-weight:600}.facts{color:var(--muted)}
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top}
-th{color:var(--muted);font-weight:600}.errors{margin-top:16px}.errors h2{font-size:16px}.rid{font-family:ui-monospace,monospace;font-size:12px}.hint{min-width:240px}
+th{color:var(--muted);font-weight:600}.errors,.fleet{margin-top:16px}.errors h2,.fleet h2{font-size:16px}.rid{font-family:ui-monospace,monospace;font-size:12px}.hint{min-width:240px}
 @media (max-width:600px){.window{grid-template-columns:60px 1fr 70px}main{padding:8px}}
 "#;
 
@@ -356,9 +394,16 @@ function account(a,s){
  h+='<div class="scroll"><table class="clients"><thead><tr><th>client</th><th>waiting</th><th>served</th></tr></thead><tbody>';
  a.clients.forEach(function(c){h+='<tr><td class="client">'+esc(c.id)+'</td><td>'+c.waiting+'</td><td>'+c.served+'</td></tr>';});
  return h+'</tbody></table></div></article>';}
+function fleet(s){
+ var h='<section class="fleet"><h2>Fleet</h2><div class="scroll"><table><thead><tr><th>host</th><th>instance</th><th>waiting</th><th>lease age</th></tr></thead><tbody>';
+ s.fleet.forEach(function(i){h+='<tr data-instance="'+esc(i.id)+'"><td class="host">'+esc(i.host)+(i.this?' (this one)':'')+'</td><td class="rid">'+esc(i.id)+'</td><td>'+i.waiting+'</td><td>'+i.lease_age_seconds.toFixed(1)+'s</td></tr>';});
+ h+='</tbody></table></div><p class="facts">waiting over the fleet:';
+ var w=s.fleet_waiting||{};Object.keys(w).sort().forEach(function(a){Object.keys(w[a]).sort().forEach(function(c){h+=' <span class="fleet-client">'+esc(a)+'/'+esc(c)+' <b>'+w[a][c]+'</b></span>';});});
+ return h+'</p></section>';}
 function render(s){
  var l=s.limiter,h='<header><h1>smartlead-proxy</h1><p class="meta">v'+esc(s.version)+' · up '+s.uptime_seconds+'s · limiter <b class="state '+esc(l.state)+'">'+esc(l.backend)+' / '+esc(l.state)+'</b>'+(l.detail?' <span class="detail">'+esc(l.detail)+'</span>':'')+'</p></header>';
  h+='<section class="accounts">';s.accounts.forEach(function(a){h+=account(a,s);});h+='</section>';
+ if(s.fleet){h+=fleet(s);}
  h+='<section class="errors"><h2>Recent errors</h2><div class="scroll"><table><thead><tr><th>at</th><th>status</th><th>code</th><th>request id</th><th>account</th><th>client</th><th>hint</th></tr></thead><tbody>';
  s.recent_errors.forEach(function(e){h+='<tr><td>'+esc(e.at)+'</td><td>'+e.status+'</td><td>'+esc(e.code)+'</td><td class="rid">'+esc(e.request_id)+'</td><td>'+esc(e.account)+'</td><td>'+esc(e.client)+'</td><td class="hint">'+esc(e.hint)+'</td></tr>';});
  main.innerHTML=h+'</tbody></table></div></section>';main.setAttribute('data-refreshed',new Date().toISOString());}
@@ -432,6 +477,23 @@ pub fn table(s: &Snapshot) -> String {
         }
     }
     out.push_str(&format!("{clients}\n"));
+    if let Some(fleet) = &s.fleet {
+        let mut instances = new_table(&["host", "instance", "waiting", "lease age"]);
+        for i in fleet {
+            let host = if i.this {
+                format!("{} (this one)", i.host)
+            } else {
+                i.host.clone()
+            };
+            instances.add_row(vec![
+                host,
+                i.id.clone(),
+                i.waiting.to_string(),
+                format!("{:.1}s", i.lease_age_seconds),
+            ]);
+        }
+        out.push_str(&format!("fleet\n{instances}\n"));
+    }
     if !s.recent_errors.is_empty() {
         let mut errors = new_table(&[
             "at",

@@ -287,3 +287,61 @@ async fn the_status_can_require_a_token() {
     );
     proxy.stop().await;
 }
+
+/// Instance rows in a page: `data-instance="<id>"` (the page's script has the attribute
+/// in its text too, without an id).
+fn instances(html: &str) -> usize {
+    html.match_indices("data-instance=\"")
+        .filter(|(at, m)| html[at + m.len()..].starts_with(|c: char| c.is_ascii_hexdigit()))
+        .count()
+}
+
+/// With Redis, the page (as a browser renders it, and as served) and the `status`
+/// command show the fleet: every instance with a live lease, and who waits over it.
+#[tokio::test]
+async fn the_page_and_the_command_show_the_fleet() {
+    let sim = Sim::start(SimConfig::default()).await.unwrap();
+    let key = unique_key();
+    let settings = || {
+        let mut s = quota_settings(
+            &sim.base_url(),
+            100,
+            Duration::from_secs(60),
+            Some((SHARED_REDIS, key.as_str())),
+        );
+        s.redis.lease = Duration::from_millis(600);
+        s
+    };
+    let (a, b) = (spawn_proxy(settings()).await, spawn_proxy(settings()).await);
+    // Both leases renewed at least once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let html = a.get("/status").await.text().await.unwrap();
+    assert_eq!(instances(&html), 2, "{html}");
+    assert!(
+        html.contains("(this one)") && html.contains("waiting over the fleet"),
+        "{html}"
+    );
+    let url = a.url("/status");
+    let dom = tokio::task::spawn_blocking(move || rendered(&url))
+        .await
+        .unwrap();
+    assert!(dom.contains("data-refreshed="), "the script ran: {dom}");
+    assert_eq!(instances(&dom), 2, "{dom}");
+    let base = format!("http://{}", a.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["status", "--url", &base])
+            .env_clear()
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        shown.contains("fleet") && shown.contains("(this one)"),
+        "{shown}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
