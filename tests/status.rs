@@ -231,11 +231,10 @@ async fn the_page_is_self_contained() {
     proxy.stop().await;
 }
 
-#[tokio::test]
-async fn the_status_command_prints_the_picture_or_one_line() {
-    let (_sim, proxy, waiting) = under_load().await;
+/// `smartlead-proxy status --url` against `proxy`, run as a process.
+async fn status_command(proxy: &Proxy) -> std::process::Output {
     let base = format!("http://{}", proxy.addr);
-    let out = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args(["status", "--url", &base])
             .env_clear()
@@ -243,7 +242,13 @@ async fn the_status_command_prints_the_picture_or_one_line() {
             .unwrap()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_status_command_prints_the_picture_or_one_line() {
+    let (_sim, proxy, waiting) = under_load().await;
+    let out = status_command(&proxy).await;
     assert!(
         out.status.success(),
         "{}",
@@ -327,16 +332,7 @@ async fn the_page_and_the_command_show_the_fleet() {
         .unwrap();
     assert!(dom.contains("data-refreshed="), "the script ran: {dom}");
     assert_eq!(instances(&dom), 2, "{dom}");
-    let base = format!("http://{}", a.addr);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(["status", "--url", &base])
-            .env_clear()
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = status_command(&a).await;
     let shown = String::from_utf8(out.stdout).unwrap();
     assert!(
         shown.contains("fleet") && shown.contains("(this one)"),
