@@ -476,7 +476,7 @@ impl ClientKeys {
     /// Frees slots: every key SmartLead refused (its requests in flight keep their
     /// quota), every quota unused and idle past its longest window, and if that frees
     /// none, the least recently used quota with no waiter. Forgetting a quota forgets its
-    /// past starts (README, "Client keys"): on the local backend a key that comes back
+    /// past starts (docs/security.md, "Client-key slots"): on the local backend a key that comes back
     /// within its longest window starts afresh; on Redis its log is kept there.
     fn make_room(&self, held: &mut HashMap<[u8; 32], Arc<Account>>) {
         held.retain(|_, a| !a.is_refused() && (!a.unused() || a.idle_for() < self.idle_after));
