@@ -51,6 +51,18 @@ fn take_sendable(secrets: &Secrets, pending: &mut BytesMut, end: bool) -> Bytes 
     }
 }
 
+/// What can be sent of a piece that came with nothing pending: a slice of it when it
+/// holds no secret (no copy), and what must wait goes to `pending`.
+fn sendable_of(secrets: &Secrets, data: &Bytes, pending: &mut BytesMut) -> Bytes {
+    let (clean, used) = secrets.scrub_streamed(data, false);
+    let ready = match clean {
+        std::borrow::Cow::Borrowed(_) => data.slice(..used),
+        std::borrow::Cow::Owned(clean) => Bytes::from(clean),
+    };
+    pending.extend_from_slice(&data[used..]);
+    ready
+}
+
 impl<B> Body for Scrubbed<B>
 where
     B: Body<Data = Bytes>,
@@ -75,6 +87,13 @@ where
                 None => *this.done = true,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if this.pending.is_empty() => {
+                        // Most pieces: scanned where they are, only their tail kept.
+                        let ready = sendable_of(this.secrets, &data, this.pending);
+                        if !ready.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(ready))));
+                        }
+                    }
                     Ok(data) => {
                         this.pending.extend_from_slice(&data);
                         let ready = take_sendable(this.secrets, this.pending, false);

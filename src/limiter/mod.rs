@@ -121,6 +121,10 @@ pub trait Backend: Send + Sync + 'static {
     fn client_cap(&self, _client: &str, _requests: u32, _period: Duration) -> Answer<'_, CapCheck> {
         now(CapCheck::NotShared)
     }
+    /// Whether decisions are the fleet's right now (a shared backend, reachable).
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
     /// Time left until each reservation's slot, which a pause may have moved (`None`: the
@@ -392,7 +396,7 @@ impl Limiter {
     /// Whether the quota is the fleet's right now (Redis, reachable): then
     /// `limit.per_client` is checked there ([`Limiter::client_cap`]).
     pub fn is_shared(&self) -> bool {
-        self.backend.status().state == "shared"
+        self.backend.is_shared()
     }
 
     /// `client` against `cap`, over every instance sharing the quota.

@@ -893,6 +893,10 @@ fn micros_between(now: Instant, at: Instant) -> i64 {
 }
 
 impl Backend for RedisBackend {
+    fn is_shared(&self) -> bool {
+        self.link.is_healthy()
+    }
+
     fn client_cap(&self, client: &str, requests: u32, period: Duration) -> Answer<'_, CapCheck> {
         let key = format!("{{{}}}:cap:{client}", self.link.base);
         let interval = micros(period / requests.max(1)).max(1);
