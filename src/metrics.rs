@@ -32,6 +32,9 @@ pub const CLIENT_WAIT: &str = "smartlead_proxy_client_wait_seconds";
 pub const CONFIG_RELOADS: &str = "smartlead_proxy_config_reloads_total";
 pub const LEASE_RENEWALS: &str = "smartlead_proxy_lease_renewals_total";
 pub const LEASE_RECLAIMS: &str = "smartlead_proxy_lease_reclaims_total";
+pub const FLEET_GRANTS: &str = "smartlead_proxy_fleet_grants_total";
+pub const FLEET_REQUESTS: &str = "smartlead_proxy_fleet_requests_total";
+pub const FLEET_ROUND_TRIPS: &str = "smartlead_proxy_fleet_round_trips_total";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -363,6 +366,27 @@ pub fn lease_renewed(reclaimed: u64) {
     counter!(LEASE_RENEWALS).increment(1);
     if reclaimed > 0 {
         counter!(LEASE_RECLAIMS).increment(reclaimed);
+    }
+}
+
+/// This instance's waiters were granted `n` slots by the fleet's line (labelled with the
+/// instance's id, so a fleet's scrapes add up by instance).
+pub fn fleet_granted(instance: &str, n: usize) {
+    counter!(FLEET_GRANTS, "instance" => instance.to_owned()).increment(n as u64);
+}
+
+/// Requests that came to the fleet's line, and the Redis round trips made for them, by
+/// path: `fast` (nobody waiting, a slot free: started by the call that registered it) or
+/// `queued`.
+pub fn fleet_round_trip(path: &'static str) {
+    counter!(FLEET_ROUND_TRIPS, "path" => path).increment(1);
+}
+
+pub fn fleet_requests(fast: usize, queued: usize) {
+    for (path, n) in [("fast", fast), ("queued", queued)] {
+        if n > 0 {
+            counter!(FLEET_REQUESTS, "path" => path).increment(n as u64);
+        }
     }
 }
 

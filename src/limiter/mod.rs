@@ -8,6 +8,7 @@
 //! [`fair`] decides which of this process's waiters uses which of the slots they hold.
 
 pub mod fair;
+pub mod fleet;
 pub mod local;
 pub mod log;
 pub mod redis;
@@ -124,6 +125,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether decisions are the fleet's right now (a shared backend, reachable).
     fn is_shared(&self) -> bool {
         false
+    }
+    /// The fleet's fair line, while decisions are the fleet's: a request that cannot
+    /// start at once waits there, not in this process's line.
+    fn fleet(&self) -> Option<&fleet::FleetLine> {
+        None
     }
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
@@ -429,7 +435,13 @@ impl Limiter {
 
     /// Requests waiting in line in this process, by priority (high, normal, low).
     pub fn depth(&self) -> [usize; 3] {
-        self.line().depth()
+        let mut depth = self.line().depth();
+        if let Some(fleet) = self.backend.fleet() {
+            for (d, f) in depth.iter_mut().zip(fleet.depth()) {
+                *d += f;
+            }
+        }
+        depth
     }
 
     fn line(&self) -> std::sync::MutexGuard<'_, fair::Queue> {
@@ -607,6 +619,16 @@ impl Limiter {
         let arrived = Instant::now();
         let _queued = self.enter_queue()?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        if let Some(fleet) = self.backend.fleet() {
+            let plan = self.plan();
+            let _seat = self.seat(&who.client, &plan)?;
+            match fleet.wait(id, who, deadline, plan.spacing).await {
+                fleet::Joined::Go => return Ok(arrived.elapsed()),
+                fleet::Joined::Refused(refusal) => return Err(refusal),
+                // Redis went away meanwhile: this process's line, as for any request now.
+                fleet::Joined::Local => {}
+            }
+        }
         let mut moved = self.backend.moved();
         moved.borrow_and_update();
         let own = deadline.saturating_duration_since(arrived);
@@ -710,6 +732,20 @@ impl Limiter {
         self.with_line(|line, fx| line.retime(&times, now, why, fx));
     }
 
+    /// A seat in the client's share of the line, for a request waiting in the fleet's.
+    fn seat(&self, client: &ClientId, plan: &Plan) -> Result<ClientSeat<'_>, Refusal> {
+        self.with_line(|line, _| line.seat(client, plan.max_queue_per_client))
+            .map_err(|held| Refusal::RateLimited {
+                retry_after: plan.spacing * held.min(u32::MAX as usize) as u32,
+                why: Limited::ClientQueueFull,
+                window: None,
+            })?;
+        Ok(ClientSeat {
+            limiter: self,
+            client: client.clone(),
+        })
+    }
+
     fn enter_queue(&self) -> Result<QueueSeat<'_>, Refusal> {
         let before = self.waiting.fetch_add(1, Ordering::AcqRel);
         let seat = QueueSeat(&self.waiting);
@@ -728,6 +764,17 @@ impl Limiter {
 }
 
 struct QueueSeat<'a>(&'a AtomicUsize);
+
+struct ClientSeat<'a> {
+    limiter: &'a Limiter,
+    client: ClientId,
+}
+
+impl Drop for ClientSeat<'_> {
+    fn drop(&mut self) {
+        self.limiter.with_line(|line, _| line.unseat(&self.client));
+    }
+}
 
 impl Drop for QueueSeat<'_> {
     fn drop(&mut self) {

@@ -21,9 +21,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::{Either, FutureExt};
 use redis::Script;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use super::fleet::{Decision, FleetLine, Round, member};
 use super::local::{LocalBackend, micros};
 use super::log::Span;
 use super::{Answer, Backend, CapCheck, Limited, Refusal, Status};
@@ -277,6 +278,10 @@ fn script(body: &str) -> Script {
 }
 
 struct Scripts {
+    fleet_step: Script,
+    fleet_leave: Script,
+    fleet_reseed: Script,
+    fleet_shares: Script,
     client_cap: Script,
     fleet: Script,
     reserve_many: Script,
@@ -314,6 +319,8 @@ pub struct RedisLink {
     detail: Mutex<Option<String>>,
     /// Every account's log, by the channel its pauses are announced on.
     logs: Mutex<HashMap<String, Weak<RedisBackend>>>,
+    /// Changes (closes) when the link is dropped: its tasks and the accounts' drivers stop.
+    stop: watch::Receiver<()>,
     /// Dropped with the link, which stops its background tasks.
     _stop: watch::Sender<()>,
 }
@@ -334,6 +341,10 @@ impl RedisLink {
         let link = Arc::new(Self {
             conn,
             scripts: Scripts {
+                fleet_step: script(include_str!("lua/fleet_step.lua")),
+                fleet_leave: script(include_str!("lua/fleet_leave.lua")),
+                fleet_reseed: script(include_str!("lua/fleet_reseed.lua")),
+                fleet_shares: script(include_str!("lua/fleet_shares.lua")),
                 reserve_many: script(RESERVE_MANY),
                 waits_of: script(WAITS_OF),
                 cancel: script(CANCEL),
@@ -353,6 +364,7 @@ impl RedisLink {
                 .map_or(0, |d| d.as_secs()),
             lease: settings.redis.lease,
             lines: Mutex::new(Vec::new()),
+            stop: stop_rx.clone(),
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
             live: AtomicUsize::new(1),
@@ -382,7 +394,20 @@ impl RedisLink {
                 pause: format!("{prefix}:pause"),
                 limit: format!("{prefix}:limit"),
                 channel: format!("{prefix}:moved"),
+                lines: [1, 2, 3].map(|c| format!("{prefix}:line:{c}")),
+                promoted: format!("{prefix}:promoted"),
+                waiters: format!("{prefix}:waiters"),
+                tags: format!("{prefix}:tags"),
+                leases: format!("{prefix}:leases"),
+                epoch: format!("{prefix}:epoch"),
+                hold: format!("{prefix}:hold"),
+                reseeded: format!("{prefix}:reseeded"),
+                granted: format!("{prefix}:granted:"),
+                shares: format!("{prefix}:shares:"),
             },
+            fleet: FleetLine::default(),
+            epoch: Mutex::new(String::new()),
+            fleet_used: Mutex::new(None),
             windows: Mutex::new(script_windows(&spans)),
             spans: Mutex::new(spans),
             follow: AtomicUsize::new(follow),
@@ -391,6 +416,11 @@ impl RedisLink {
             moved: watch::channel(0).0,
         });
         lock(&self.logs).insert(backend.keys.channel.clone(), Arc::downgrade(&backend));
+        tokio::spawn(drive(
+            Arc::downgrade(&backend),
+            backend.fleet.kick.clone(),
+            self.stop.clone(),
+        ));
         backend
     }
 
@@ -441,6 +471,7 @@ impl RedisLink {
         }
         *lock(&self.detail) = Some(reason);
         for log in self.logs() {
+            log.fleet.fail_all();
             log.moved.send_modify(|v| *v += 1);
         }
     }
@@ -456,6 +487,8 @@ impl RedisLink {
         crate::metrics::limiter_degraded(false);
         for log in self.logs() {
             log.moved.send_modify(|v| *v += 1);
+            // Waiters registered before the outage leave the fleet's line.
+            log.fleet.kick.notify_one();
         }
         tracing::info!("Redis reachable again: back on the shared quota");
         Ok(())
@@ -603,6 +636,21 @@ struct Keys {
     /// The per-minute limit adopted from SmartLead's headers (`limit.follow_upstream`).
     limit: String,
     channel: String,
+    /// The fleet line (`lua/fleet_step.lua`): waiters by class, the promoted one, each
+    /// waiter's details, virtual times and tags, the instances' leases on the line.
+    lines: [String; 3],
+    promoted: String,
+    waiters: String,
+    tags: String,
+    leases: String,
+    /// Set when the log is first made: gone, the log was lost.
+    epoch: String,
+    /// While set, nothing is granted: the instances are writing back their starts.
+    hold: String,
+    reseeded: String,
+    /// Prefixes: each instance's decisions list, and the slots' shares per 10 s.
+    granted: String,
+    shares: String,
 }
 
 /// Reservations asked for while another batch was on its way to Redis: the next batch.
@@ -685,9 +733,15 @@ pub struct RedisBackend {
     follow: AtomicUsize,
     /// Serving share while Redis is unreachable.
     fallback: Mutex<Option<Arc<LocalBackend>>>,
-    /// This instance's recent shared starts, to seed a fallback.
+    /// This instance's recent shared starts, to seed a fallback or a lost log.
     own: Mutex<VecDeque<(Instant, u64)>>,
     moved: watch::Sender<u64>,
+    /// This instance's waiters in the fleet's line.
+    fleet: FleetLine,
+    /// The log's epoch as this instance last saw it (empty: not yet).
+    epoch: Mutex<String>,
+    /// The fleet's starts per window at the last step, and when.
+    fleet_used: Mutex<Option<(Instant, Vec<usize>)>>,
 }
 
 impl RedisBackend {
@@ -724,7 +778,7 @@ impl RedisBackend {
             let windows = self.windows_args(&mut inv);
             inv.arg(asked.len());
             for a in &asked {
-                inv.arg(a.id).arg(micros(a.max_wait));
+                inv.arg(member(a.id)).arg(micros(a.max_wait));
             }
             let answers = match self.link.call::<Vec<i64>>(inv).await {
                 Ok(all) if all.len() == asked.len() => Ok(all),
@@ -795,9 +849,39 @@ impl RedisBackend {
             for (slot, id) in lock(&self.own).iter() {
                 fb.record(micros_between(now, *slot), *id);
             }
+            // The others' starts, as the last step counted them, are taken to have been
+            // made at that step (later than they were: they hold the share longer, never
+            // shorter): the fleet stays within every window while each serves its share.
+            if let Some((at, others)) = self.others_started(now) {
+                let offset = micros_between(now, at);
+                for n in 0..others {
+                    fb.record(offset, u64::MAX - n as u64);
+                }
+            }
             *fallback = Some(Arc::new(fb));
         }
         fallback.clone()
+    }
+
+    /// How many starts of other instances the last step's count holds beyond this
+    /// instance's own, in the window where that is most, and when it was counted.
+    fn others_started(&self, now: Instant) -> Option<(Instant, usize)> {
+        let (at, used) = lock(&self.fleet_used).clone()?;
+        let own = lock(&self.own);
+        let spans = lock(&self.spans);
+        let others = spans
+            .iter()
+            .zip(&used)
+            .map(|(span, used)| {
+                let length = Duration::from_micros(span.length);
+                let mine = own
+                    .iter()
+                    .filter(|(s, _)| *s + length > at.min(now))
+                    .count();
+                used.saturating_sub(mine)
+            })
+            .max()?;
+        Some((at, others))
     }
 
     /// Writes the starts made on the local share into the shared log.
@@ -810,7 +894,7 @@ impl RedisBackend {
             let mut inv = self.link.scripts.merge.key(&self.keys.log);
             inv.arg(self.longest());
             for (offset, id) in recent {
-                inv.arg(offset).arg(id.to_string());
+                inv.arg(offset).arg(member(id));
             }
             self.link.call::<i64>(inv).await?;
         }
@@ -879,6 +963,297 @@ impl RedisBackend {
     }
 }
 
+/// Most waiters a step walks to check their deadlines; the ones after them get their 429
+/// at their deadline.
+const MOST_WALKED: usize = 1000;
+
+/// What a step of the fleet line answered.
+enum Stepped {
+    /// The log was lost, or made anew by another instance: write back this instance's
+    /// starts, then register its waiters again.
+    Reseed(String),
+    Done {
+        epoch: String,
+        /// This instance's lease on the line had run out.
+        lapsed: bool,
+        /// Until the next slot is due (`None`: nobody waits).
+        due: Option<Duration>,
+        decisions: Vec<Decision>,
+        /// Starts each window holds now, the whole fleet's.
+        used: Vec<usize>,
+    },
+}
+
+impl Stepped {
+    fn parse(out: Vec<String>) -> RedisResult<Self> {
+        let mut it = out.into_iter();
+        let mut next = || it.next().ok_or("the fleet step answered too little");
+        let (status, epoch) = (next()?, next()?);
+        if status == "1" {
+            return Ok(Stepped::Reseed(epoch));
+        }
+        let lapsed = next()? == "1";
+        let due: f64 = next()?.parse().map_err(|_| "a fleet step's due time")?;
+        let n: usize = next()?.parse().map_err(|_| "a fleet step's count")?;
+        let mut decisions = Vec::with_capacity(n);
+        for _ in 0..n {
+            decisions.extend(Decision::parse(&next()?));
+        }
+        let used = it.filter_map(|u| u.parse().ok()).collect();
+        Ok(Stepped::Done {
+            epoch,
+            lapsed,
+            due: (due >= 0.0).then(|| Duration::from_micros(due as u64)),
+            decisions,
+            used,
+        })
+    }
+}
+
+impl RedisBackend {
+    /// One round of this account's fleet line: leavers out, newcomers in, the slots that
+    /// are due granted, decisions handed over. Returns when to come back (`None`: when
+    /// kicked).
+    async fn fleet_round(&self) -> Option<Duration> {
+        if !self.link.is_healthy() {
+            // Anyone who came in just before the outage goes to its own line too.
+            self.fleet.fail_all();
+            return None;
+        }
+        // Idle, it still steps three times a lease: it sees a lost log, and knows how much
+        // of the quota the fleet used should Redis go away.
+        let renew = self.link.lease / 3;
+        // Callers woken with this one get to join the same step.
+        tokio::task::yield_now().await;
+        let round = self.fleet.take_round();
+        if let Err(e) = self.leave_all(&round).await {
+            self.link.degrade(e);
+            return None;
+        }
+        let stepped = match self.step(&round).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.link.degrade(e);
+                return None;
+            }
+        };
+        match stepped {
+            Stepped::Reseed(epoch) => {
+                if let Err(e) = self.reseed().await {
+                    self.link.degrade(e);
+                    return None;
+                }
+                tracing::warn!(account = %self.keys.log, "the shared quota's log was lost (FLUSHALL or a new Redis): this instance wrote back its recent starts and registers its waiters again");
+                *lock(&self.epoch) = epoch;
+                self.fleet.rejoin_all();
+                Some(Duration::ZERO)
+            }
+            Stepped::Done {
+                epoch,
+                lapsed,
+                due,
+                decisions,
+                used,
+            } => {
+                *lock(&self.epoch) = epoch;
+                *lock(&self.fleet_used) = Some((Instant::now(), used));
+                self.settle(&round, decisions);
+                if lapsed && round.registered {
+                    tracing::warn!(
+                        "this instance's lease on the fleet line had run out: its waiters register again, in their order"
+                    );
+                    self.fleet.rejoin_all();
+                    return Some(Duration::ZERO);
+                }
+                if self.fleet.has_unsent() {
+                    return Some(Duration::ZERO);
+                }
+                Some(due.map_or(renew, |d| d.min(renew)))
+            }
+        }
+    }
+
+    /// Hands the decisions over and counts what the round cost.
+    fn settle(&self, round: &Round, decisions: Vec<Decision>) {
+        let joined: std::collections::HashSet<u64> = round.joins.iter().map(|j| j.id).collect();
+        let mut fast = 0;
+        let mut started = Vec::new();
+        for d in decisions {
+            let id = match d {
+                Decision::Granted(id) => id,
+                Decision::Refused { .. } => 0,
+            };
+            if let Some(id) = self.fleet.decided(d) {
+                started.push((id, Duration::ZERO));
+            }
+            fast += usize::from(id != 0 && joined.contains(&id));
+        }
+        let queued = round.joins.iter().filter(|j| !j.rejoin).count() - fast.min(round.joins.len());
+        crate::metrics::fleet_requests(fast, queued);
+        let path = if round.registered || queued > 0 {
+            "queued"
+        } else {
+            "fast"
+        };
+        crate::metrics::fleet_round_trip(path);
+        if !started.is_empty() {
+            crate::metrics::fleet_granted(&self.link.instance, started.len());
+            self.remember_own(started.into_iter());
+        }
+    }
+
+    /// Takes the round's leavers out of the line; the ones past their deadline learn
+    /// whether they were granted after all.
+    async fn leave_all(&self, round: &Round) -> RedisResult<()> {
+        for (ids, mode) in [(&round.leave_go, "go"), (&round.leave_back, "back")] {
+            if ids.is_empty() {
+                continue;
+            }
+            let k = &self.keys;
+            let mut inv = self.link.scripts.fleet_leave.key(&k.log);
+            inv.key(&k.lines[0])
+                .key(&k.lines[1])
+                .key(&k.lines[2])
+                .key(&k.promoted)
+                .key(&k.waiters)
+                .key(&k.tags)
+                .arg(&self.link.instance)
+                .arg(&k.granted)
+                .arg(mode);
+            for id in ids.iter() {
+                inv.arg(member(*id));
+            }
+            let answers: Vec<String> = self.link.call(inv).await?;
+            crate::metrics::fleet_round_trip("queued");
+            if mode == "go" {
+                self.fleet.left(ids, &answers, self.spacing());
+            }
+        }
+        Ok(())
+    }
+
+    /// One run of `lua/fleet_step.lua` with the round's newcomers.
+    async fn step(&self, round: &Round) -> RedisResult<Stepped> {
+        let k = &self.keys;
+        let known = lock(&self.epoch).clone();
+        let mut inv = self.link.scripts.fleet_step.key(&k.log);
+        for key in [
+            &k.pause,
+            &k.limit,
+            &k.lines[0],
+            &k.lines[1],
+            &k.lines[2],
+            &k.promoted,
+            &k.waiters,
+            &k.tags,
+            &k.leases,
+            &k.epoch,
+            &k.hold,
+            &k.reseeded,
+        ] {
+            inv.key(key);
+        }
+        // Grants wait for the instances to write back their starts at most until each has
+        // renewed its lease once (and seen the loss).
+        let hold = self.link.lease / 3 + OP_TIMEOUT;
+        inv.arg(&self.link.instance)
+            .arg(micros(self.link.lease))
+            .arg(known)
+            .arg(format!("{:016x}", rand::random::<u64>()))
+            .arg(self.link.live.load(Ordering::Relaxed).max(1))
+            .arg(hold.as_millis() as u64)
+            .arg(self.follow.load(Ordering::Relaxed) + 1)
+            .arg(MOST_WALKED)
+            .arg(u8::from(round.walk))
+            .arg(&k.channel)
+            .arg(&k.granted)
+            .arg(super::fair::FLOOR)
+            .arg(&k.shares);
+        self.windows_args(&mut inv);
+        inv.arg(round.joins.len());
+        let now = Instant::now();
+        for j in &round.joins {
+            inv.arg(member(j.id))
+                .arg(&j.client)
+                .arg(j.class)
+                .arg(j.step)
+                .arg(micros(j.deadline.saturating_duration_since(now)))
+                .arg(u8::from(j.rejoin));
+        }
+        Stepped::parse(self.link.call(inv).await?)
+    }
+
+    /// Writes this instance's starts within the longest window back into a lost log.
+    async fn reseed(&self) -> RedisResult<()> {
+        let k = &self.keys;
+        let mut inv = self.link.scripts.fleet_reseed.key(&k.log);
+        inv.key(&k.hold)
+            .key(&k.reseeded)
+            .arg(&self.link.instance)
+            .arg(self.longest());
+        let now = Instant::now();
+        let longest = Duration::from_micros(self.longest() as u64);
+        for (slot, id) in lock(&self.own).iter() {
+            if *slot + longest > now {
+                inv.arg(micros_between(now, *slot)).arg(member(*id));
+            }
+        }
+        self.link.call::<i64>(inv).await.map(|_| ())
+    }
+
+    /// The longest gap between starts the windows allow for good.
+    fn spacing(&self) -> Duration {
+        lock(&self.spans)
+            .iter()
+            .map(|s| Duration::from_micros(s.length) / s.limit.max(1) as u32)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// What each client got of the slots granted from the line over the last minute, in
+    /// turns (slots / weight).
+    pub async fn shares(&self) -> Option<Vec<(String, f64)>> {
+        let mut inv = self.link.scripts.fleet_shares.key(&self.keys.tags);
+        inv.arg(&self.keys.shares);
+        let flat: Vec<String> = self.link.call(inv).await.ok()?;
+        Some(
+            flat.chunks(2)
+                .filter_map(|kv| {
+                    let turns: f64 = kv.get(1)?.parse().ok()?;
+                    Some((kv[0].clone(), turns / super::fleet::TURN as f64))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        // Its driver wakes and finds it gone.
+        self.fleet.kick.notify_one();
+    }
+}
+
+/// Runs an account's fleet line while the account lives.
+async fn drive(backend: Weak<RedisBackend>, kick: Arc<Notify>, mut stop: watch::Receiver<()>) {
+    loop {
+        let Some(b) = backend.upgrade() else { return };
+        let next = b.fleet_round().await;
+        drop(b);
+        let sleep = async {
+            match next {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = kick.notified() => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -895,6 +1270,10 @@ fn micros_between(now: Instant, at: Instant) -> i64 {
 impl Backend for RedisBackend {
     fn is_shared(&self) -> bool {
         self.link.is_healthy()
+    }
+
+    fn fleet(&self) -> Option<&FleetLine> {
+        self.link.is_healthy().then_some(&self.fleet)
     }
 
     fn client_cap(&self, client: &str, requests: u32, period: Duration) -> Answer<'_, CapCheck> {
@@ -938,7 +1317,7 @@ impl Backend for RedisBackend {
                 }
                 let mut inv = self.link.scripts.waits_of.key(&self.keys.log);
                 for id in ids {
-                    inv.arg(id.to_string());
+                    inv.arg(member(*id));
                 }
                 match self.link.call::<Vec<i64>>(inv).await {
                     Ok(waits) if waits.len() == ids.len() => waits
@@ -960,7 +1339,7 @@ impl Backend for RedisBackend {
                 }
                 if self.link.is_healthy() {
                     let mut inv = self.link.scripts.cancel.key(&self.keys.log);
-                    inv.arg(id.to_string());
+                    inv.arg(member(id));
                     let _ = self.link.call::<i64>(inv).await;
                 }
             }
@@ -1006,6 +1385,7 @@ impl Backend for RedisBackend {
                     // rewritten by whoever next sees SmartLead report a different one.
                     self.relayout(limit, window).await;
                 }
+                self.fleet.walk_soon();
             }
             .boxed(),
         )
@@ -1025,6 +1405,7 @@ impl Backend for RedisBackend {
                     // 0: no adopted limit; SmartLead's headers set one again if need be.
                     self.relayout(0, follow).await;
                 }
+                self.fleet.walk_soon();
             }
             .boxed(),
         )
@@ -1151,8 +1532,15 @@ async fn listen(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
                         let Some(msg) = msg else { break };
                         let Some(l) = link.upgrade() else { return };
                         let log = lock(&l.logs).get(msg.get_channel_name()).and_then(Weak::upgrade);
-                        if let Some(log) = log {
-                            log.moved.send_modify(|v| *v += 1);
+                        let payload: String = msg.get_payload().unwrap_or_default();
+                        match (log, payload.strip_prefix("g:")) {
+                            // Decisions for this instance's waiters are in its list.
+                            (Some(log), Some(to)) if to == l.instance => log.fleet.kick.notify_one(),
+                            (_, Some(_)) | (None, _) => {}
+                            (Some(log), None) => {
+                                log.moved.send_modify(|v| *v += 1);
+                                log.fleet.walk_soon();
+                            }
                         }
                     }
                     _ = stop.changed() => return,
