@@ -33,6 +33,19 @@ pub struct Snapshot {
     /// their leases last told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_waiting: Option<BTreeMap<String, BTreeMap<String, usize>>>,
+    /// With the fleet, per account: how evenly its line shared the slots between the
+    /// clients that waited over the last minute.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fleet_fairness: BTreeMap<String, Fairness>,
+}
+
+/// Jain's fairness index of the turns (slots / weight) the fleet's line gave the clients
+/// that waited over the last minute: 1 when every one got its weight's share, 1/n when
+/// one of n got them all.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Fairness {
+    pub jain: f64,
+    pub clients: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +149,12 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
         });
     }
     let fleet = accounts.fleet().await;
+    let mut fleet_fairness = BTreeMap::new();
+    for a in &all {
+        if let Some((jain, clients)) = a.limiter.fairness().await {
+            fleet_fairness.insert(a.name.to_string(), Fairness { jain, clients });
+        }
+    }
     Snapshot {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_seconds: started().elapsed().as_secs(),
@@ -155,6 +174,7 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
         recent_errors: crate::recent::newest_first(),
         fleet_waiting: fleet.as_deref().map(waiting_over),
         fleet,
+        fleet_fairness,
     }
 }
 
@@ -225,7 +245,11 @@ pub fn render(s: &Snapshot) -> String {
     }
     out.push_str("</section>");
     if let Some(fleet) = &s.fleet {
-        out.push_str(&fleet_html(fleet, s.fleet_waiting.as_ref()));
+        out.push_str(&fleet_html(
+            fleet,
+            s.fleet_waiting.as_ref(),
+            &s.fleet_fairness,
+        ));
     }
     out.push_str(&errors_html(&s.recent_errors));
     out
@@ -236,6 +260,7 @@ pub fn render(s: &Snapshot) -> String {
 fn fleet_html(
     fleet: &[crate::limiter::redis::Instance],
     waiting: Option<&BTreeMap<String, BTreeMap<String, usize>>>,
+    fairness: &BTreeMap<String, Fairness>,
 ) -> String {
     let mut out = String::from(
         "<section class=\"fleet\"><h2>Fleet</h2><div class=\"scroll\"><table><thead><tr><th>host</th><th>instance</th><th>waiting</th><th>lease age</th></tr></thead><tbody>",
@@ -262,7 +287,23 @@ fn fleet_html(
             ));
         }
     }
-    out.push_str("</p></section>");
+    out.push_str("</p>");
+    out.push_str(&fairness_html(fairness));
+    out.push_str("</section>");
+    out
+}
+
+fn fairness_html(fairness: &BTreeMap<String, Fairness>) -> String {
+    let mut out = String::from("<p class=\"facts\">fairness over the last minute (Jain):");
+    for (account, f) in fairness {
+        out.push_str(&format!(
+            " <span class=\"fairness\">{} <b>{:.2}</b> of {} clients</span>",
+            esc(account),
+            f.jain,
+            f.clients
+        ));
+    }
+    out.push_str("</p>");
     out
 }
 
@@ -399,6 +440,8 @@ function fleet(s){
  s.fleet.forEach(function(i){h+='<tr data-instance="'+esc(i.id)+'"><td class="host">'+esc(i.host)+(i.this?' (this one)':'')+'</td><td class="rid">'+esc(i.id)+'</td><td>'+i.waiting+'</td><td>'+i.lease_age_seconds.toFixed(1)+'s</td></tr>';});
  h+='</tbody></table></div><p class="facts">waiting over the fleet:';
  var w=s.fleet_waiting||{};Object.keys(w).sort().forEach(function(a){Object.keys(w[a]).sort().forEach(function(c){h+=' <span class="fleet-client">'+esc(a)+'/'+esc(c)+' <b>'+w[a][c]+'</b></span>';});});
+ h+='</p><p class="facts">fairness over the last minute (Jain):';
+ var f=s.fleet_fairness||{};Object.keys(f).sort().forEach(function(a){h+=' <span class="fairness">'+esc(a)+' <b>'+f[a].jain.toFixed(2)+'</b> of '+f[a].clients+' clients</span>';});
  return h+'</p></section>';}
 function render(s){
  var l=s.limiter,h='<header><h1>smartlead-proxy</h1><p class="meta">v'+esc(s.version)+' · up '+s.uptime_seconds+'s · limiter <b class="state '+esc(l.state)+'">'+esc(l.backend)+' / '+esc(l.state)+'</b>'+(l.detail?' <span class="detail">'+esc(l.detail)+'</span>':'')+'</p></header>';
@@ -493,6 +536,12 @@ pub fn table(s: &Snapshot) -> String {
             ]);
         }
         out.push_str(&format!("fleet\n{instances}\n"));
+        for (account, f) in &s.fleet_fairness {
+            out.push_str(&format!(
+                "fairness over the last minute (Jain): {account} {:.2} of {} clients\n",
+                f.jain, f.clients
+            ));
+        }
     }
     if !s.recent_errors.is_empty() {
         let mut errors = new_table(&[

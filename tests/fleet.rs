@@ -151,6 +151,20 @@ async fn weights_share_the_turns_across_instances() {
         "the heavier client's share: {share:.2} of {shared:?}"
     );
     assert_quota_kept(&sim);
+    // Turns by weight were even: Jain's index near 1, as either instance tells it.
+    let status: serde_json::Value = b.get("/status.json").await.json().await.unwrap();
+    let fairness = &status["fleet_fairness"]["default"];
+    assert!(fairness["jain"].as_f64().unwrap_or(0.0) >= 0.9, "{status}");
+    assert!(fairness["clients"].as_u64().unwrap_or(0) >= 2, "{status}");
+    let metrics = a.get("/metrics").await.text().await.unwrap();
+    for needle in [
+        "smartlead_proxy_fleet_grants_total{instance=",
+        "smartlead_proxy_fleet_requests_total{path=\"fast\"}",
+        "smartlead_proxy_fleet_requests_total{path=\"queued\"}",
+        "smartlead_proxy_fleet_round_trips_total{path=\"queued\"}",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from {metrics}");
+    }
     stop_all(tasks, vec![a, b]).await;
 }
 
@@ -328,5 +342,191 @@ async fn fault_under_load(fault: Fault) {
     assert_quota_kept(&sim);
     for p in proxies {
         p.stop().await;
+    }
+}
+
+/// One request of the model run.
+#[derive(Debug, Clone)]
+struct Asked {
+    instance: usize,
+    client: usize,
+    class: usize,
+    arrived: Instant,
+    deadline: Instant,
+    /// When it started (`Ok`) or was refused (`Err`).
+    done: Result<Instant, Instant>,
+}
+
+/// A model of the fleet's line against a real Redis (no HTTP): three instances, each its
+/// own link, random arrivals of six clients with weights 1–3, three classes and deadlines
+/// of 0.2–3 s at 5 slots per 200 ms; instance 2 dies (its runtime is dropped: no goodbye)
+/// halfway. Every deadline is honoured, no slot goes unused while anyone waits, and a
+/// class's waiters are never passed by a client's later requests beyond their turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_line_keeps_deadlines_slots_and_turns_under_random_arrivals() {
+    use smartlead_proxy::accounts::Accounts;
+    use smartlead_proxy::client::{ClientId, Priority, Who};
+    let key = unique_key();
+    let period = Duration::from_millis(200);
+    let lease = Duration::from_millis(600);
+    let settings = || {
+        let mut s = quota_settings("http://127.0.0.1:9", 5, period, Some((SHARED_REDIS, &key)));
+        s.limit.margin = Duration::ZERO;
+        s.redis.lease = lease;
+        s
+    };
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let start = Instant::now() + Duration::from_millis(300);
+    let death = start + Duration::from_millis(2500);
+    let plan: Vec<(usize, usize, usize, Duration, Duration)> = (0..240)
+        .map(|i| {
+            let at = Duration::from_millis(i * 20 + rand(20));
+            let class = match rand(20) {
+                0..=2 => 0,
+                3..=16 => 1,
+                _ => 2,
+            };
+            let wait = Duration::from_millis(200 + rand(2800));
+            (rand(3) as usize, rand(6) as usize, class, at, wait)
+        })
+        .collect();
+    let records = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Asked>::new()));
+    let run = |instance: usize, handle: tokio::runtime::Handle| {
+        let account = Accounts::new(&settings()).unwrap().all()[0].clone();
+        let mine: Vec<_> = plan.iter().filter(|p| p.0 == instance).cloned().collect();
+        let records = records.clone();
+        handle.clone().spawn(async move {
+            let tasks: Vec<_> = mine
+                .into_iter()
+                .map(|(instance, client, class, at, wait)| {
+                    let (account, records) = (account.clone(), records.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(start + at).await;
+                        let who = Who {
+                            client: ClientId::Named(format!("c{client}").into()),
+                            priority: Priority::ALL[class],
+                            weight: 1 + client as u32 % 3,
+                        };
+                        let arrived = Instant::now();
+                        let deadline = arrived + wait;
+                        let r = account.limiter.acquire(deadline, &who).await;
+                        let done = if r.is_ok() {
+                            Ok(Instant::now())
+                        } else {
+                            Err(Instant::now())
+                        };
+                        records.lock().unwrap().push(Asked {
+                            instance,
+                            client,
+                            class,
+                            arrived,
+                            deadline,
+                            done,
+                        });
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let survivors = [
+        run(0, tokio::runtime::Handle::current()),
+        run(1, tokio::runtime::Handle::current()),
+    ];
+    let _dies = {
+        let _in = doomed.enter();
+        run(2, doomed.handle().clone())
+    };
+    tokio::time::sleep_until(death).await;
+    doomed.shutdown_background();
+    for s in survivors {
+        s.await.unwrap();
+    }
+    let all = records.lock().unwrap().clone();
+    let mine: Vec<&Asked> = all.iter().filter(|a| a.instance < 2).collect();
+    assert!(mine.len() > 100, "{} answered", mine.len());
+    // Deadlines: a start by the deadline, a refusal no later than just after it.
+    for a in &mine {
+        match a.done {
+            Ok(at) => assert!(at <= a.deadline + Duration::from_millis(30), "{a:?}"),
+            Err(at) => assert!(
+                at <= a.deadline + Duration::from_millis(150),
+                "late 429: {a:?}"
+            ),
+        }
+    }
+    // No slot unused while anyone waits: every 200 ms during which a survivor's request
+    // waited throughout (outside the dead instance's lease) saw at least 4 of 5 starts.
+    let starts: Vec<Instant> = all.iter().filter_map(|a| a.done.ok()).collect();
+    let waited = |from: Instant, to: Instant| {
+        mine.iter().any(|a| {
+            let end = match a.done {
+                Ok(t) | Err(t) => t,
+            };
+            a.arrived <= from && end >= to && a.done.is_ok()
+        })
+    };
+    let mut t = start;
+    let mut checked = 0;
+    while t + period < start + Duration::from_secs(8) {
+        let near_death = t + period > death && t < death + lease + period;
+        if !near_death && waited(t, t + period) {
+            let n = starts
+                .iter()
+                .filter(|s| **s >= t && **s < t + period)
+                .count();
+            assert!(
+                n >= 4,
+                "{n} starts in [{:?}, +200ms) while someone waited",
+                t - start
+            );
+            checked += 1;
+        }
+        t += Duration::from_millis(50);
+    }
+    assert!(checked > 10, "the line was busy: {checked} periods checked");
+    // Turns: within a class, a client's requests start in the order they came, and a
+    // waiter is passed by another client's later arrivals at most a few turns' worth.
+    for class in 0..3 {
+        let mut served: Vec<&&Asked> = mine
+            .iter()
+            .filter(|a| a.class == class && a.done.is_ok())
+            .collect();
+        served.sort_by_key(|a| a.done.unwrap());
+        for (i, a) in served.iter().enumerate() {
+            for later in &served[i + 1..] {
+                if later.client == a.client && later.instance == a.instance {
+                    assert!(
+                        later.arrived >= a.arrived,
+                        "a client's order: {a:?} {later:?}"
+                    );
+                }
+            }
+            let passed = served[..i]
+                .iter()
+                .filter(|b| b.client != a.client && b.arrived > a.arrived)
+                .count();
+            let ahead = served[..i]
+                .iter()
+                .filter(|b| b.client == a.client && b.arrived <= a.arrived)
+                .count();
+            assert!(
+                passed <= 3 * 6 * (ahead + 2),
+                "{a:?} passed by {passed} later arrivals"
+            );
+        }
     }
 }

@@ -1252,3 +1252,76 @@ async fn the_fleet_is_every_live_lease_and_a_killed_instance_leaves_it() {
     assert!(b.terminate().success());
     let _ = a.child.wait();
 }
+
+/// An instance killed with SIGKILL while 100 requests wait on it holds nobody back: its
+/// waiters leave the fleet's line with its lease, and the next requests on another
+/// instance are served within the lease and two windows, SmartLead's quota kept.
+#[tokio::test]
+async fn a_killed_instances_waiters_hold_nobody_back() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        requests: 10,
+        period: Duration::from_secs(1),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = format!("fleet-kill-{}", std::process::id());
+    let env = [
+        ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
+        ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
+        ("SMARTLEAD_PROXY__REDIS__KEY", key.as_str()),
+        ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "10"),
+        ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "60s"),
+        ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+    ];
+    let mut a = start(&sim.base_url(), &env);
+    let mut b = start(&sim.base_url(), &env);
+    let c = client();
+    let bulk: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, url) = (c.clone(), a.url("/api/v1/campaigns"));
+            tokio::spawn(async move { c.get(url).header("x-client-id", "bulk").send().await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    a.child.kill().unwrap();
+    let killed = std::time::Instant::now();
+    let next: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, url) = (c.clone(), b.url("/api/v1/campaigns"));
+            tokio::spawn(async move {
+                // The same client: in fair order behind every one of its dead waiters.
+                let r = c.get(url).header("x-client-id", "bulk").send().await;
+                (
+                    r.map(|r| r.status().as_u16()).unwrap_or(0),
+                    killed.elapsed(),
+                )
+            })
+        })
+        .collect();
+    for n in next {
+        let (status, took) = n.await.unwrap();
+        assert_eq!(status, 200);
+        // The lease (1 s) and two windows of 1 s (and their margins).
+        assert!(
+            took < Duration::from_millis(3300),
+            "answered after {took:?}"
+        );
+    }
+    for t in bulk {
+        t.abort();
+    }
+    let reqs = sim.requests();
+    let first = reqs[0].at;
+    let starts: Vec<u64> = reqs
+        .iter()
+        .map(|r| r.at.duration_since(first).as_micros() as u64)
+        .collect();
+    assert!(smartlead_proxy::limiter::log::max_in_window(&starts, 1_000_000) <= 10);
+    assert_eq!(sim.stats().rate_limited, 0);
+    assert!(b.terminate().success());
+    let _ = a.child.wait();
+}

@@ -303,6 +303,12 @@ async fn a_cluster_shares_one_quota_keeps_accounts_in_their_slots_and_follows_a_
         "1",
         "the log lives on the new owner"
     );
+    // So does the fleet's line (its waiters queued above, over both instances).
+    for part in ["leases", "epoch"] {
+        let k = format!("{{{key}:default}}:{part}");
+        assert_eq!(slot_of(to, &k), slot, "{k}");
+        assert_eq!(cli(to, &["exists", &k]), "1", "{k} on the new owner");
+    }
     // The fleet's leases (and each lease's hash) share the `{key}` slot.
     let fleet: serde_json::Value = proxies[0].get("/status.json").await.json().await.unwrap();
     let fleet = fleet["fleet"].as_array().expect("the fleet on a cluster");

@@ -1,8 +1,9 @@
 //! Who goes next among one account's waiters in this process.
 //!
-//! The reservation log still hands out slots in arrival order (so the quota, and the
-//! order between instances sharing Redis, are what they were); this queue decides which
-//! of this process's waiters uses which of the slots they hold between them. Waiters are
+//! The local backend's log (and a Redis fallback's) hands out slots in arrival order;
+//! this queue decides which of this process's waiters uses which of the slots they hold
+//! between them. On a reachable Redis the same order is kept over the fleet by
+//! `lua/fleet_step.lua` instead. Waiters are
 //! ordered by priority class (`high` before `normal` before `low`), then within a class
 //! by self-clocked fair queueing: each request gets a virtual finish tag, its client's
 //! previous tag (or the class's virtual time, whichever is later) plus `1/weight`, so

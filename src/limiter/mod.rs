@@ -4,8 +4,10 @@
 //! [`Limiter`] owns what is the same for every backend (the bounded queue, deadlines,
 //! waiting, cancellation, following SmartLead's own limit); a [`Backend`] owns the
 //! reservation log: [`local`] in-process, [`redis`] shared by every instance with the same
-//! `redis.key`. The arithmetic is in [`log`]. The log hands out slots in arrival order;
-//! [`fair`] decides which of this process's waiters uses which of the slots they hold.
+//! `redis.key`. The arithmetic is in [`log`]. In one process the log hands out slots in
+//! arrival order and [`fair`] decides which waiter uses which of the slots they hold; on
+//! a reachable Redis a waiter waits in the fleet's line instead ([`fleet`]), granted its
+//! slot when it is due, in fair order over every instance's waiters.
 
 pub mod fair;
 pub mod fleet;
@@ -130,6 +132,11 @@ pub trait Backend: Send + Sync + 'static {
     /// start at once waits there, not in this process's line.
     fn fleet(&self) -> Option<&fleet::FleetLine> {
         None
+    }
+    /// What each client got of the slots granted from the fleet's line over the last
+    /// minute, in turns (slots / weight); `None` off the fleet.
+    fn shares(&self) -> Answer<'_, Option<Vec<(String, f64)>>> {
+        now(None)
     }
     /// A slot starting within `max_wait`: `Ok(wait)` from now, or the refusal.
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>>;
@@ -413,6 +420,17 @@ impl Limiter {
             .await
     }
 
+    /// Jain's fairness index of the turns the fleet's line gave the clients that waited
+    /// over the last minute (1: equal turns by weight), and how many clients; `None`
+    /// off the fleet or while nobody waited.
+    pub async fn fairness(&self) -> Option<(f64, usize)> {
+        let shares = self.backend.shares().await?;
+        let (sum, squares) = shares
+            .iter()
+            .fold((0.0, 0.0), |(s, q), (_, x)| (s + x, q + x * x));
+        (squares > 0.0).then(|| (sum * sum / (shares.len() as f64 * squares), shares.len()))
+    }
+
     /// The `most` clients with the most requests waiting in this process's line, and how
     /// many each (for the fleet's view).
     pub fn waiting_clients(&self, most: usize) -> Vec<(String, usize)> {
@@ -618,15 +636,17 @@ impl Limiter {
     async fn wait_for_slot(&self, deadline: Instant, who: &Who) -> Result<Duration, Refusal> {
         let arrived = Instant::now();
         let _queued = self.enter_queue()?;
-        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut id = self.ids.fetch_add(1, Ordering::Relaxed);
         if let Some(fleet) = self.backend.fleet() {
             let plan = self.plan();
             let _seat = self.seat(&who.client, &plan)?;
             match fleet.wait(id, who, deadline, plan.spacing).await {
                 fleet::Joined::Go => return Ok(arrived.elapsed()),
                 fleet::Joined::Refused(refusal) => return Err(refusal),
-                // Redis went away meanwhile: this process's line, as for any request now.
-                fleet::Joined::Local => {}
+                // Redis went away meanwhile: this process's line, as for any request now,
+                // under an id of its own (the fleet's line may still hold the old one,
+                // which leaves it once Redis is back, taking that id's slot with it).
+                fleet::Joined::Local => id = self.ids.fetch_add(1, Ordering::Relaxed),
             }
         }
         let mut moved = self.backend.moved();

@@ -1,11 +1,12 @@
-//! The shared backend: one reservation log per account in Redis for every instance with
-//! the same `redis.key`, one Lua script (one round trip, Redis `TIME`) per decision.
+//! The shared backend: one log and one fair line per account in Redis for every instance
+//! with the same `redis.key`, Lua scripts (one round trip each, Redis `TIME`).
 //!
-//! An account's keys are `{<key>:<account>}:log` (sorted set: member = reservation id,
-//! score = slot in µs), `{<key>:<account>}:pause` and `{<key>:<account>}:limit` (the
-//! per-minute limit adopted from SmartLead), so a Redis Cluster keeps each account in one
-//! hash slot and spreads the accounts. A pause is announced on `{<key>:<account>}:moved`
-//! so waiters everywhere re-read their slots.
+//! An account's keys are `{<key>:<account>}:log` (sorted set: member = waiter id, score =
+//! start in µs), `{<key>:<account>}:pause`, `{<key>:<account>}:limit` (the per-minute
+//! limit adopted from SmartLead) and the fleet line's (docs/fleet-queue.md), so a Redis
+//! Cluster keeps each account in one hash slot and spreads the accounts. Each account has
+//! a driver task ([`drive`]) that runs its steps (`lua/fleet_step.lua`). A pause is
+//! announced on `{<key>:<account>}:moved`, so every instance re-checks its waiters.
 //!
 //! [`RedisLink`] is what the accounts share: one connection, one pattern subscription for
 //! every account's announcements, one heartbeat (`{<key>}:instances`) and one health state.
@@ -316,6 +317,9 @@ pub struct RedisLink {
     healthy: AtomicBool,
     /// Instances sharing the quota, as the last heartbeat counted them.
     live: AtomicUsize,
+    /// The last three heartbeats' counts (one lease): after a lost log, how many must
+    /// write back their starts (a heartbeat on an emptied Redis counts only itself).
+    lately_live: Mutex<VecDeque<usize>>,
     detail: Mutex<Option<String>>,
     /// Every account's log, by the channel its pauses are announced on.
     logs: Mutex<HashMap<String, Weak<RedisBackend>>>,
@@ -368,6 +372,7 @@ impl RedisLink {
             on_error: settings.redis.on_error,
             healthy: AtomicBool::new(true),
             live: AtomicUsize::new(1),
+            lately_live: Mutex::new(VecDeque::new()),
             detail: Mutex::new(None),
             logs: Mutex::new(HashMap::new()),
             _stop: stop,
@@ -448,6 +453,15 @@ impl RedisLink {
             self.conn.failed();
         }
         result
+    }
+
+    /// The most instances the last lease's heartbeats counted.
+    fn lately_live(&self) -> usize {
+        let lately = lock(&self.lately_live).iter().copied().max();
+        lately
+            .unwrap_or(1)
+            .max(self.live.load(Ordering::Relaxed))
+            .max(1)
     }
 
     fn is_healthy(&self) -> bool {
@@ -538,6 +552,11 @@ impl RedisLink {
             .arg(self.started);
         let (live, reclaimed): (usize, u64) = self.call(inv).await?;
         self.live.store(live.max(1), Ordering::Relaxed);
+        let mut lately = lock(&self.lately_live);
+        if lately.len() == 3 {
+            lately.pop_front();
+        }
+        lately.push_back(live);
         crate::metrics::lease_renewed(reclaimed);
         Ok(live)
     }
@@ -1075,7 +1094,13 @@ impl RedisBackend {
 
     /// Hands the decisions over and counts what the round cost.
     fn settle(&self, round: &Round, decisions: Vec<Decision>) {
-        let joined: std::collections::HashSet<u64> = round.joins.iter().map(|j| j.id).collect();
+        // Newcomers (not re-registrations) started by the step that registered them.
+        let joined: std::collections::HashSet<u64> = round
+            .joins
+            .iter()
+            .filter(|j| !j.rejoin)
+            .map(|j| j.id)
+            .collect();
         let mut fast = 0;
         let mut started = Vec::new();
         for d in decisions {
@@ -1088,7 +1113,7 @@ impl RedisBackend {
             }
             fast += usize::from(id != 0 && joined.contains(&id));
         }
-        let queued = round.joins.iter().filter(|j| !j.rejoin).count() - fast.min(round.joins.len());
+        let queued = joined.len().saturating_sub(fast);
         crate::metrics::fleet_requests(fast, queued);
         let path = if round.registered || queued > 0 {
             "queued"
@@ -1160,7 +1185,7 @@ impl RedisBackend {
             .arg(micros(self.link.lease))
             .arg(known)
             .arg(format!("{:016x}", rand::random::<u64>()))
-            .arg(self.link.live.load(Ordering::Relaxed).max(1))
+            .arg(self.link.lately_live())
             .arg(hold.as_millis() as u64)
             .arg(self.follow.load(Ordering::Relaxed) + 1)
             .arg(MOST_WALKED)
@@ -1212,7 +1237,7 @@ impl RedisBackend {
 
     /// What each client got of the slots granted from the line over the last minute, in
     /// turns (slots / weight).
-    pub async fn shares(&self) -> Option<Vec<(String, f64)>> {
+    async fn shares_now(&self) -> Option<Vec<(String, f64)>> {
         let mut inv = self.link.scripts.fleet_shares.key(&self.keys.tags);
         inv.arg(&self.keys.shares);
         let flat: Vec<String> = self.link.call(inv).await.ok()?;
@@ -1274,6 +1299,10 @@ impl Backend for RedisBackend {
 
     fn fleet(&self) -> Option<&FleetLine> {
         self.link.is_healthy().then_some(&self.fleet)
+    }
+
+    fn shares(&self) -> Answer<'_, Option<Vec<(String, f64)>>> {
+        Either::Right(self.shares_now().boxed())
     }
 
     fn client_cap(&self, client: &str, requests: u32, period: Duration) -> Answer<'_, CapCheck> {
