@@ -291,14 +291,21 @@ struct Mixed {
     upstream_429: usize,
 }
 
-/// One bulk client queues `BULK` requests at once; meanwhile (unless `alone`) twenty
-/// interactive clients each send `EACH`, one after another, a second apart. With `fifo`
-/// the interactive ones say they are the bulk client: one line, first come first served.
-async fn mixed_run(sim: &Sim, proxy: std::net::SocketAddr, alone: bool, fifo: bool) -> Mixed {
+/// One bulk client queues `BULK` requests at once on `bulk_to`; meanwhile (unless `alone`)
+/// twenty interactive clients each send `EACH`, one after another, a second apart, spread
+/// over `interactive_to`. With `fifo` the interactive ones say they are the bulk client:
+/// one line, first come first served.
+async fn mixed_run(
+    sim: &Sim,
+    bulk_to: std::net::SocketAddr,
+    interactive_to: &[std::net::SocketAddr],
+    alone: bool,
+    fifo: bool,
+) -> Mixed {
     // The previous run's last slots still hold the window: start once they are out of it.
     tokio::time::sleep(MIXED_WINDOW + MIXED_MARGIN + Duration::from_millis(100)).await;
     sim.reset();
-    let url = format!("http://{proxy}/api/v1/campaigns");
+    let url = format!("http://{bulk_to}/api/v1/campaigns");
     let c = reqwest::Client::builder()
         .pool_max_idle_per_host(BULK + INTERACTIVE)
         .timeout(Duration::from_secs(120))
@@ -316,7 +323,8 @@ async fn mixed_run(sim: &Sim, proxy: std::net::SocketAddr, alone: bool, fifo: bo
         .collect();
     let interactive: Vec<_> = (0..if alone { 0 } else { INTERACTIVE })
         .map(|i| {
-            let (c, url) = (c.clone(), url.clone());
+            let to = interactive_to[i % interactive_to.len()];
+            let (c, url) = (c.clone(), format!("http://{to}/api/v1/campaigns"));
             let id = if fifo {
                 "bulk".to_owned()
             } else {
@@ -389,14 +397,28 @@ async fn mixed() {
         "{:<22} {:>10} {:>9} {:>7} {:>16} {:>16} {:>13}",
         "", "bulk done", "goodput", "errors", "interactive p50", "interactive p99", "upstream 429"
     );
+    // The fleet: bulk on A, the interactive clients over B and C, one Redis.
+    let key = format!("bench-mixed-{}", uuid::Uuid::new_v4());
+    let mut fleet = Vec::new();
+    for _ in 0..3 {
+        fleet.push(
+            start_proxy_with(&sim, Some(&key), |s| {
+                s.limit.one_window(MIXED_RATE, window);
+                s.limit.margin = MIXED_MARGIN;
+            })
+            .await,
+        );
+    }
     let runs = [
-        ("bulk alone", true, false),
-        ("mixed, fair", false, false),
-        ("mixed, one FIFO line", false, true),
+        ("bulk alone", proxy, vec![proxy], true, false),
+        ("mixed, fair", proxy, vec![proxy], false, false),
+        ("mixed, one FIFO line", proxy, vec![proxy], false, true),
+        ("3 on Redis, bulk alone", fleet[0], vec![fleet[0]], true, false),
+        ("3 on Redis, mixed", fleet[0], fleet[1..].to_vec(), false, false),
     ];
     let mut results = Vec::new();
-    for (name, alone, fifo) in runs {
-        let m = mixed_run(&sim, proxy, alone, fifo).await;
+    for (name, bulk_to, interactive_to, alone, fifo) in runs {
+        let m = mixed_run(&sim, bulk_to, &interactive_to, alone, fifo).await;
         let p = |q: f64| {
             if m.interactive.is_empty() {
                 "-".to_owned()
@@ -423,6 +445,40 @@ async fn mixed() {
         fair.goodput / alone.goodput.max(0.1),
         percentile(&results[2].interactive, 0.99).as_secs_f64() / window.as_secs_f64()
     );
+    let (alone, mixed) = (&results[3], &results[4]);
+    println!(
+        "3 on Redis: interactive p99 / window: {:.2} (target <= 1.5); bulk goodput mixed/alone: {:.2}",
+        percentile(&mixed.interactive, 0.99).as_secs_f64() / window.as_secs_f64(),
+        mixed.goodput / alone.goodput.max(0.1),
+    );
+    let mut trips = std::collections::BTreeMap::<String, f64>::new();
+    for p in &fleet {
+        let text = reqwest::get(format!("http://{p}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for line in text.lines().filter(|l| l.starts_with("smartlead_proxy_fleet_")) {
+            if let Some((name, value)) = line.rsplit_once(' ') {
+                *trips.entry(name.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    for path in ["fast", "queued"] {
+        let of = |metric: &str| {
+            trips
+                .get(&format!("smartlead_proxy_fleet_{metric}_total{{path=\"{path}\"}}"))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        println!(
+            "3 on Redis, {path} path: {:.0} requests, {:.0} Redis round trips, {:.2} per request",
+            of("requests"),
+            of("round_trips"),
+            of("round_trips") / of("requests").max(1.0)
+        );
+    }
 }
 
 /// SmartLead's plans hold several limits at once; scaled down: 4 per second, 12 per 5 s,

@@ -68,10 +68,12 @@ async fn main() {
     })
     .await;
 
-    let one = accounts(1);
+    let one = accounts(1, NEVER_BINDS);
     let one_rate = decisions(one.clone()).await;
-    let twenty = accounts(20);
+    let twenty = accounts(20, NEVER_BINDS);
     let twenty_rate = decisions(twenty.clone()).await;
+    // Every request waits in the fleet's line and is granted when its slot is due.
+    let queued_rate = decisions(accounts(1, QUEUED_QUOTA)).await;
     println!(
         "{CONCURRENCY} concurrent callers, {}s each, one connection to local Redis",
         RUN.as_secs()
@@ -79,7 +81,13 @@ async fn main() {
     println!("raw PING round trips:           {ping:>10.0} /s");
     println!("limiter decisions, 1 account:   {one_rate:>10.0} /s");
     println!("limiter decisions, 20 accounts: {twenty_rate:>10.0} /s");
+    println!(
+        "queued path, quota {}/100ms:    {queued_rate:>10.0} /s ({:.0}% of the quota)",
+        QUEUED_QUOTA / 10,
+        100.0 * queued_rate / QUEUED_QUOTA as f64
+    );
     println!("ratio decisions/PING:           {:>10.2}", one_rate / ping);
+    println!("ratio queued decisions/PING:    {:>10.2}", queued_rate / ping);
     println!(
         "ratio 20 accounts/1 account:    {:>10.2}",
         twenty_rate / one_rate
@@ -90,12 +98,22 @@ async fn main() {
     );
 }
 
-/// `n` accounts (`default` and `n - 1` more) on Redis, with quotas that never bind.
-fn accounts(n: usize) -> Vec<Arc<Account>> {
+/// A quota no run reaches: every decision takes the fast path.
+const NEVER_BINDS: u32 = 4_000_000_000;
+/// Per second, as one window of a tenth of it per 100 ms: 64 callers always wait.
+const QUEUED_QUOTA: u32 = 2_000;
+
+/// `n` accounts (`default` and `n - 1` more) on Redis, each with `per_second`.
+fn accounts(n: usize, per_second: u32) -> Vec<Arc<Account>> {
     let mut s = Settings::default();
     s.upstream.api_key = Some(ApiKey::new("k"));
     s.limit.backend = LimitBackend::Redis;
-    s.limit.one_window(4_000_000_000, Duration::from_secs(1));
+    if per_second == NEVER_BINDS {
+        s.limit.one_window(per_second, Duration::from_secs(1));
+    } else {
+        s.limit.one_window(per_second / 10, Duration::from_millis(100));
+        s.limit.margin = Duration::ZERO;
+    }
     s.limit.max_queue = 1_000_000;
     s.redis.key = format!("bench-{}", uuid::Uuid::new_v4());
     for i in 1..n {
