@@ -413,8 +413,20 @@ async fn mixed() {
         ("bulk alone", proxy, vec![proxy], true, false),
         ("mixed, fair", proxy, vec![proxy], false, false),
         ("mixed, one FIFO line", proxy, vec![proxy], false, true),
-        ("3 on Redis, bulk alone", fleet[0], vec![fleet[0]], true, false),
-        ("3 on Redis, mixed", fleet[0], fleet[1..].to_vec(), false, false),
+        (
+            "3 on Redis, bulk alone",
+            fleet[0],
+            vec![fleet[0]],
+            true,
+            false,
+        ),
+        (
+            "3 on Redis, mixed",
+            fleet[0],
+            fleet[1..].to_vec(),
+            false,
+            false,
+        ),
     ];
     let mut results = Vec::new();
     for (name, bulk_to, interactive_to, alone, fifo) in runs {
@@ -459,7 +471,10 @@ async fn mixed() {
             .text()
             .await
             .unwrap();
-        for line in text.lines().filter(|l| l.starts_with("smartlead_proxy_fleet_")) {
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("smartlead_proxy_fleet_"))
+        {
             if let Some((name, value)) = line.rsplit_once(' ') {
                 *trips.entry(name.to_owned()).or_default() += value.parse::<f64>().unwrap_or(0.0);
             }
@@ -468,7 +483,9 @@ async fn mixed() {
     for path in ["fast", "queued"] {
         let of = |metric: &str| {
             trips
-                .get(&format!("smartlead_proxy_fleet_{metric}_total{{path=\"{path}\"}}"))
+                .get(&format!(
+                    "smartlead_proxy_fleet_{metric}_total{{path=\"{path}\"}}"
+                ))
                 .copied()
                 .unwrap_or(0.0)
         };

@@ -87,7 +87,10 @@ async fn main() {
         100.0 * queued_rate / QUEUED_QUOTA as f64
     );
     println!("ratio decisions/PING:           {:>10.2}", one_rate / ping);
-    println!("ratio queued decisions/PING:    {:>10.2}", queued_rate / ping);
+    println!(
+        "ratio queued decisions/PING:    {:>10.2}",
+        queued_rate / ping
+    );
     println!(
         "ratio 20 accounts/1 account:    {:>10.2}",
         twenty_rate / one_rate
@@ -111,7 +114,8 @@ fn accounts(n: usize, per_second: u32) -> Vec<Arc<Account>> {
     if per_second == NEVER_BINDS {
         s.limit.one_window(per_second, Duration::from_secs(1));
     } else {
-        s.limit.one_window(per_second / 10, Duration::from_millis(100));
+        s.limit
+            .one_window(per_second / 10, Duration::from_millis(100));
         s.limit.margin = Duration::ZERO;
     }
     s.limit.max_queue = 1_000_000;

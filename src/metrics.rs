@@ -377,7 +377,7 @@ pub fn fleet_granted(instance: &str, n: usize) {
 
 /// Requests that came to the fleet's line, and the Redis round trips made for them, by
 /// path: `fast` (nobody waiting, a slot free: started by the call that registered it) or
-/// `queued`.
+/// `queued`; round trips also `idle` (a step with nobody in line, three times a lease).
 pub fn fleet_round_trip(path: &'static str) {
     counter!(FLEET_ROUND_TRIPS, "path" => path).increment(1);
 }

@@ -131,11 +131,6 @@ impl Decision {
     }
 }
 
-/// A waiter's id as Redis holds it: fixed width, so equal tags go by id.
-pub fn member(id: u64) -> String {
-    format!("{id:020}")
-}
-
 /// The script's number for a priority class.
 fn class_of(p: Priority) -> u8 {
     match p {
@@ -252,12 +247,13 @@ impl FleetLine {
             ..Round::default()
         };
         for (id, w) in book.waiters.iter_mut() {
+            // Anyone but a newcomer is (or was) in the fleet's line.
+            round.registered |= w.state != State::New;
             match w.state {
-                State::Sent => round.registered = true,
+                State::Sent => {}
                 State::Leaving { go: true } => round.leave_go.push(*id),
                 State::Leaving { go: false } => round.leave_back.push(*id),
                 State::New | State::Rejoin if round.joins.len() < MOST_PER_STEP => {
-                    round.registered |= w.state == State::Rejoin;
                     round.joins.push(Join {
                         id: *id,
                         client: w.client.clone(),
@@ -378,18 +374,23 @@ impl FleetLine {
         self.kick.notify_one();
     }
 
-    /// Newcomers or re-registrations a step has not taken yet.
-    pub fn has_unsent(&self) -> bool {
-        self.book()
-            .waiters
+    /// Newcomers and re-registrations a step has not taken yet.
+    pub fn unsent(&self) -> usize {
+        let book = self.book();
+        book.waiters
             .values()
-            .any(|w| matches!(w.state, State::New | State::Rejoin))
+            .filter(|w| matches!(w.state, State::New | State::Rejoin))
+            .count()
     }
 
-    /// Something to send or to wait for.
-    pub fn is_busy(&self) -> bool {
+    /// Something a step has not sent yet: newcomers, re-registrations, leavers, slots to
+    /// give back, deadlines to check again.
+    pub fn has_news(&self) -> bool {
+        if self.walk.load(Ordering::Acquire) {
+            return true;
+        }
         let book = self.book();
-        !book.waiters.is_empty() || !book.give_back.is_empty()
+        !book.give_back.is_empty() || book.waiters.values().any(|w| w.state != State::Sent)
     }
 
     /// Waiting here, by class (high, normal, low).
@@ -426,10 +427,7 @@ mod tests {
 
     #[test]
     fn decisions_read_back() {
-        assert_eq!(
-            Decision::parse("g 00000000000000000042"),
-            Some(Decision::Granted(42))
-        );
+        assert_eq!(Decision::parse("g 42"), Some(Decision::Granted(42)));
         assert_eq!(
             Decision::parse("p 7 2500000 2"),
             Some(Decision::Refused {
@@ -449,6 +447,5 @@ mod tests {
             })
         );
         assert_eq!(Decision::parse("x"), None);
-        assert_eq!(member(42), "00000000000000000042");
     }
 }

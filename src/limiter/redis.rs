@@ -25,7 +25,7 @@ use redis::Script;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use super::fleet::{Decision, FleetLine, Round, member};
+use super::fleet::{Decision, FleetLine, Round};
 use super::local::{LocalBackend, micros};
 use super::log::Span;
 use super::{Answer, Backend, CapCheck, Limited, Refusal, Status};
@@ -407,12 +407,15 @@ impl RedisLink {
                 epoch: format!("{prefix}:epoch"),
                 hold: format!("{prefix}:hold"),
                 reseeded: format!("{prefix}:reseeded"),
+                busy: format!("{prefix}:busy"),
                 granted: format!("{prefix}:granted:"),
                 shares: format!("{prefix}:shares:"),
             },
             fleet: FleetLine::default(),
             epoch: Mutex::new(String::new()),
             fleet_used: Mutex::new(None),
+            next_step: Mutex::new(None),
+            steps_in_flight: AtomicUsize::new(0),
             windows: Mutex::new(script_windows(&spans)),
             spans: Mutex::new(spans),
             follow: AtomicUsize::new(follow),
@@ -667,6 +670,8 @@ struct Keys {
     /// While set, nothing is granted: the instances are writing back their starts.
     hold: String,
     reseeded: String,
+    /// Set while anyone may wait in the line (the fast path reads it with the others).
+    busy: String,
     /// Prefixes: each instance's decisions list, and the slots' shares per 10 s.
     granted: String,
     shares: String,
@@ -761,6 +766,9 @@ pub struct RedisBackend {
     epoch: Mutex<String>,
     /// The fleet's starts per window at the last step, and when.
     fleet_used: Mutex<Option<(Instant, Vec<usize>)>>,
+    /// When the driver steps unasked next (`None`: only when there is news).
+    next_step: Mutex<Option<Instant>>,
+    steps_in_flight: AtomicUsize,
 }
 
 impl RedisBackend {
@@ -797,7 +805,7 @@ impl RedisBackend {
             let windows = self.windows_args(&mut inv);
             inv.arg(asked.len());
             for a in &asked {
-                inv.arg(member(a.id)).arg(micros(a.max_wait));
+                inv.arg(a.id).arg(micros(a.max_wait));
             }
             let answers = match self.link.call::<Vec<i64>>(inv).await {
                 Ok(all) if all.len() == asked.len() => Ok(all),
@@ -913,7 +921,7 @@ impl RedisBackend {
             let mut inv = self.link.scripts.merge.key(&self.keys.log);
             inv.arg(self.longest());
             for (offset, id) in recent {
-                inv.arg(offset).arg(member(id));
+                inv.arg(offset).arg(id);
             }
             self.link.call::<i64>(inv).await?;
         }
@@ -997,6 +1005,8 @@ enum Stepped {
         lapsed: bool,
         /// Until the next slot is due (`None`: nobody waits).
         due: Option<Duration>,
+        /// Per join of the round: whether it started at once (else it waits).
+        started: Vec<bool>,
         decisions: Vec<Decision>,
         /// Starts each window holds now, the whole fleet's.
         used: Vec<usize>,
@@ -1013,6 +1023,7 @@ impl Stepped {
         }
         let lapsed = next()? == "1";
         let due: f64 = next()?.parse().map_err(|_| "a fleet step's due time")?;
+        let started = next()?;
         let n: usize = next()?.parse().map_err(|_| "a fleet step's count")?;
         let mut decisions = Vec::with_capacity(n);
         for _ in 0..n {
@@ -1023,6 +1034,7 @@ impl Stepped {
             epoch,
             lapsed,
             due: (due >= 0.0).then(|| Duration::from_micros(due as u64)),
+            started: started.bytes().map(|b| b == b'g').collect(),
             decisions,
             used,
         })
@@ -1030,10 +1042,9 @@ impl Stepped {
 }
 
 impl RedisBackend {
-    /// One round of this account's fleet line: leavers out, newcomers in, the slots that
-    /// are due granted, decisions handed over. Returns when to come back (`None`: when
-    /// kicked).
-    async fn fleet_round(&self) -> Option<Duration> {
+    /// Starts the rounds there is something for (at most [`MOST_STEPS_IN_FLIGHT`] at
+    /// once); returns when the driver is to come back unasked (`None`: when kicked).
+    fn start_rounds(&self) -> Option<Instant> {
         if !self.link.is_healthy() {
             // Anyone who came in just before the outage goes to its own line too.
             self.fleet.fail_all();
@@ -1041,6 +1052,46 @@ impl RedisBackend {
         }
         // Idle, it still steps three times a lease: it sees a lost log, and knows how much
         // of the quota the fleet used should Redis go away.
+        let renew = self.link.lease / 3;
+        loop {
+            let now = Instant::now();
+            let due = lock(&self.next_step).is_none_or(|at| at <= now);
+            if !due && !self.fleet.has_news() {
+                break;
+            }
+            // A round that ends kicks the driver. A second step only once enough
+            // newcomers wait for it to be worth a script run of its own: one run per
+            // step costs Redis far more than one more newcomer in it.
+            let in_flight = self.steps_in_flight.load(Ordering::Acquire);
+            if in_flight >= MOST_STEPS_IN_FLIGHT
+                || (in_flight > 0 && self.fleet.unsent() < FULL_ENOUGH)
+            {
+                break;
+            }
+            let Some(me) = self.me.upgrade() else { break };
+            self.steps_in_flight.store(in_flight + 1, Ordering::Release);
+            *lock(&self.next_step) = Some(now + renew);
+            tokio::spawn(async move {
+                let next = me.fleet_round().await;
+                me.steps_in_flight.fetch_sub(1, Ordering::AcqRel);
+                if let Some(d) = next {
+                    let at = Instant::now() + d;
+                    let mut step = lock(&me.next_step);
+                    *step = Some(step.map_or(at, |s| s.min(at)));
+                }
+                me.fleet.kick.notify_one();
+            });
+        }
+        *lock(&self.next_step)
+    }
+
+    /// One round of this account's fleet line: leavers out, newcomers in, the slots that
+    /// are due granted, decisions handed over. Returns when to come back (`None`: only
+    /// when there is news).
+    async fn fleet_round(&self) -> Option<Duration> {
+        if !self.link.is_healthy() {
+            return None;
+        }
         let renew = self.link.lease / 3;
         // Callers woken with this one get to join the same step.
         tokio::task::yield_now().await;
@@ -1071,12 +1122,13 @@ impl RedisBackend {
                 epoch,
                 lapsed,
                 due,
+                started,
                 decisions,
                 used,
             } => {
                 *lock(&self.epoch) = epoch;
                 *lock(&self.fleet_used) = Some((Instant::now(), used));
-                self.settle(&round, decisions);
+                self.settle(&round, &started, decisions);
                 if lapsed && round.registered {
                     tracing::warn!(
                         "this instance's lease on the fleet line had run out: its waiters register again, in their order"
@@ -1084,46 +1136,40 @@ impl RedisBackend {
                     self.fleet.rejoin_all();
                     return Some(Duration::ZERO);
                 }
-                if self.fleet.has_unsent() {
-                    return Some(Duration::ZERO);
-                }
                 Some(due.map_or(renew, |d| d.min(renew)))
             }
         }
     }
 
-    /// Hands the decisions over and counts what the round cost.
-    fn settle(&self, round: &Round, decisions: Vec<Decision>) {
-        // Newcomers (not re-registrations) started by the step that registered them.
-        let joined: std::collections::HashSet<u64> = round
-            .joins
-            .iter()
-            .filter(|j| !j.rejoin)
-            .map(|j| j.id)
-            .collect();
-        let mut fast = 0;
-        let mut started = Vec::new();
-        for d in decisions {
-            let id = match d {
-                Decision::Granted(id) => id,
-                Decision::Refused { .. } => 0,
-            };
-            if let Some(id) = self.fleet.decided(d) {
-                started.push((id, Duration::ZERO));
-            }
-            fast += usize::from(id != 0 && joined.contains(&id));
-        }
-        let queued = joined.len().saturating_sub(fast);
-        crate::metrics::fleet_requests(fast, queued);
-        let path = if round.registered || queued > 0 {
+    /// Hands the decisions over (`started`: per join, whether it started at once) and
+    /// counts what the round cost.
+    fn settle(&self, round: &Round, started: &[bool], decisions: Vec<Decision>) {
+        let fast = started.iter().filter(|s| **s).count();
+        let news = round.joins.iter().filter(|j| !j.rejoin).count();
+        crate::metrics::fleet_requests(fast, news.saturating_sub(fast));
+        let path = if round.registered || fast < round.joins.len() {
             "queued"
+        } else if round.joins.is_empty() {
+            // Three times a lease with nobody in line: the lease, the epoch, the counts.
+            "idle"
         } else {
             "fast"
         };
         crate::metrics::fleet_round_trip(path);
-        if !started.is_empty() {
-            crate::metrics::fleet_granted(&self.link.instance, started.len());
-            self.remember_own(started.into_iter());
+        let at_once = round
+            .joins
+            .iter()
+            .zip(started)
+            .filter(|(_, s)| **s)
+            .map(|(j, _)| Decision::Granted(j.id));
+        let went: Vec<(u64, Duration)> = at_once
+            .chain(decisions)
+            .filter_map(|d| self.fleet.decided(d))
+            .map(|id| (id, Duration::ZERO))
+            .collect();
+        if !went.is_empty() {
+            crate::metrics::fleet_granted(&self.link.instance, went.len());
+            self.remember_own(went.into_iter());
         }
     }
 
@@ -1146,7 +1192,7 @@ impl RedisBackend {
                 .arg(&k.granted)
                 .arg(mode);
             for id in ids.iter() {
-                inv.arg(member(*id));
+                inv.arg(*id);
             }
             let answers: Vec<String> = self.link.call(inv).await?;
             crate::metrics::fleet_round_trip("queued");
@@ -1175,6 +1221,7 @@ impl RedisBackend {
             &k.epoch,
             &k.hold,
             &k.reseeded,
+            &k.busy,
         ] {
             inv.key(key);
         }
@@ -1189,7 +1236,11 @@ impl RedisBackend {
             .arg(hold.as_millis() as u64)
             .arg(self.follow.load(Ordering::Relaxed) + 1)
             .arg(MOST_WALKED)
-            .arg(u8::from(round.walk))
+            .arg(format!(
+                "{}{}",
+                u8::from(round.walk),
+                u8::from(round.registered)
+            ))
             .arg(&k.channel)
             .arg(&k.granted)
             .arg(super::fair::FLOOR)
@@ -1198,12 +1249,14 @@ impl RedisBackend {
         inv.arg(round.joins.len());
         let now = Instant::now();
         for j in &round.joins {
-            inv.arg(member(j.id))
-                .arg(&j.client)
-                .arg(j.class)
-                .arg(j.step)
-                .arg(micros(j.deadline.saturating_duration_since(now)))
-                .arg(u8::from(j.rejoin));
+            let max_wait = micros(j.deadline.saturating_duration_since(now));
+            inv.arg(j.id).arg(format!(
+                "{}{} {} {max_wait} {}",
+                u8::from(j.rejoin),
+                j.class,
+                j.step,
+                j.client
+            ));
         }
         Stepped::parse(self.link.call(inv).await?)
     }
@@ -1220,7 +1273,7 @@ impl RedisBackend {
         let longest = Duration::from_micros(self.longest() as u64);
         for (slot, id) in lock(&self.own).iter() {
             if *slot + longest > now {
-                inv.arg(micros_between(now, *slot)).arg(member(*id));
+                inv.arg(micros_between(now, *slot)).arg(*id);
             }
         }
         self.link.call::<i64>(inv).await.map(|_| ())
@@ -1261,13 +1314,11 @@ impl Drop for RedisBackend {
 
 /// Runs an account's fleet line while the account lives.
 async fn drive(backend: Weak<RedisBackend>, kick: Arc<Notify>, mut stop: watch::Receiver<()>) {
+    let mut wake = Some(Instant::now());
     loop {
-        let Some(b) = backend.upgrade() else { return };
-        let next = b.fleet_round().await;
-        drop(b);
         let sleep = async {
-            match next {
-                Some(d) => tokio::time::sleep(d).await,
+            match wake {
+                Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         };
@@ -1276,8 +1327,14 @@ async fn drive(backend: Weak<RedisBackend>, kick: Arc<Notify>, mut stop: watch::
             _ = kick.notified() => {}
             _ = stop.changed() => return,
         }
+        let Some(b) = backend.upgrade() else { return };
+        wake = b.start_rounds();
     }
 }
+
+/// Steps of one account on their way to Redis at once: while one is run there, the next
+/// gathers the newcomers that came meanwhile, so neither side waits for the other.
+const MOST_STEPS_IN_FLIGHT: usize = 2;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -1328,6 +1385,9 @@ impl Backend for RedisBackend {
     fn reserve(&self, id: u64, max_wait: Duration) -> Answer<'_, Result<Duration, Refusal>> {
         Either::Right(
             async move {
+                // While Redis answers, requests wait in the fleet's line; a reservation
+                // reaches here then only when Redis came back between the caller's
+                // look and this call: it is made in the shared log, at arrival.
                 if self.link.is_healthy() {
                     self.reserve_shared(id, max_wait).await
                 } else {
@@ -1346,7 +1406,7 @@ impl Backend for RedisBackend {
                 }
                 let mut inv = self.link.scripts.waits_of.key(&self.keys.log);
                 for id in ids {
-                    inv.arg(member(*id));
+                    inv.arg(*id);
                 }
                 match self.link.call::<Vec<i64>>(inv).await {
                     Ok(waits) if waits.len() == ids.len() => waits
@@ -1368,7 +1428,7 @@ impl Backend for RedisBackend {
                 }
                 if self.link.is_healthy() {
                     let mut inv = self.link.scripts.cancel.key(&self.keys.log);
-                    inv.arg(member(id));
+                    inv.arg(id);
                     let _ = self.link.call::<i64>(inv).await;
                 }
             }

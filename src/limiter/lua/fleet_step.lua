@@ -11,19 +11,23 @@
 --
 -- KEYS: 1 log, 2 pause, 3 limit, 4-6 the classes' lines, 7 promoted, 8 waiters (id ->
 -- "instance deadline class step tag client"), 9 tags (vt<c>, p<c>, c<c>:<client>),
--- 10 leases, 11 epoch, 12 hold, 13 reseeded.
+-- 10 leases, 11 epoch, 12 hold, 13 reseeded, 14 busy (set while anyone may wait).
 -- ARGV: 1 instance, 2 lease (µs), 3 the epoch this instance knows ('' none), 4 a new
 -- epoch, 5 live instances, 6 hold (ms), 7 followed window (1-based), 8 most waiters
--- walked, 9 walk (1: re-check every deadline), 10 channel, 11 granted lists' prefix,
--- 12 FLOOR, 13 shares' prefix, 14 windows, then per join: id, client, class (1-3), step,
--- max_wait (µs), rejoin (1: drop its old entry first).
+-- walked, 9 two flags: walk (1: re-check every deadline) and registered (1: this
+-- instance has waiters registered already), 10 channel, 11 granted lists' prefix,
+-- 12 FLOOR, 13 shares' prefix, 14 windows, then per join: its id and
+-- "<rejoin><class> <step> <max_wait µs> <client>" (rejoin 1: drop its old entry first;
+-- class 1-3), read only when it waits.
 -- Returns strings: status ('0', or '1': reseed first), epoch, lapsed ('1': this
--- instance's lease had run out), next due (µs, -1: nobody waits), how many decisions,
--- the decisions ("g <id>", "r|p <id> <retry µs> <window>"), then per window the starts
--- it holds now (what a fallback must count as the others').
+-- instance's lease had run out), next due (µs, -1: nobody waits), one letter per join
+-- ('g': it started, 'w': it waits), how many decisions, the decisions for waiters
+-- registered before ("g <id>", "r|p <id> <retry µs> <window>"), then per window the
+-- starts it holds now (what a fallback must count as the others').
 local inst, lease = ARGV[1], tonumber(ARGV[2])
 
-local epoch = redis.call('GET', KEYS[11])
+local kept = redis.call('MGET', KEYS[3], KEYS[2], KEYS[12], KEYS[7], KEYS[11], KEYS[14])
+local epoch = kept[5]
 if not epoch then
   redis.call('SET', KEYS[11], ARGV[4])
   if ARGV[3] ~= '' then
@@ -38,11 +42,12 @@ elseif ARGV[3] ~= '' and epoch ~= ARGV[3] then
   return {'1', epoch}
 end
 
-local seen = redis.call('ZSCORE', KEYS[10], inst)
+local walk, registered = ARGV[9]:sub(1, 1) == '1', ARGV[9]:sub(2, 2) == '1'
 local lapsed = '0'
-if not seen or tonumber(seen) < now - lease then lapsed = '1' end
-redis.call('ZADD', KEYS[10], s(now), inst)
-redis.call('PEXPIRE', KEYS[10], s(math.ceil(lease / 1000) * 4))
+if registered then
+  local seen = redis.call('ZSCORE', KEYS[10], inst)
+  if not seen or tonumber(seen) < now - lease then lapsed = '1' end
+end
 local alive = {[inst] = true}
 local function is_alive(i)
   local a = alive[i]
@@ -54,7 +59,6 @@ local function is_alive(i)
   return a
 end
 
-local kept = redis.call('MGET', KEYS[3], KEYS[2], KEYS[12], KEYS[7])
 local adopted = tonumber(kept[1] or 'nil')
 local ws, longest = windows(14, tonumber(ARGV[7]), adopted)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - longest))
@@ -93,14 +97,18 @@ local function next_slot()
   end
   return slot, binding
 end
-local zadd = {}
+local zadd, at_now = {}, s(now)
 local function start(m)
   added[#added + 1] = now
-  zadd[#zadd + 1] = s(now)
+  zadd[#zadd + 1] = at_now
   zadd[#zadd + 1] = m
 end
 
 local lines = {KEYS[4], KEYS[5], KEYS[6]}
+-- Nobody waits (the fast path's case): known from the busy flag, without asking the
+-- lines (a flag left set by a leaver is cleared by the first look that finds nobody).
+local busy = kept[6] ~= false
+local empty = not promoted and not busy
 local function info(m)
   local v = redis.call('HGET', KEYS[8], m)
   if not v then return nil end
@@ -119,10 +127,12 @@ local function drop(m, w)
 end
 local function head()
   if promoted then return promoted end
+  if empty then return nil end
   for c = 1, 3 do
     local m = redis.call('ZRANGE', lines[c], 0, 0)[1]
     if m then return m end
   end
+  empty = true
   return nil
 end
 local function waits_in(c)
@@ -173,18 +183,20 @@ end
 -- Newcomers.
 local at = 15 + 2 * #ws
 local joins = tonumber(ARGV[at])
+local outcome = {}
 for j = 1, joins do
-  local b = at + 6 * (j - 1)
-  local m, client, c = ARGV[b + 1], ARGV[b + 2], tonumber(ARGV[b + 3])
-  local step, max_wait = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
-  if ARGV[b + 6] == '1' then
+  local m, about = ARGV[at + 2 * j - 1], ARGV[at + 2 * j]
+  if about:byte(1) == 49 then
     local old = info(m)
     if old then drop(m, old) end
   end
   if not held and not head() and next_slot() <= now then
     start(m)
-    mine[#mine + 1] = 'g ' .. m
+    outcome[j] = 'g'
   else
+    outcome[j] = 'w'
+    local c, step, max_wait, client = string.match(about, '^%d(%d) (%d+) (%d+) (.*)$')
+    c, step, max_wait = tonumber(c), tonumber(step), tonumber(max_wait)
     local vt = tonumber(redis.call('HGET', KEYS[9], 'vt' .. c) or '0')
     local lk = 'c' .. c .. ':' .. client
     local last = tonumber(redis.call('HGET', KEYS[9], lk) or '0')
@@ -193,7 +205,14 @@ for j = 1, joins do
     redis.call('ZADD', lines[c], s(tag), m)
     redis.call('HSET', KEYS[8], m, inst .. ' ' .. s(now + max_wait) .. ' ' .. c .. ' ' ..
       s(step) .. ' ' .. s(tag) .. ' ' .. client)
+    if not busy then redis.call('SET', KEYS[14], '1') end
+    empty, busy, registered = false, true, true
   end
+end
+-- The lease on the line, renewed while this instance has anyone in it.
+if registered then
+  redis.call('ZADD', KEYS[10], s(now), inst)
+  redis.call('PEXPIRE', KEYS[10], s(math.ceil(lease / 1000) * 4))
 end
 
 -- Every slot that is due goes to the head of fair order.
@@ -238,14 +257,14 @@ if head() then
   else
     due = math.max(next_slot() - now, 0)
   end
-else
-  -- Nobody waits: nobody to be fair to.
-  redis.call('DEL', KEYS[9])
+elseif busy then
+  -- Nobody waits any more: nobody to be fair to.
+  redis.call('DEL', KEYS[9], KEYS[14])
 end
 
 -- Where each waiter's turn comes, if each takes the next free slot in fair order: the
 -- ones that can no longer start by their deadline are refused now.
-if not held and (ARGV[9] == '1' or joins > 0) and due >= 0 then
+if not held and (walk or joins > 0) and due >= 0 then
   local most = tonumber(ARGV[8])
   local order = {}
   if promoted then order[1] = promoted end
@@ -274,16 +293,23 @@ if not held and (ARGV[9] == '1' or joins > 0) and due >= 0 then
 end
 
 for i, _ in pairs(others) do redis.call('PUBLISH', ARGV[10], 'g:' .. i) end
-local list = ARGV[11] .. inst
-local queued = redis.call('LRANGE', list, 0, -1)
-if #queued > 0 then
-  redis.call('DEL', list)
-  for _, t in ipairs(queued) do mine[#mine + 1] = t end
+if registered then
+  local list = ARGV[11] .. inst
+  local queued = redis.call('LRANGE', list, 0, -1)
+  if #queued > 0 then
+    redis.call('DEL', list)
+    for _, t in ipairs(queued) do mine[#mine + 1] = t end
+  end
 end
 
-local out = {'0', epoch, lapsed, s(due), tostring(#mine)}
+local out = {'0', epoch, lapsed, s(due), table.concat(outcome), tostring(#mine)}
 for _, t in ipairs(mine) do out[#out + 1] = t end
 for k = 1, #ws do
-  out[#out + 1] = tostring(redis.call('ZCOUNT', KEYS[1], '(' .. s(now - ws[k][2]), '+inf'))
+  -- The log holds the longest window's starts (and those just made) already.
+  if ws[k][2] == longest then
+    out[#out + 1] = tostring(logged + #zadd / 2)
+  else
+    out[#out + 1] = tostring(redis.call('ZCOUNT', KEYS[1], '(' .. s(now - ws[k][2]), '+inf'))
+  end
 end
 return out
