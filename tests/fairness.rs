@@ -80,20 +80,6 @@ async fn all(tasks: Vec<tokio::task::JoinHandle<(u16, Value, Instant)>>) -> Vec<
     out
 }
 
-/// The `c` tag of each request SmartLead saw, in the order it saw them.
-fn seen_order(sim: &Sim) -> Vec<String> {
-    sim.requests()
-        .iter()
-        .map(|r| {
-            r.query
-                .as_deref()
-                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("c=")))
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
-}
-
 async fn metrics(proxy: &Proxy) -> String {
     proxy.get("/metrics").await.text().await.unwrap()
 }

@@ -66,20 +66,6 @@ fn send(
         .collect()
 }
 
-/// The `c` tag of each request SmartLead saw, in order.
-fn seen_order(sim: &Sim) -> Vec<String> {
-    sim.requests()
-        .iter()
-        .map(|r| {
-            r.query
-                .as_deref()
-                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("c=")))
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
-}
-
 /// What SmartLead saw kept its quota: no window over, no 429.
 fn assert_quota_kept(sim: &Sim) {
     assert!(

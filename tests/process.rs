@@ -1325,3 +1325,62 @@ async fn a_killed_instances_waiters_hold_nobody_back() {
     assert!(b.terminate().success());
     let _ = a.child.wait();
 }
+
+/// An instance stopped (SIGSTOP) past its lease loses its waiters' places; when it runs
+/// again it is told so and registers the requests it still holds, in their order: every
+/// one of them is served.
+#[tokio::test]
+async fn an_instance_back_after_its_lease_ran_out_registers_its_waiters_again() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        requests: 10,
+        period: Duration::from_secs(1),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = format!("fleet-stop-{}", std::process::id());
+    let env = [
+        ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
+        ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
+        ("SMARTLEAD_PROXY__REDIS__KEY", key.as_str()),
+        ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "10"),
+        ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "20s"),
+        ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+    ];
+    let mut a = start(&sim.base_url(), &env);
+    let mut b = start(&sim.base_url(), &env);
+    let c = client();
+    let send = |proxy: &Running, n: usize, id: &'static str| -> Vec<_> {
+        (0..n)
+            .map(|_| {
+                let (c, url) = (c.clone(), proxy.url("/api/v1/campaigns"));
+                tokio::spawn(async move {
+                    let r = c.get(url).header("x-client-id", id).send().await;
+                    r.map(|r| r.status().as_u16()).unwrap_or(0)
+                })
+            })
+            .collect()
+    };
+    let held = send(&a, 25, "a");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.send("-STOP");
+    // B keeps the line busy meanwhile; A's registrations age out with its lease.
+    let others = send(&b, 20, "b");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.send("-CONT");
+    for t in held.into_iter().chain(others) {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(
+        a.output()
+            .iter()
+            .any(|l| l.contains("lease on the fleet line had run out")),
+        "A was told and registered again"
+    );
+    assert_eq!(sim.stats().rate_limited, 0);
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+}

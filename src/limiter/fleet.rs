@@ -91,8 +91,10 @@ pub struct Round {
     pub joins: Vec<Join>,
     /// Past their deadline: they leave unless granted already.
     pub leave_go: Vec<u64>,
-    /// Their callers went away (or their slots were never taken): out, slots back.
+    /// Their callers went away: out, slots back.
     pub leave_back: Vec<u64>,
+    /// Slots granted that nobody took (or taken too late): back to the log.
+    pub give_back: Vec<u64>,
     /// Some waiter was registered before this step (a lapsed lease means re-registering).
     pub registered: bool,
     /// Every deadline is to be checked again (a pause, new windows).
@@ -103,6 +105,10 @@ pub struct Round {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Granted(u64),
+    /// Granted, but the grant waited in this instance's list longer than a slot may
+    /// start late (the instance was stopped): the slot goes back and the waiter joins
+    /// again.
+    Late(u64),
     Refused {
         id: u64,
         retry_after: Duration,
@@ -112,12 +118,17 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// `g <id>`, or `r|p <id> <retry µs> <window, 1-based, 0 none>`.
-    pub fn parse(text: &str) -> Option<Self> {
+    /// `g <id> [<granted at, µs>]`, or `r|p <id> <retry µs> <window, 1-based, 0 none>`;
+    /// a grant made more than `late` before `now` (both Redis time, µs) is `Late`.
+    pub fn parse(text: &str, now: f64, late: Duration) -> Option<Self> {
         let mut parts = text.split(' ');
         let kind = parts.next()?;
         let id = parts.next()?.parse().ok()?;
         if kind == "g" {
+            let at: Option<f64> = parts.next().and_then(|a| a.parse().ok());
+            if at.is_some_and(|at| now - at > late.as_micros() as f64) {
+                return Some(Decision::Late(id));
+            }
             return Some(Decision::Granted(id));
         }
         let retry: f64 = parts.next()?.parse().ok()?;
@@ -243,7 +254,7 @@ impl FleetLine {
         let mut book = self.book();
         let mut round = Round {
             walk: self.walk.swap(false, Ordering::AcqRel),
-            leave_back: std::mem::take(&mut book.give_back),
+            give_back: std::mem::take(&mut book.give_back),
             ..Round::default()
         };
         for (id, w) in book.waiters.iter_mut() {
@@ -318,6 +329,13 @@ impl FleetLine {
                     .is_some_and(|tx| tx.send(Joined::Go).is_ok());
                 if taken {
                     return Some(id);
+                }
+                book.give_back.push(id);
+                None
+            }
+            Decision::Late(id) => {
+                if let Some(w) = book.waiters.get_mut(&id) {
+                    w.state = State::Rejoin;
                 }
                 book.give_back.push(id);
                 None
@@ -427,9 +445,21 @@ mod tests {
 
     #[test]
     fn decisions_read_back() {
-        assert_eq!(Decision::parse("g 42"), Some(Decision::Granted(42)));
+        let late = Duration::from_millis(50);
         assert_eq!(
-            Decision::parse("p 7 2500000 2"),
+            Decision::parse("g 42", 0.0, late),
+            Some(Decision::Granted(42))
+        );
+        assert_eq!(
+            Decision::parse("g 42 1000000", 1_040_000.0, late),
+            Some(Decision::Granted(42))
+        );
+        assert_eq!(
+            Decision::parse("g 42 1000000", 1_060_000.0, late),
+            Some(Decision::Late(42))
+        );
+        assert_eq!(
+            Decision::parse("p 7 2500000 2", 0.0, late),
             Some(Decision::Refused {
                 id: 7,
                 retry_after: Duration::from_millis(2500),
@@ -438,7 +468,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Decision::parse("r 7 0 0"),
+            Decision::parse("r 7 0 0", 0.0, late),
             Some(Decision::Refused {
                 id: 7,
                 retry_after: Duration::ZERO,
@@ -446,6 +476,6 @@ mod tests {
                 window: None,
             })
         );
-        assert_eq!(Decision::parse("x"), None);
+        assert_eq!(Decision::parse("x", 0.0, late), None);
     }
 }

@@ -55,6 +55,20 @@ local function windows(w, follow, adopted)
   end
   return out, longest
 end
+-- The start of the log's entry `i` (0-based) in a log of `logged` entries, read from
+-- `key` once, or (past them) one `added` in this call.
+local function log_entries(key, logged, added)
+  local fetched = {}
+  return function(i)
+    if i >= logged then return added[i - logged + 1] end
+    local v = fetched[i]
+    if v == nil then
+      v = tonumber(redis.call('ZRANGE', key, i, i, 'WITHSCORES')[2])
+      fetched[i] = v
+    end
+    return v
+  end
+end
 "#;
 
 /// The reservations of several waiters of this instance, in their order, in one call.
@@ -73,17 +87,8 @@ local ws, longest = windows(2, tonumber(ARGV[1]), adopted)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s(now - longest))
 local paused = tonumber(kept[2] or '0')
 local logged = redis.call('ZCARD', KEYS[1])
-local fetched, added = {}, {}
--- The start of the log's entry `i` (0-based): read once from the log, or one granted here.
-local function entry(i)
-  if i >= logged then return added[i - logged + 1] end
-  local v = fetched[i]
-  if v == nil then
-    v = tonumber(redis.call('ZRANGE', KEYS[1], i, i, 'WITHSCORES')[2])
-    fetched[i] = v
-  end
-  return v
-end
+local added = {}
+local entry = log_entries(KEYS[1], logged, added)
 local n = logged
 local at = 3 + 2 * #ws
 local out, furthest = {}, 0
@@ -310,6 +315,8 @@ pub struct RedisLink {
     started: u64,
     /// `redis.lease`: renewed three times per lease; unrenewed for one, the instance is gone.
     lease: Duration,
+    /// `limit.margin`: the most a granted slot may start late.
+    margin: Duration,
     /// Each account's line here, by the account's name, for what this instance tells the
     /// fleet (how many wait, and for which clients).
     lines: Mutex<Vec<(String, Weak<super::Limiter>)>>,
@@ -367,6 +374,7 @@ impl RedisLink {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             lease: settings.redis.lease,
+            margin: settings.limit.margin.max(Duration::from_millis(50)),
             lines: Mutex::new(Vec::new()),
             stop: stop_rx.clone(),
             on_error: settings.redis.on_error,
@@ -1014,7 +1022,8 @@ enum Stepped {
 }
 
 impl Stepped {
-    fn parse(out: Vec<String>) -> RedisResult<Self> {
+    /// A grant that waited in this instance's list more than `late` is late.
+    fn parse(out: Vec<String>, late: Duration) -> RedisResult<Self> {
         let mut it = out.into_iter();
         let mut next = || it.next().ok_or("the fleet step answered too little");
         let (status, epoch) = (next()?, next()?);
@@ -1022,12 +1031,13 @@ impl Stepped {
             return Ok(Stepped::Reseed(epoch));
         }
         let lapsed = next()? == "1";
+        let now: f64 = next()?.parse().map_err(|_| "a fleet step's time")?;
         let due: f64 = next()?.parse().map_err(|_| "a fleet step's due time")?;
         let started = next()?;
         let n: usize = next()?.parse().map_err(|_| "a fleet step's count")?;
         let mut decisions = Vec::with_capacity(n);
         for _ in 0..n {
-            decisions.extend(Decision::parse(&next()?));
+            decisions.extend(Decision::parse(&next()?, now, late));
         }
         let used = it.filter_map(|u| u.parse().ok()).collect();
         Ok(Stepped::Done {
@@ -1176,7 +1186,13 @@ impl RedisBackend {
     /// Takes the round's leavers out of the line; the ones past their deadline learn
     /// whether they were granted after all.
     async fn leave_all(&self, round: &Round) -> RedisResult<()> {
-        for (ids, mode) in [(&round.leave_go, "go"), (&round.leave_back, "back")] {
+        let back: Vec<u64> = round
+            .leave_back
+            .iter()
+            .chain(&round.give_back)
+            .copied()
+            .collect();
+        for (ids, mode) in [(&round.leave_go, "go"), (&back, "back")] {
             if ids.is_empty() {
                 continue;
             }
@@ -1258,7 +1274,9 @@ impl RedisBackend {
                 j.client
             ));
         }
-        Stepped::parse(self.link.call(inv).await?)
+        // A grant that sat in the list longer than the margin (the instance was stopped)
+        // would start after its slot's windows moved on.
+        Stepped::parse(self.link.call(inv).await?, self.link.margin)
     }
 
     /// Writes this instance's starts within the longest window back into a lost log.

@@ -491,3 +491,17 @@ pub async fn raw_upstream(reply: Vec<u8>, reset: bool) -> SocketAddr {
     });
     addr
 }
+
+/// The `c` tag of each request SmartLead saw, in the order it saw them.
+pub fn seen_order(sim: &Sim) -> Vec<String> {
+    sim.requests()
+        .iter()
+        .map(|r| {
+            r.query
+                .as_deref()
+                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("c=")))
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}

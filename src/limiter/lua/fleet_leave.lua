@@ -25,8 +25,16 @@ for i = 4, #ARGV do
       redis.call('HSET', KEYS[7], lk, s(tonumber(tg) - tonumber(st)))
     end
     res = 'left'
-  elseif redis.call('LREM', ARGV[2] .. ARGV[1], 1, 'g ' .. m) > 0 then
-    res = 'granted'
+  else
+    -- Its grant, if it waits in this instance's list: "g <id> <granted at>".
+    local list, want = ARGV[2] .. ARGV[1], 'g ' .. m .. ' '
+    for _, d in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      if d:sub(1, #want) == want then
+        redis.call('LREM', list, 1, d)
+        res = 'granted'
+        break
+      end
+    end
   end
   if ARGV[3] == 'back' and res ~= 'left' then redis.call('ZREM', KEYS[1], m) end
   out[#out + 1] = res

@@ -20,9 +20,9 @@
 -- "<rejoin><class> <step> <max_wait µs> <client>" (rejoin 1: drop its old entry first;
 -- class 1-3), read only when it waits.
 -- Returns strings: status ('0', or '1': reseed first), epoch, lapsed ('1': this
--- instance's lease had run out), next due (µs, -1: nobody waits), one letter per join
+-- instance's lease had run out), now (µs), next due (µs, -1: nobody waits), one letter per join
 -- ('g': it started, 'w': it waits), how many decisions, the decisions for waiters
--- registered before ("g <id>", "r|p <id> <retry µs> <window>"), then per window the
+-- registered before ("g <id> <granted at, µs>", "r|p <id> <retry µs> <window>"), then per window the
 -- starts it holds now (what a fallback must count as the others').
 local inst, lease = ARGV[1], tonumber(ARGV[2])
 
@@ -69,16 +69,8 @@ local promoted = kept[4]
 -- The log: entry i (0-based) read once, then the starts of this call and, while
 -- walking, the slots the waiters would take.
 local logged = redis.call('ZCARD', KEYS[1])
-local fetched, added = {}, {}
-local function entry(i)
-  if i >= logged then return added[i - logged + 1] end
-  local v = fetched[i]
-  if v == nil then
-    v = tonumber(redis.call('ZRANGE', KEYS[1], i, i, 'WITHSCORES')[2])
-    fetched[i] = v
-  end
-  return v
-end
+local added = {}
+local entry = log_entries(KEYS[1], logged, added)
 -- The earliest slot every window allows after the log (and the pause), and the window
 -- that held it back (0: none).
 local function next_slot()
@@ -235,7 +227,7 @@ while not held do
       tell(w, 'r ' .. m .. ' 0 0')
     else
       start(m)
-      tell(w, 'g ' .. m)
+      tell(w, 'g ' .. m .. ' ' .. at_now)
       local vt = tonumber(redis.call('HGET', KEYS[9], 'vt' .. w.class) or '0')
       if w.tag > vt then redis.call('HSET', KEYS[9], 'vt' .. w.class, s(w.tag)) end
       redis.call('HINCRBY', share, w.client, w.step)
@@ -302,7 +294,7 @@ if registered then
   end
 end
 
-local out = {'0', epoch, lapsed, s(due), table.concat(outcome), tostring(#mine)}
+local out = {'0', epoch, lapsed, at_now, s(due), table.concat(outcome), tostring(#mine)}
 for _, t in ipairs(mine) do out[#out + 1] = t end
 for k = 1, #ws do
   -- The log holds the longest window's starts (and those just made) already.
