@@ -1258,27 +1258,7 @@ async fn the_fleet_is_every_live_lease_and_a_killed_instance_leaves_it() {
 /// instance are served within the lease and two windows, SmartLead's quota kept.
 #[tokio::test]
 async fn a_killed_instances_waiters_hold_nobody_back() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        requests: 10,
-        period: Duration::from_secs(1),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let key = format!("fleet-kill-{}", std::process::id());
-    let env = [
-        ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
-        ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
-        ("SMARTLEAD_PROXY__REDIS__KEY", key.as_str()),
-        ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
-        ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "10"),
-        ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
-        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "60s"),
-        ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
-    ];
-    let mut a = start(&sim.base_url(), &env);
-    let mut b = start(&sim.base_url(), &env);
+    let (sim, mut a, mut b) = two_on_redis("fleet-kill", "60s").await;
     let c = client();
     let bulk: Vec<_> = (0..100)
         .map(|_| {
@@ -1331,27 +1311,7 @@ async fn a_killed_instances_waiters_hold_nobody_back() {
 /// one of them is served.
 #[tokio::test]
 async fn an_instance_back_after_its_lease_ran_out_registers_its_waiters_again() {
-    let sim = Sim::start(SimConfig {
-        api_key: Some(SECRET.into()),
-        requests: 10,
-        period: Duration::from_secs(1),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    let key = format!("fleet-stop-{}", std::process::id());
-    let env = [
-        ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
-        ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
-        ("SMARTLEAD_PROXY__REDIS__KEY", key.as_str()),
-        ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
-        ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "10"),
-        ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
-        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "20s"),
-        ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
-    ];
-    let mut a = start(&sim.base_url(), &env);
-    let mut b = start(&sim.base_url(), &env);
+    let (sim, mut a, mut b) = two_on_redis("fleet-stop", "20s").await;
     let c = client();
     let send = |proxy: &Running, n: usize, id: &'static str| -> Vec<_> {
         (0..n)
@@ -1383,4 +1343,31 @@ async fn an_instance_back_after_its_lease_ran_out_registers_its_waiters_again() 
     assert_eq!(sim.stats().rate_limited, 0);
     assert!(a.terminate().success());
     assert!(b.terminate().success());
+}
+
+/// A SmartLead at 10 per second and two proxy processes sharing it through Redis (a
+/// lease of 1 s, a key of their own from `name`), each waiting up to `max_wait`.
+async fn two_on_redis(name: &str, max_wait: &str) -> (Sim, Running, Running) {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        requests: 10,
+        period: Duration::from_secs(1),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let key = format!("{name}-{}", std::process::id());
+    let env = [
+        ("SMARTLEAD_PROXY__LIMIT__BACKEND", "redis"),
+        ("SMARTLEAD_PROXY__REDIS__URL", "redis://127.0.0.1:6379"),
+        ("SMARTLEAD_PROXY__REDIS__KEY", key.as_str()),
+        ("SMARTLEAD_PROXY__REDIS__LEASE", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__REQUESTS", "10"),
+        ("SMARTLEAD_PROXY__LIMIT__PERIOD", "1s"),
+        ("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", max_wait),
+        ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+    ];
+    let a = start(&sim.base_url(), &env);
+    let b = start(&sim.base_url(), &env);
+    (sim, a, b)
 }

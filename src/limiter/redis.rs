@@ -69,6 +69,23 @@ local function log_entries(key, logged, added)
     return v
   end
 end
+-- The earliest slot every window of `ws` allows for the log's entry `n` (read through
+-- `entry`) and after the pause, and the window that held it back (0: none).
+local function slot_for(n, entry, ws, paused)
+  local slot, binding = now, 0
+  if paused > slot then slot = paused end
+  if n > 0 and entry(n - 1) > slot then slot = entry(n - 1) end
+  for k = 1, #ws do
+    local limit, length = ws[k][1], ws[k][2]
+    if n >= limit then
+      local edge = entry(n - limit) + length
+      if edge > slot or (edge == slot and binding == 0 and slot > now) then
+        slot, binding = edge, k
+      end
+    end
+  end
+  return slot, binding
+end
 "#;
 
 /// The reservations of several waiters of this instance, in their order, in one call.
@@ -96,19 +113,7 @@ local out, furthest = {}, 0
 local zadd, printed, text = {}, nil, nil
 for j = 1, tonumber(ARGV[at]) do
   local id, max_wait = ARGV[at + 2 * j - 1], tonumber(ARGV[at + 2 * j])
-  local slot, binding = now, 0
-  if paused > slot then slot = paused end
-  if n > 0 and entry(n - 1) > slot then slot = entry(n - 1) end
-  for k = 1, #ws do
-    local limit, length = ws[k][1], ws[k][2]
-    if n >= limit then
-      local edge = entry(n - limit) + length
-      if edge > slot or (edge == slot and binding == 0 and slot > now) then
-        slot = edge
-        binding = k
-      end
-    end
-  end
+  local slot, binding = slot_for(n, entry, ws, paused)
   if slot > now + max_wait then
     out[#out + 1] = -((slot - now) * (#ws + 1) + binding) - 1
   else

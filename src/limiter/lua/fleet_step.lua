@@ -71,23 +71,9 @@ local promoted = kept[4]
 local logged = redis.call('ZCARD', KEYS[1])
 local added = {}
 local entry = log_entries(KEYS[1], logged, added)
--- The earliest slot every window allows after the log (and the pause), and the window
--- that held it back (0: none).
+-- The next free slot after the log (and the pause), and the window that held it back.
 local function next_slot()
-  local n = logged + #added
-  local slot, binding = now, 0
-  if paused > slot then slot = paused end
-  if n > 0 and entry(n - 1) > slot then slot = entry(n - 1) end
-  for k = 1, #ws do
-    local limit, length = ws[k][1], ws[k][2]
-    if n >= limit then
-      local edge = entry(n - limit) + length
-      if edge > slot or (edge == slot and binding == 0 and slot > now) then
-        slot, binding = edge, k
-      end
-    end
-  end
-  return slot, binding
+  return slot_for(logged + #added, entry, ws, paused)
 end
 local zadd, at_now = {}, s(now)
 local function start(m)
