@@ -35,7 +35,12 @@ pub const ACCOUNT_HEADER: HeaderName = HeaderName::from_static("x-smartlead-acco
 pub struct Account {
     /// `default`, an `[[accounts]]` name, or `key:<8 hex>` for a client key: never a key.
     pub name: Arc<str>,
+    /// What its Redis keys and cache entries are named by: its name, or for a client key
+    /// 32 hex digits of the key's keyed hash.
+    pub id: Arc<str>,
     pub target: Target,
+    /// How its cached and coalesced reads went.
+    pub cache: Arc<crate::cache::Counts>,
     pub limiter: Arc<Limiter>,
     pub retry_budget: RetryBudget,
     /// When a request last chose it (client-key accounts are dropped once idle).
@@ -114,7 +119,9 @@ impl Quotas {
         }
         Account {
             name: name.into(),
+            id: stored_as.into(),
             target,
+            cache: Default::default(),
             limiter,
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),
@@ -129,7 +136,9 @@ impl Quotas {
     fn carry_over(&self, old: &Account, target: Target) -> Account {
         Account {
             name: old.name.clone(),
+            id: old.id.clone(),
             target,
+            cache: old.cache.clone(),
             limiter: old.limiter.clone(),
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),

@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use crate::key::{ApiKey, Secrets};
 
+mod cache;
 mod whole;
+
+pub use cache::CacheSettings;
 
 use crate::shown;
 pub use crate::shown::{mask_userinfo, quoted};
@@ -95,6 +98,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub retry: RetrySettings,
     pub leads: LeadsSettings,
+    pub cache: CacheSettings,
     pub log: LogSettings,
 }
 
@@ -1017,6 +1021,7 @@ impl Settings {
                 "must be between 1 and 400",
             ));
         }
+        self.cache.validate()?;
         if self.log.body_bytes > 1024 * 1024 {
             return Err(invalid("log.body_bytes", "must be at most 1048576 (1 MiB)"));
         }

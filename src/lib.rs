@@ -39,6 +39,7 @@
 
 pub mod accounts;
 pub mod body;
+pub mod cache;
 pub mod client;
 pub mod config;
 pub mod connections;

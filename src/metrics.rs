@@ -35,6 +35,10 @@ pub const LEASE_RECLAIMS: &str = "smartlead_proxy_lease_reclaims_total";
 pub const FLEET_GRANTS: &str = "smartlead_proxy_fleet_grants_total";
 pub const FLEET_REQUESTS: &str = "smartlead_proxy_fleet_requests_total";
 pub const FLEET_ROUND_TRIPS: &str = "smartlead_proxy_fleet_round_trips_total";
+pub const CACHE_REQUESTS: &str = "smartlead_proxy_cache_requests_total";
+pub const CACHE_BYTES: &str = "smartlead_proxy_cache_bytes";
+pub const CACHE_ENTRIES: &str = "smartlead_proxy_cache_entries";
+pub const CACHE_EVICTIONS: &str = "smartlead_proxy_cache_evictions_total";
 
 /// Seconds buckets from 1 ms to 2 min: quota waits are long, proxy overhead is short.
 const BUCKETS: &[f64] = &[
@@ -388,6 +392,23 @@ pub fn fleet_requests(fast: usize, queued: usize) {
             counter!(FLEET_REQUESTS, "path" => path).increment(n as u64);
         }
     }
+}
+
+/// A cached or coalesced read, by account and what became of it (hit, stale, miss,
+/// bypass, collapsed).
+pub fn cache_request(account: &str, result: &'static str) {
+    counter!(CACHE_REQUESTS, "account" => account.to_owned(), "result" => result).increment(1);
+}
+
+/// Entries and bytes the cache holds in this process.
+pub fn cache_size(entries: u64, bytes: u64) {
+    gauge!(CACHE_ENTRIES).set(entries as f64);
+    gauge!(CACHE_BYTES).set(bytes as f64);
+}
+
+/// An entry pushed out to keep within `cache.max_bytes`.
+pub fn cache_evicted() {
+    counter!(CACHE_EVICTIONS).increment(1);
 }
 
 pub fn limiter_degraded(degraded: bool) {

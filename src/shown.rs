@@ -20,6 +20,25 @@ pub fn quoted(value: &str) -> String {
     }
 }
 
+/// A route the user set (a `cache.ttl` pattern), as an error may show it: every
+/// segment long enough to be a pasted key as `…`.
+pub fn route(value: &str) -> String {
+    if value.chars().any(char::is_control) {
+        return quoted(value);
+    }
+    let masked: Vec<&str> = value
+        .split('/')
+        .map(|seg| {
+            if seg.chars().count() >= MIN_RUN {
+                "…"
+            } else {
+                seg
+            }
+        })
+        .collect();
+    format!("{:?}", masked.join("/"))
+}
+
 /// A URL as an error may show it: userinfo and query values masked; text that is not a
 /// URL at all only as [`quoted`] shows it.
 pub fn url(value: &str) -> String {

@@ -37,6 +37,35 @@ pub struct Snapshot {
     /// clients that waited over the last minute.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fleet_fairness: BTreeMap<String, Fairness>,
+    /// With the cache or the coalescing line in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheView>,
+}
+
+/// The response cache in this process, and per account what it and the coalescing line
+/// saved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheView {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub evictions: u64,
+    pub accounts: BTreeMap<String, CacheAccountView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheAccountView {
+    pub entries: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub stale: u64,
+    pub misses: u64,
+    pub bypass: u64,
+    pub collapsed: u64,
+    /// Reads answered without an upstream call of their own, of all reads.
+    pub hit_ratio: f64,
+    /// Upstream calls saved: hits, stale answers and collapsed followers.
+    pub saved: u64,
 }
 
 /// Jain's fairness index of the turns (slots / weight) the fleet's line gave the clients
@@ -111,7 +140,7 @@ pub fn start_clock() {
 }
 
 /// The picture now.
-pub async fn snapshot(accounts: &Accounts) -> Snapshot {
+pub async fn snapshot(accounts: &Accounts, cache: &crate::cache::Cache) -> Snapshot {
     let all = accounts.all();
     let limiter = all.first().map_or(
         Status {
@@ -175,7 +204,48 @@ pub async fn snapshot(accounts: &Accounts) -> Snapshot {
         fleet_waiting: fleet.as_deref().map(waiting_over),
         fleet,
         fleet_fairness,
+        cache: cache_view(&all, cache).await,
     }
+}
+
+async fn cache_view(
+    all: &[std::sync::Arc<crate::accounts::Account>],
+    cache: &crate::cache::Cache,
+) -> Option<CacheView> {
+    if !cache.in_use() {
+        return None;
+    }
+    let store = cache.store();
+    // Evictions moka has pending are done first, so the sizes are exact.
+    store.settle().await;
+    let sizes = &store.sizes;
+    let (entries, bytes) = sizes.totals();
+    let accounts = all
+        .iter()
+        .map(|a| {
+            let [hits, stale, misses, bypass, collapsed] = a.cache.snapshot();
+            let (entries, bytes) = sizes.of(&a.id);
+            let view = CacheAccountView {
+                entries,
+                bytes,
+                hits,
+                stale,
+                misses,
+                bypass,
+                collapsed,
+                hit_ratio: a.cache.hit_ratio(),
+                saved: a.cache.saved(),
+            };
+            (a.name.to_string(), view)
+        })
+        .collect();
+    Some(CacheView {
+        entries,
+        bytes,
+        max_bytes: store.max_bytes(),
+        evictions: sizes.evictions(),
+        accounts,
+    })
 }
 
 /// Every instance's waiting clients, added up per account and client.

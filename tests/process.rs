@@ -1371,3 +1371,73 @@ async fn two_on_redis(name: &str, max_wait: &str) -> (Sim, Running, Running) {
     let b = start(&sim.base_url(), &env);
     (sim, a, b)
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The cache keeps to `cache.max_bytes`: 1,500 distinct 10 KB answers through a cache
+/// of 2 MiB grow the process by less than 24 MiB (its own process, so nothing else
+/// counts).
+#[tokio::test]
+async fn the_cache_keeps_memory_within_max_bytes() {
+    let sim = Sim::start(SimConfig {
+        api_key: Some(SECRET.into()),
+        requests: 0,
+        record: false,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = temp_file(
+        "cache-memory.toml",
+        "[cache]\nttl = { \"/echo/**\" = \"5m\" }\nmax_bytes = 2097152\nmax_entry_bytes = 65536\n",
+    );
+    let config = config.to_str().unwrap();
+    let mut proxy = start(
+        &sim.base_url(),
+        &[
+            ("SMARTLEAD_PROXY_CONFIG", config),
+            ("SMARTLEAD_PROXY__LOG__LEVEL", "info"),
+            ("SMARTLEAD_PROXY__LIMIT__WINDOWS", "100000/1s"),
+        ],
+    );
+    let body = "x".repeat(10 * 1024);
+    sim.push_fault(
+        Fault::respond(200, Some("application/json"), body)
+            .on("/echo")
+            .times(1600),
+    );
+    let get = |n: usize| {
+        let url = proxy.url(&format!("/api/v1/echo/{n}"));
+        async move {
+            let resp = client().get(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.bytes().await.unwrap().len()
+        }
+    };
+    // Warm up the allocator, the threads and the connections first.
+    for n in 0..100 {
+        get(100_000 + n).await;
+    }
+    let before = rss_kib(proxy.child.id());
+    for chunk in (0..1500).collect::<Vec<_>>().chunks(25) {
+        for len in futures_util::future::join_all(chunk.iter().map(|n| get(*n))).await {
+            assert_eq!(len, 10 * 1024);
+        }
+    }
+    let grown_mib = rss_kib(proxy.child.id()).saturating_sub(before) / 1024;
+    let status: Value = proxy.get("/status.json").await.json().await.unwrap();
+    let bytes = status["cache"]["bytes"].as_u64().unwrap();
+    assert!(bytes <= 2 * 1024 * 1024, "{bytes}");
+    let entries = status["cache"]["entries"].as_u64().unwrap();
+    assert!((150..210).contains(&entries), "{entries}");
+    assert!(status["cache"]["evictions"].as_u64().unwrap() >= 1300);
+    assert!(grown_mib < 24, "RSS grew by {grown_mib} MiB");
+    assert!(proxy.terminate().success());
+}

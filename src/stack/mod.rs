@@ -16,18 +16,21 @@
 //!    can replay it.
 //! 8. [`body_key`]: a client's `api_key` in a JSON or form body is taken out (and with
 //!    `upstream.allow_client_key` may choose the account, like the query's).
-//! 9. [`lead_import`]: lead imports are checked before any quota is spent, and split into
-//!    batches when `leads.auto_batch` says so.
-//! 10. [`key_injection`]: the one allowed upstream target, with the account's key;
+//! 9. [`cache`]: GETs answered from the response cache or shared with an identical one
+//!    in flight; writes make what they touch stale ([`crate::cache`]).
+//! 10. [`lead_import`]: lead imports are checked before any quota is spent, and split into
+//!     batches when `leads.auto_batch` says so.
+//! 11. [`key_injection`]: the one allowed upstream target, with the account's key;
 //!     secrets scrubbed from every header that comes back.
-//! 11. [`quota_retry`]: a slot of the account's quota, an attempt, and another within the
+//! 12. [`quota_retry`]: a slot of the account's quota, an attempt, and another within the
 //!     deadline while the answer is worth retrying (one layer, one loop: they share one
 //!     deadline).
-//! 12. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
+//! 13. [`crate::upstream::UpstreamClient`]: one attempt over the pooled client.
 
 pub mod access_log;
 pub mod body_key;
 pub mod buffer;
+pub mod cache;
 pub mod caller;
 pub mod envelope;
 pub mod key_injection;
@@ -46,6 +49,8 @@ use tower::{Service, ServiceBuilder};
 
 use crate::accounts::Accounts;
 use crate::body::BodyBudget;
+use crate::cache::Cache;
+use crate::cache::store::Store;
 use crate::config::Settings;
 use crate::connections::Connections;
 use crate::error::ProxyError;
@@ -110,6 +115,8 @@ pub struct Shared {
     pub bodies: BodyBudget,
     /// Open client connections and their cap (`server.max_connections`).
     pub connections: Connections,
+    /// The response cache and the coalescing line.
+    pub cache: Arc<Cache>,
 }
 
 impl Shared {
@@ -124,6 +131,10 @@ impl Shared {
             clients: caller::Clients::new(&settings.limit),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
             connections: Connections::new(settings.server.max_connections),
+            cache: Arc::new(Cache::new(
+                &settings.cache,
+                Arc::new(Store::local(settings.cache.max_bytes)),
+            )),
             settings,
         })
     }
@@ -140,6 +151,7 @@ impl Shared {
             clients: self.clients.reload(&settings.limit),
             bodies: self.bodies.clone(),
             connections: self.connections.clone(),
+            cache: Arc::new(self.cache.reload(&settings.cache)),
             settings,
         }
     }
@@ -168,6 +180,7 @@ where
         .layer(access_log::AccessLogLayer::new(&shared.secrets))
         .layer(own_routes::OwnRoutesLayer::new(
             &shared.accounts,
+            &shared.cache,
             &shared.connections,
             shutdown,
             s.server.status_requires_token,
@@ -176,6 +189,7 @@ where
         .layer(envelope::EnvelopeLayer::new(&shared.secrets))
         .layer(buffer::BufferLayer::new(&s.server, &shared.bodies))
         .layer(body_key::BodyKeyLayer::new(&shared.accounts))
+        .layer(cache::CacheLayer::new(&shared.cache, s.limit.max_wait))
         .layer(lead_import::LeadImportLayer::new(
             &s.leads,
             &s.upstream,

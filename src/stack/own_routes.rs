@@ -37,6 +37,7 @@ pub fn is_api(path: &str) -> bool {
 #[derive(Clone)]
 struct Health {
     accounts: Arc<Accounts>,
+    cache: Arc<crate::cache::Cache>,
     connections: Connections,
     shutdown: Shutdown,
     /// `/status` and `/status.json` need an access token.
@@ -51,12 +52,14 @@ pub struct OwnRoutesLayer {
 impl OwnRoutesLayer {
     pub fn new(
         accounts: &Arc<Accounts>,
+        cache: &Arc<crate::cache::Cache>,
         connections: &Connections,
         shutdown: &Shutdown,
         status_requires_token: bool,
     ) -> Self {
         let health = Health {
             accounts: accounts.clone(),
+            cache: cache.clone(),
             connections: connections.clone(),
             shutdown: shutdown.clone(),
             status_requires_token,
@@ -230,7 +233,7 @@ async fn status_json(State(health): State<Health>, req: Request<Body>) -> Respon
     if let Some(refused) = status_refused(&health, &req) {
         return refused;
     }
-    let snapshot = crate::status::snapshot(&health.accounts).await;
+    let snapshot = crate::status::snapshot(&health.accounts, &health.cache).await;
     (
         [(http::header::CACHE_CONTROL, "no-store")],
         axum::Json(snapshot),
@@ -242,7 +245,7 @@ async fn status_page(State(health): State<Health>, req: Request<Body>) -> Respon
     if let Some(refused) = status_refused(&health, &req) {
         return refused;
     }
-    let snapshot = crate::status::snapshot(&health.accounts).await;
+    let snapshot = crate::status::snapshot(&health.accounts, &health.cache).await;
     (
         [
             (http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -286,8 +289,11 @@ mod tests {
         let mut settings = crate::Settings::default();
         settings.upstream.api_key = Some(crate::key::ApiKey::new("k"));
         let accounts = Arc::new(Accounts::new(&settings).unwrap());
+        let store = Arc::new(crate::cache::store::Store::local(1 << 20));
+        let cache = Arc::new(crate::cache::Cache::new(&settings.cache, store));
         OwnRoutesLayer::new(
             &accounts,
+            &cache,
             &Connections::new(100),
             &Shutdown::default(),
             false,

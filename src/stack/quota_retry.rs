@@ -169,8 +169,13 @@ where
     }
 }
 
+/// When the request arrived, if that was before it came here: a coalesced follower that
+/// gave up waiting for its leader keeps the deadlines it arrived with.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
 /// A caller's `X-Request-Timeout`, if it sent one.
-fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
+pub fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
     let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
         return Ok(None);
     };
@@ -230,7 +235,10 @@ where
             &[REQUEST_TIMEOUT_HEADER, traffic::DEBUG_HEADER],
         );
         account.retry_budget.deposit();
-        let now = Instant::now();
+        let now = parts
+            .extensions
+            .remove::<Arrived>()
+            .map_or_else(Instant::now, |a| a.0);
         let give_up_at = timeout.map(|t| now + t);
         let start_by = (now + quota.max_wait).min(give_up_at.unwrap_or(now + quota.max_wait));
         let api_path = parts

@@ -1,0 +1,168 @@
+//! The response cache and the coalescing line (`[cache]`; docs/cache.md).
+//!
+//! - [`routes`]: which routes are stored and for how long; which a write makes stale.
+//! - [`key`]: the cache key (never a key), what a request asks and what may be stored.
+//! - [`entry`]: a stored answer, its weight and its form in Redis.
+//! - [`flight`]: identical GETs in flight share one upstream call.
+//! - [`store`]: where entries live: this process (moka) or Redis for the fleet, with the
+//!   generations that invalidate them.
+//!
+//! The request path's part is [`crate::stack::cache`].
+
+pub mod entry;
+pub mod flight;
+pub mod key;
+pub mod routes;
+pub mod shared_error;
+pub mod store;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::config::CacheSettings;
+
+pub use entry::Stored;
+pub use key::CacheKey;
+use routes::{Routes, Scope};
+use store::Store;
+
+/// The cache as one generation of settings uses it; the store and the line outlive
+/// reloads.
+#[derive(Debug)]
+pub struct Cache {
+    pub routes: Routes,
+    pub stale_if_error: Duration,
+    pub coalesce: bool,
+    pub max_entry_bytes: usize,
+    store: Arc<Store>,
+    pub flights: Arc<flight::Flights>,
+}
+
+impl Cache {
+    pub fn new(settings: &CacheSettings, store: Arc<Store>) -> Self {
+        store.keep_stale_for(settings.stale_if_error);
+        Self {
+            routes: Routes::new(&settings.ttl),
+            stale_if_error: settings.stale_if_error,
+            coalesce: settings.coalesce,
+            max_entry_bytes: settings.max_entry_bytes as usize,
+            store,
+            flights: Arc::default(),
+        }
+    }
+
+    /// The same store and line under new settings.
+    pub fn reload(&self, settings: &CacheSettings) -> Self {
+        Self {
+            flights: self.flights.clone(),
+            ..Self::new(settings, self.store.clone())
+        }
+    }
+
+    pub fn in_use(&self) -> bool {
+        self.coalesce || !self.routes.is_empty()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The entry for `key` unless a write made it stale, fresh or not.
+    pub async fn lookup(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
+        self.store.get(key, scopes).await
+    }
+
+    /// The generations an answer asked for now depends on (read before asking).
+    pub async fn generations(&self, key: &CacheKey, scopes: &[Scope]) -> Vec<u64> {
+        self.store.generations(key.account(), scopes).await
+    }
+
+    /// Keeps `stored` unless a write moved its scopes since its generations were read.
+    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
+        self.store.put(key, scopes, stored).await
+    }
+
+    /// A write to `path` answered 2xx: the account's answers it touches are stale.
+    pub async fn written(&self, account_id: &str, path: &str) {
+        let scopes = Scope::written(path);
+        if !scopes.is_empty() {
+            self.store.bump(account_id, &scopes).await;
+        }
+    }
+}
+
+/// How an account's cached reads went (the status and its hit ratio).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub hit: AtomicU64,
+    pub stale: AtomicU64,
+    pub miss: AtomicU64,
+    pub bypass: AtomicU64,
+    pub collapsed: AtomicU64,
+}
+
+/// What became of one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadResult {
+    Hit,
+    Stale,
+    Miss,
+    Bypass,
+    Collapsed,
+}
+
+impl ReadResult {
+    pub fn label(self) -> &'static str {
+        match self {
+            ReadResult::Hit => "hit",
+            ReadResult::Stale => "stale",
+            ReadResult::Miss => "miss",
+            ReadResult::Bypass => "bypass",
+            ReadResult::Collapsed => "collapsed",
+        }
+    }
+}
+
+impl Counts {
+    pub fn count(&self, result: ReadResult) {
+        let counter = match result {
+            ReadResult::Hit => &self.hit,
+            ReadResult::Stale => &self.stale,
+            ReadResult::Miss => &self.miss,
+            ReadResult::Bypass => &self.bypass,
+            ReadResult::Collapsed => &self.collapsed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    /// Upstream calls the cache and the line saved: every hit, stale answer and
+    /// collapsed follower.
+    pub fn saved(&self) -> u64 {
+        Self::get(&self.hit) + Self::get(&self.stale) + Self::get(&self.collapsed)
+    }
+
+    /// Reads answered without an upstream call of their own, of all reads.
+    pub fn hit_ratio(&self) -> f64 {
+        let all = self.saved() + Self::get(&self.miss) + Self::get(&self.bypass);
+        if all == 0 {
+            0.0
+        } else {
+            self.saved() as f64 / all as f64
+        }
+    }
+
+    pub fn snapshot(&self) -> [u64; 5] {
+        [
+            Self::get(&self.hit),
+            Self::get(&self.stale),
+            Self::get(&self.miss),
+            Self::get(&self.bypass),
+            Self::get(&self.collapsed),
+        ]
+    }
+}

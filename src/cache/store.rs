@@ -1,0 +1,227 @@
+//! Where entries live, and the generations that make them stale.
+//!
+//! Every answer depends on the generations of its scopes ([`Scope::read`]), read before
+//! it is asked for; a 2xx write moves the generations of the scopes it touches
+//! ([`Scope::written`]). An entry whose generations no longer match is never served,
+//! and an answer asked for before a write is never stored after it. So invalidation is
+//! one step, done before the write's answer is sent, on every instance at once.
+//!
+//! This process keeps entries in moka (bounded by `cache.max_bytes`, least used first,
+//! each entry expiring at its ttl plus `cache.stale_if_error`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::future::Cache as Moka;
+use moka::notification::RemovalCause;
+
+use super::entry::Stored;
+use super::key::CacheKey;
+use super::routes::Scope;
+
+/// Entries and bytes per account id, kept as entries come and go.
+#[derive(Debug, Default)]
+pub struct Sizes {
+    held: Mutex<Held>,
+    evictions: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    by_account: HashMap<Arc<str>, (u64, u64)>,
+    all: (u64, u64),
+}
+
+impl Sizes {
+    fn added(&self, account: &str, weight: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = held.by_account.entry(account.into()).or_default();
+        entry.0 += 1;
+        entry.1 += weight;
+        held.all.0 += 1;
+        held.all.1 += weight;
+        crate::metrics::cache_size(held.all.0, held.all.1);
+    }
+
+    fn removed(&self, account: &str, weight: u64, cause: RemovalCause) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = held.by_account.get_mut(account) {
+            entry.0 = entry.0.saturating_sub(1);
+            entry.1 = entry.1.saturating_sub(weight);
+            if entry.0 == 0 {
+                held.by_account.remove(account);
+            }
+            held.all.0 = held.all.0.saturating_sub(1);
+            held.all.1 = held.all.1.saturating_sub(weight);
+        }
+        crate::metrics::cache_size(held.all.0, held.all.1);
+        if cause == RemovalCause::Size {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::cache_evicted();
+        }
+    }
+
+    /// (entries, bytes) held for `account_id`.
+    pub fn of(&self, account_id: &str) -> (u64, u64) {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.by_account.get(account_id).copied().unwrap_or_default()
+    }
+
+    /// (entries, bytes) held in all.
+    pub fn totals(&self) -> (u64, u64) {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).all
+    }
+
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+/// Each entry lives for its ttl plus the stale window in force when it was stored.
+struct Lifetime {
+    stale_ms: Arc<AtomicU64>,
+}
+
+impl moka::Expiry<CacheKey, Arc<Stored>> for Lifetime {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        value: &Arc<Stored>,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.ttl + Duration::from_millis(self.stale_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Generations of scopes, per account. A generation is a number no earlier write used
+/// (so one that was forgotten and comes back cannot match an old entry); scopes nobody
+/// wrote to are 0. A generation is forgotten once every entry that could hold its old
+/// value has expired.
+#[derive(Debug)]
+struct Generations {
+    moved: Mutex<HashMap<String, (u64, Instant)>>,
+    next: AtomicU64,
+}
+
+impl Generations {
+    fn new() -> Self {
+        Self {
+            moved: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn name(account: &str, scope: &Scope) -> String {
+        format!("{account}\n{}", scope.label())
+    }
+
+    fn read(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
+        let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        scopes
+            .iter()
+            .map(|s| moved.get(&Self::name(account, s)).map_or(0, |(g, _)| *g))
+            .collect()
+    }
+
+    fn bump(&self, account: &str, scopes: &[Scope], keep: Duration) {
+        let now = Instant::now();
+        let mut moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
+        if moved.len() >= 4096 {
+            moved.retain(|_, (_, at)| now.duration_since(*at) < keep);
+        }
+        for scope in scopes {
+            let g = self.next.fetch_add(1, Ordering::Relaxed);
+            moved.insert(Self::name(account, scope), (g, now));
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Store {
+    entries: Moka<CacheKey, Arc<Stored>>,
+    generations: Generations,
+    stale_ms: Arc<AtomicU64>,
+    pub sizes: Arc<Sizes>,
+    max_bytes: u64,
+}
+
+impl Store {
+    pub fn local(max_bytes: u64) -> Self {
+        let sizes = Arc::new(Sizes::default());
+        let stale_ms = Arc::new(AtomicU64::new(0));
+        let listener = {
+            let sizes = sizes.clone();
+            move |key: Arc<CacheKey>, value: Arc<Stored>, cause: RemovalCause| {
+                sizes.removed(key.account(), value.weight() as u64, cause);
+            }
+        };
+        let entries = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_: &CacheKey, v: &Arc<Stored>| v.weight().try_into().unwrap_or(u32::MAX))
+            .expire_after(Lifetime {
+                stale_ms: stale_ms.clone(),
+            })
+            .eviction_listener(listener)
+            .build();
+        Self {
+            entries,
+            generations: Generations::new(),
+            stale_ms,
+            sizes,
+            max_bytes,
+        }
+    }
+
+    pub fn keep_stale_for(&self, stale: Duration) {
+        self.stale_ms
+            .store(stale.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Entries and bytes held in all.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.entries.entry_count(), self.entries.weighted_size())
+    }
+
+    /// Pending evictions and expiries done now (tests and the status read exact sizes).
+    pub async fn settle(&self) {
+        self.entries.run_pending_tasks().await;
+    }
+
+    pub async fn get(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
+        let stored = self.entries.get(key).await?;
+        if stored.gens != self.generations.read(key.account(), scopes) {
+            self.entries.invalidate(key).await;
+            return None;
+        }
+        Some(stored)
+    }
+
+    pub async fn generations(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
+        self.generations.read(account, scopes)
+    }
+
+    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
+        if stored.gens != self.generations.read(key.account(), scopes) {
+            return false;
+        }
+        self.sizes.added(key.account(), stored.weight() as u64);
+        self.entries.insert(key.clone(), stored).await;
+        true
+    }
+
+    pub async fn bump(&self, account: &str, scopes: &[Scope]) {
+        let keep = self.longest_life();
+        self.generations.bump(account, scopes, keep);
+    }
+
+    /// Past this, no entry stored before a write can still be held.
+    fn longest_life(&self) -> Duration {
+        Duration::from_secs(86_400) + Duration::from_millis(self.stale_ms.load(Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,115 @@
+//! `[cache]`: which routes are stored and for how long, stale answers while SmartLead
+//! fails, coalescing of identical GETs, and the memory the cache may use.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::whole::whole;
+use super::{ConfigError, DAY, invalid};
+use crate::shown;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Route pattern (after `/api/v1`) → how long its 200 answers are kept.
+    #[serde(with = "ttl_map")]
+    pub ttl: BTreeMap<String, Duration>,
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    pub coalesce: bool,
+    #[serde(deserialize_with = "whole")]
+    pub max_bytes: u64,
+    #[serde(deserialize_with = "whole")]
+    pub max_entry_bytes: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            ttl: BTreeMap::new(),
+            stale_if_error: Duration::ZERO,
+            coalesce: true,
+            max_bytes: 64 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Entries are weighed in `u32` by moka: one answer can never be this big anyway.
+const MAX_ENTRY_LIMIT: u64 = 512 * 1024 * 1024;
+
+impl CacheSettings {
+    /// Whether the request path needs the cache at all.
+    pub fn in_use(&self) -> bool {
+        self.coalesce || !self.ttl.is_empty()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (pattern, ttl) in &self.ttl {
+            crate::cache::routes::Pattern::parse(pattern)
+                .map_err(|why| invalid("cache.ttl", format!("{}: {why}", shown::route(pattern))))?;
+            if ttl.is_zero() || *ttl > DAY {
+                return Err(invalid(
+                    "cache.ttl",
+                    format!("{}: must be between 1ms and 1d", shown::route(pattern)),
+                ));
+            }
+        }
+        if self.stale_if_error > DAY {
+            return Err(invalid("cache.stale_if_error", "must be at most 1d"));
+        }
+        if self.max_entry_bytes == 0 || self.max_entry_bytes > MAX_ENTRY_LIMIT {
+            return Err(invalid(
+                "cache.max_entry_bytes",
+                format!("must be between 1 and {MAX_ENTRY_LIMIT}"),
+            ));
+        }
+        if self.max_bytes < self.max_entry_bytes {
+            return Err(invalid(
+                "cache.max_bytes",
+                "must be at least cache.max_entry_bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `{ "/campaigns" = "5m" }`, durations in humantime form both ways.
+mod ttl_map {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        map: &BTreeMap<String, Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let shown: BTreeMap<&str, String> = map
+            .iter()
+            .map(|(k, v)| (k.as_str(), humantime::format_duration(*v).to_string()))
+            .collect();
+        shown.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Duration>, D::Error> {
+        let written = BTreeMap::<String, String>::deserialize(d)?;
+        written
+            .into_iter()
+            .map(|(k, v)| {
+                let ttl = humantime::parse_duration(&v).map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "cache.ttl {}: {} is not a duration (like \"5m\" or \"500ms\")",
+                        crate::shown::route(&k),
+                        crate::shown::quoted(&v)
+                    ))
+                })?;
+                Ok((k, ttl))
+            })
+            .collect()
+    }
+}

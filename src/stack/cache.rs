@@ -1,0 +1,654 @@
+//! The cache's part in the request path ([`crate::cache`]; docs/cache.md).
+//!
+//! - A GET (without a body) of a stored route is answered from the cache while its entry
+//!   is fresh: no quota, no queue, no retry.
+//! - Otherwise identical GETs in flight share one upstream call ([`flight`]): the leader's
+//!   call runs in a task of its own, so it finishes for its followers even when the
+//!   leader's caller hangs up; with nobody following, a hang-up cancels it as before.
+//! - A 2xx write makes the account's answers it touches stale before it is answered.
+//! - While SmartLead fails, an expired entry is served up to `cache.stale_if_error`.
+//!
+//! Every read answer says how it was served in `Cache-Status` (RFC 9211) and `Age`.
+//!
+//! The cached path is one `async` function, boxed: it awaits the store, the line and the
+//! inner stack in turn. Requests the cache has nothing to do with pass through
+//! unboxed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Method, Request, Response, header};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::quota_retry::{Arrived, request_timeout};
+use super::{Failure, Reply};
+use crate::accounts::Call;
+use crate::cache::entry::now_ms;
+use crate::cache::flight::{self, Lead, Outcome, Role};
+use crate::cache::key::{Asked, asked, is_write, storable};
+use crate::cache::routes::Scope;
+use crate::cache::shared_error::{SharedError, is_failing};
+use crate::cache::{Cache, CacheKey, ReadResult, Stored};
+use crate::error::ProxyError;
+use crate::served::Served;
+use crate::upstream::API_PREFIX;
+
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// The cache's name in `Cache-Status`.
+const NAME: &str = "smartlead-proxy";
+
+type Boxed = Pin<Box<dyn Future<Output = Result<Reply, Failure>> + Send>>;
+
+#[derive(Clone, Debug)]
+pub struct CacheLayer {
+    cache: Arc<Cache>,
+    max_wait: Duration,
+}
+
+impl CacheLayer {
+    pub fn new(cache: &Arc<Cache>, max_wait: Duration) -> Self {
+        Self {
+            cache: cache.clone(),
+            max_wait,
+        }
+    }
+}
+
+impl<S> Layer<S> for CacheLayer {
+    type Service = CacheService<S>;
+
+    fn layer(&self, inner: S) -> CacheService<S> {
+        CacheService {
+            inner,
+            cache: self.cache.clone(),
+            max_wait: self.max_wait,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheService<S> {
+    inner: S,
+    cache: Arc<Cache>,
+    max_wait: Duration,
+}
+
+/// What the cache does with a request.
+enum Plan {
+    Through,
+    Read(Read),
+    Write { account: Arc<str>, path: String },
+}
+
+/// A read the cache may answer, share or store.
+struct Read {
+    cache: Arc<Cache>,
+    call: Call,
+    key: CacheKey,
+    scopes: Vec<Scope>,
+    /// `None`: the route is not stored.
+    ttl: Option<Duration>,
+    asked: Asked,
+    arrived: Instant,
+    deadline: Instant,
+}
+
+impl<S> CacheService<S> {
+    fn plan(&self, req: &Request<Bytes>) -> Plan {
+        if !self.cache.in_use() {
+            return Plan::Through;
+        }
+        let Some(call) = req.extensions().get::<Call>() else {
+            return Plan::Through;
+        };
+        let path = req
+            .uri()
+            .path()
+            .strip_prefix(API_PREFIX)
+            .unwrap_or(req.uri().path());
+        if is_write(req.method()) {
+            return Plan::Write {
+                account: call.account.id.clone(),
+                path: path.to_owned(),
+            };
+        }
+        if req.method() != Method::GET || !req.body().is_empty() {
+            return Plan::Through;
+        }
+        let arrived = Instant::now();
+        let wait = match request_timeout(req.headers()) {
+            Ok(Some(t)) => t.min(self.max_wait),
+            // A bad header is the quota's to refuse.
+            _ => self.max_wait,
+        };
+        Plan::Read(Read {
+            cache: self.cache.clone(),
+            key: CacheKey::new(&call.account.id, path, req.uri().query()),
+            scopes: Scope::read(path),
+            ttl: self.cache.routes.ttl(path),
+            asked: asked(req.headers()),
+            call: call.clone(),
+            arrived,
+            deadline: arrived + wait,
+        })
+    }
+}
+
+impl<S> Service<Request<Bytes>> for CacheService<S>
+where
+    S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = Failure;
+    type Future = CacheFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        match self.plan(&req) {
+            Plan::Through => CacheFuture::Through {
+                call: self.inner.call(req),
+            },
+            Plan::Write { account, path } => {
+                let cache = self.cache.clone();
+                let call = self.inner.call(req);
+                CacheFuture::Cached {
+                    run: Box::pin(write(cache, account, path, call)),
+                }
+            }
+            Plan::Read(read) => {
+                // Stored and shared answers are identity-encoded, whatever one client
+                // accepts.
+                req.headers_mut().remove(header::ACCEPT_ENCODING);
+                let inner = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, inner);
+                CacheFuture::Cached {
+                    run: Box::pin(read.run(inner, req)),
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = Projected]
+    pub enum CacheFuture<F> {
+        Through {
+            #[pin]
+            call: F,
+        },
+        Cached { run: Boxed },
+    }
+}
+
+impl<F> Future for CacheFuture<F>
+where
+    F: Future<Output = Result<Reply, Failure>>,
+{
+    type Output = Result<Reply, Failure>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Projected::Through { call } => call.poll(cx),
+            Projected::Cached { run } => run.as_mut().poll(cx),
+        }
+    }
+}
+
+/// A write's 2xx answer leaves once what it made stale is.
+async fn write<F>(
+    cache: Arc<Cache>,
+    account: Arc<str>,
+    path: String,
+    call: F,
+) -> Result<Reply, Failure>
+where
+    F: Future<Output = Result<Reply, Failure>>,
+{
+    let reply = call.await?;
+    if reply.response.status().is_success() {
+        cache.written(&account, &path).await;
+    }
+    Ok(reply)
+}
+
+impl Read {
+    async fn run<S>(self, inner: S, req: Request<Bytes>) -> Result<Reply, Failure>
+    where
+        S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let found = match self.ttl {
+            Some(_) => self.cache.lookup(&self.key, &self.scopes).await,
+            None => None,
+        };
+        let now = now_ms();
+        if let Some(hit) = found.as_ref().filter(|f| f.is_fresh(now))
+            && self.asked == Asked::Stored
+        {
+            return Ok(self.answer(hit, ReadResult::Hit, "hit"));
+        }
+        // Kept for when SmartLead fails.
+        let stale = found.filter(|f| !f.is_fresh(now));
+        let mut inner = Some(inner);
+        let mut req = Some(req);
+        loop {
+            let role = if self.cache.coalesce {
+                self.cache.flights.join(&self.key)
+            } else {
+                Role::Alone
+            };
+            match role {
+                Role::Leader(lead) => {
+                    let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
+                    return self.lead(lead, inner, req, stale).await;
+                }
+                Role::Alone => {
+                    let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
+                    return self.alone(inner, req, stale).await;
+                }
+                Role::Follower(rx) => match flight::follow(rx, self.deadline).await {
+                    Some(Outcome::Answer(stored)) => {
+                        let fwd = self.fwd("collapsed");
+                        return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
+                    }
+                    Some(Outcome::Failed(shared)) => {
+                        let failure = Failure::new(shared.error(), self.served());
+                        return self.failed(failure, stale);
+                    }
+                    // Passed its own deadline, or the answer was too big to share: it
+                    // goes through the quota itself, with the deadlines it came with.
+                    None | Some(Outcome::TooBig) => {
+                        let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
+                        return self.alone(inner, req, stale).await;
+                    }
+                    // The leader went away: the line decides who leads now.
+                    Some(Outcome::Gone | Outcome::Pending) => continue,
+                },
+            }
+        }
+    }
+
+    /// The `fwd` part of a miss's `Cache-Status`, with `extra` after it.
+    fn fwd(&self, extra: &str) -> String {
+        let fwd = match (self.ttl, self.asked) {
+            (None, _) => "fwd=bypass",
+            (Some(_), Asked::Stored) => "fwd=uri-miss",
+            (Some(_), _) => "fwd=request",
+        };
+        if extra.is_empty() {
+            fwd.to_owned()
+        } else {
+            format!("{fwd}; {extra}")
+        }
+    }
+
+    fn miss_result(&self) -> ReadResult {
+        if self.ttl.is_some() {
+            ReadResult::Miss
+        } else {
+            ReadResult::Bypass
+        }
+    }
+
+    fn served(&self) -> Served {
+        Served {
+            account: Some(self.call.account.name.clone()),
+            client: Some(self.call.who.client.clone()),
+            ..Served::default()
+        }
+    }
+
+    fn count(&self, result: ReadResult) {
+        self.call.account.cache.count(result);
+        crate::metrics::cache_request(&self.call.account.name, result.label());
+    }
+
+    /// An answer from a stored one: a hit (`status` is `hit`, its ttl is added) or a
+    /// collapsed follower's.
+    fn answer(&self, stored: &Stored, result: ReadResult, status: &str) -> Reply {
+        self.count(result);
+        let now = now_ms();
+        let status = if status == "hit" {
+            format!("hit; ttl={}", stored.left_ms(now).div_euclid(1000))
+        } else {
+            status.to_owned()
+        };
+        let mut response = Response::new(Body::from(stored.body.clone()));
+        *response.status_mut() = stored.status;
+        *response.headers_mut() = stored.headers.clone();
+        mark(response.headers_mut(), &status, stored.age_ms(now) / 1000);
+        let mut served = self.served();
+        served.upstream = result == ReadResult::Collapsed;
+        served.last_status = Some(stored.status);
+        Reply::new(response, served)
+    }
+
+    /// A failure's answer, or the stale entry when SmartLead is failing.
+    #[allow(clippy::result_large_err)] // the path's own error type
+    fn failed(&self, mut failure: Failure, stale: Option<Arc<Stored>>) -> Result<Reply, Failure> {
+        if let Some(stored) = stale.filter(|s| self.may_serve_stale(s, &failure.error)) {
+            return Ok(self.answer(&stored, ReadResult::Stale, "hit"));
+        }
+        self.count(self.miss_result());
+        let status = self.fwd("");
+        let headers = failure.headers_mut();
+        mark(headers, &status, 0);
+        Err(failure)
+    }
+
+    fn may_serve_stale(&self, stored: &Stored, error: &ProxyError) -> bool {
+        let expired_for = Duration::from_millis((-stored.left_ms(now_ms())).max(0) as u64);
+        self.asked != Asked::NoStore
+            && expired_for <= self.cache.stale_if_error
+            && !self.cache.stale_if_error.is_zero()
+            && is_failing(error)
+    }
+
+    /// On its own, as if there were no line: the answer streams, and is stored when it
+    /// may be and fits.
+    async fn alone<S>(
+        &self,
+        mut inner: S,
+        req: Request<Bytes>,
+        stale: Option<Arc<Stored>>,
+    ) -> Result<Reply, Failure>
+    where
+        S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
+    {
+        let gens = self.cache.generations(&self.key, &self.scopes).await;
+        let mut req = req;
+        req.extensions_mut().insert(Arrived(self.arrived));
+        let reply = match inner.call(req).await {
+            Ok(reply) => reply,
+            Err(failure) => return self.failed(failure, stale),
+        };
+        let Some(ttl) = self.storing(&reply) else {
+            return Ok(self.streamed(reply, ""));
+        };
+        match read_whole(reply, self.cache.max_entry_bytes).await {
+            Whole::Done(whole, reply) => {
+                let stored = Arc::new(self.stored(&whole, ttl, gens));
+                let kept = self.cache.put(&self.key, &self.scopes, stored).await;
+                Ok(self.streamed(reply, if kept { "stored" } else { "" }))
+            }
+            Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
+        }
+    }
+
+    /// Leads the key's flight: the call runs in a task of its own (see the module's
+    /// doc), and its outcome goes to every follower.
+    async fn lead<S>(
+        &self,
+        lead: Lead,
+        inner: S,
+        mut req: Request<Bytes>,
+        stale: Option<Arc<Stored>>,
+    ) -> Result<Reply, Failure>
+    where
+        S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        req.extensions_mut().insert(Arrived(self.arrived));
+        let gens = self.cache.generations(&self.key, &self.scopes).await;
+        let flight = Flying {
+            cache: self.cache.clone(),
+            key: self.key.clone(),
+            scopes: self.scopes.clone(),
+            ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
+            gens,
+        };
+        let watching = lead.watcher();
+        let task = tokio::spawn(flight.run(lead, inner, req));
+        let guard = CancelAlone {
+            task: Some(task),
+            watching,
+        };
+        let result = guard.join().await;
+        match result {
+            Ok(Led::Shared(whole, reply, kept)) => {
+                let _ = whole;
+                Ok(self.streamed(reply, if kept { "stored" } else { "" }))
+            }
+            Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
+            Err(failure) => self.failed(failure, stale),
+        }
+    }
+
+    /// An answer that came from SmartLead for this request, marked and counted.
+    fn streamed(&self, mut reply: Reply, extra: &str) -> Reply {
+        self.count(self.miss_result());
+        mark(reply.response.headers_mut(), &self.fwd(extra), 0);
+        reply
+    }
+
+    /// How long `reply` may be kept, if it may be.
+    fn storing(&self, reply: &Reply) -> Option<Duration> {
+        let ttl = self.ttl.filter(|_| self.asked != Asked::NoStore)?;
+        storable(reply.response.status(), reply.response.headers()).then_some(ttl)
+    }
+
+    fn stored(&self, whole: &Whole_, ttl: Duration, gens: Vec<u64>) -> Stored {
+        Stored {
+            status: whole.status,
+            headers: whole.headers.clone(),
+            body: whole.body.clone(),
+            at_ms: now_ms(),
+            ttl,
+            gens,
+        }
+    }
+}
+
+/// Sets `Cache-Status` and `Age`.
+fn mark(headers: &mut http::HeaderMap, status: &str, age_s: u64) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{NAME}; {status}")) {
+        headers.insert(CACHE_STATUS, v);
+    }
+    headers.insert(header::AGE, HeaderValue::from(age_s));
+}
+
+/// A whole answer, as read.
+struct Whole_ {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+enum Whole {
+    /// Read whole: the parts, and the reply again with the same body.
+    Done(Whole_, Reply),
+    /// Over the limit (or broken off): the reply, streaming what was read and the rest.
+    Streaming(Reply),
+}
+
+/// Reads `reply`'s body up to `limit` bytes.
+async fn read_whole(reply: Reply, limit: usize) -> Whole {
+    let Reply { response, served } = reply;
+    let (parts, mut body) = response.into_parts();
+    let mut read = BytesMut::new();
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                read.extend_from_slice(&data);
+                if read.len() > limit {
+                    let body = Body::new(Prefixed {
+                        prefix: Some(read.freeze()),
+                        rest: body,
+                    });
+                    let response = Response::from_parts(parts, body);
+                    return Whole::Streaming(Reply::new(response, served));
+                }
+            }
+            Some(Err(e)) => {
+                // What was read, then the same error: the client sees the cut it would
+                // have seen.
+                let failing = http_body_util::StreamBody::new(futures_util::stream::iter([
+                    Ok(http_body::Frame::data(read.freeze())),
+                    Err(e),
+                ]));
+                let response = Response::from_parts(parts, Body::new(failing));
+                return Whole::Streaming(Reply::new(response, served));
+            }
+            None => break,
+        }
+    }
+    let body = read.freeze();
+    let whole = Whole_ {
+        status: parts.status,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    let response = Response::from_parts(parts, Body::from(body));
+    Whole::Done(whole, Reply::new(response, served))
+}
+
+pin_project_lite::pin_project! {
+    /// What was read of a body, then the rest of it.
+    struct Prefixed {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: Body,
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.size_hint();
+        let prefix = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = http_body::SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint.set_lower(rest.lower() + prefix);
+        hint
+    }
+}
+
+/// What the leader's task needs to end its flight.
+struct Flying {
+    cache: Arc<Cache>,
+    key: CacheKey,
+    scopes: Vec<Scope>,
+    /// `Some` when the answer may be stored (a stored route, not `no-store`).
+    ttl: Option<Duration>,
+    gens: Vec<u64>,
+}
+
+/// How the leader's call went.
+enum Led {
+    /// Read whole and shared (and `true`: kept).
+    Shared(Arc<Stored>, Reply, bool),
+    /// Passed on as it streams: nobody shares it.
+    Streamed(Reply),
+}
+
+impl Flying {
+    async fn run<S>(self, mut lead: Lead, mut inner: S, req: Request<Bytes>) -> Result<Led, Failure>
+    where
+        S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
+    {
+        let reply = match inner.call(req).await {
+            Ok(reply) => reply,
+            Err(failure) => {
+                // Shared only when final; otherwise a follower takes over.
+                match SharedError::of(&failure.error) {
+                    Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
+                    None => lead.finish(Outcome::Gone),
+                }
+                return Err(failure);
+            }
+        };
+        let ttl = self
+            .ttl
+            .filter(|_| storable(reply.response.status(), reply.response.headers()));
+        if ttl.is_none() && lead.close_if_alone() {
+            return Ok(Led::Streamed(reply));
+        }
+        match read_whole(reply, self.cache.max_entry_bytes).await {
+            Whole::Done(whole, reply) => {
+                let stored = Arc::new(Stored {
+                    status: whole.status,
+                    headers: whole.headers,
+                    body: whole.body,
+                    at_ms: now_ms(),
+                    ttl: ttl.unwrap_or_default(),
+                    gens: self.gens,
+                });
+                let kept = match ttl {
+                    Some(_) => {
+                        self.cache
+                            .put(&self.key, &self.scopes, stored.clone())
+                            .await
+                    }
+                    None => false,
+                };
+                lead.finish(Outcome::Answer(stored.clone()));
+                Ok(Led::Shared(stored, reply, kept))
+            }
+            Whole::Streaming(reply) => {
+                lead.finish(Outcome::TooBig);
+                Ok(Led::Streamed(reply))
+            }
+        }
+    }
+}
+
+/// The leader's wait for its task. Dropped before the task ends (the caller hung up),
+/// it cancels the task only when nobody follows: then nobody needs its answer, and a
+/// request that waits for quota leaves the line as any other does.
+struct CancelAlone {
+    task: Option<tokio::task::JoinHandle<Result<Led, Failure>>>,
+    watching: flight::Watcher,
+}
+
+impl CancelAlone {
+    async fn join(mut self) -> Result<Led, Failure> {
+        let task = self.task.as_mut().expect("joined once");
+        let joined = task.await;
+        self.task = None;
+        match joined {
+            Ok(led) => led,
+            // The task panicked (a bug); only this guard cancels it.
+            Err(_) => Err(Failure::early(ProxyError::Internal)),
+        }
+    }
+}
+
+impl Drop for CancelAlone {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take()
+            && !self.watching.followed()
+        {
+            task.abort();
+        }
+    }
+}
