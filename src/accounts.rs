@@ -356,6 +356,11 @@ impl Accounts {
         self.quotas.link.as_ref()?.fleet().await
     }
 
+    /// The Redis link every account shares, with `limit.backend = "redis"`.
+    pub fn redis_link(&self) -> Option<Arc<RedisLink>> {
+        self.quotas.link.clone()
+    }
+
     /// Once any token is configured, every `/api/v1` request needs one.
     pub fn tokens_required(&self) -> bool {
         !self.tokens.is_empty()

@@ -1279,6 +1279,7 @@ impl Settings {
         keep!(redis.key);
         keep!(redis.on_error);
         keep!(redis.lease);
+        keep!(cache.max_bytes);
         keep!(log.format);
         if self.redis.url.expose_secret() != running.redis.url.expose_secret() {
             kept.push("redis.url");

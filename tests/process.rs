@@ -432,8 +432,11 @@ async fn sigterm_answers_queued_requests_with_503_at_the_grace_deadline() {
     };
     let in_flight = spawn_get("/api/v1/campaigns");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // ... and these wait for slots a minute away.
-    let queued: Vec<_> = (0..3).map(|_| spawn_get("/api/v1/campaigns")).collect();
+    // ... and these wait for slots a minute away (each its own request: identical ones
+    // would share the one in flight).
+    let queued: Vec<_> = (0..3)
+        .map(|n| spawn_get(&format!("/api/v1/campaigns?n={n}")))
+        .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || proxy.terminate())
@@ -1315,8 +1318,10 @@ async fn an_instance_back_after_its_lease_ran_out_registers_its_waiters_again() 
     let c = client();
     let send = |proxy: &Running, n: usize, id: &'static str| -> Vec<_> {
         (0..n)
-            .map(|_| {
-                let (c, url) = (c.clone(), proxy.url("/api/v1/campaigns"));
+            .map(|n| {
+                // Each its own request: identical ones would share one upstream call.
+                let path = format!("/api/v1/campaigns?client={id}&n={n}");
+                let (c, url) = (c.clone(), proxy.url(&path));
                 tokio::spawn(async move {
                     let r = c.get(url).header("x-client-id", id).send().await;
                     r.map(|r| r.status().as_u16()).unwrap_or(0)

@@ -10,6 +10,7 @@
 //! The request path's part is [`crate::stack::cache`].
 
 pub mod entry;
+pub mod fleet;
 pub mod flight;
 pub mod key;
 pub mod routes;

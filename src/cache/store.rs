@@ -7,10 +7,15 @@
 //! one step, done before the write's answer is sent, on every instance at once.
 //!
 //! This process keeps entries in moka (bounded by `cache.max_bytes`, least used first,
-//! each entry expiring at its ttl plus `cache.stale_if_error`).
+//! each entry expiring at its ttl plus `cache.stale_if_error`). With the fleet
+//! ([`super::fleet`]) entries and generations live in Redis; while Redis does not
+//! answer, each instance falls back to its own moka store (emptied when the outage
+//! begins, as it may hold answers other instances' writes made stale), and the writes
+//! it answers meanwhile move Redis's generations once it is back, before Redis's
+//! entries are used again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +24,7 @@ use moka::notification::RemovalCause;
 
 use super::entry::Stored;
 use super::key::CacheKey;
+use super::fleet::Fleet;
 use super::routes::Scope;
 
 /// Entries and bytes per account id, kept as entries come and go.
@@ -139,16 +145,15 @@ impl Generations {
 }
 
 #[derive(Debug)]
-pub struct Store {
+pub struct Local {
     entries: Moka<CacheKey, Arc<Stored>>,
     generations: Generations,
     stale_ms: Arc<AtomicU64>,
     pub sizes: Arc<Sizes>,
-    max_bytes: u64,
 }
 
-impl Store {
-    pub fn local(max_bytes: u64) -> Self {
+impl Local {
+    pub fn new(max_bytes: u64) -> Self {
         let sizes = Arc::new(Sizes::default());
         let stale_ms = Arc::new(AtomicU64::new(0));
         let listener = {
@@ -170,30 +175,23 @@ impl Store {
             generations: Generations::new(),
             stale_ms,
             sizes,
-            max_bytes,
         }
     }
 
-    pub fn keep_stale_for(&self, stale: Duration) {
+    fn keep_stale_for(&self, stale: Duration) {
         self.stale_ms
             .store(stale.as_millis() as u64, Ordering::Relaxed);
     }
 
-    pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+    fn stale(&self) -> Duration {
+        Duration::from_millis(self.stale_ms.load(Ordering::Relaxed))
     }
 
-    /// Entries and bytes held in all.
-    pub fn totals(&self) -> (u64, u64) {
-        (self.entries.entry_count(), self.entries.weighted_size())
+    fn clear(&self) {
+        self.entries.invalidate_all();
     }
 
-    /// Pending evictions and expiries done now (tests and the status read exact sizes).
-    pub async fn settle(&self) {
-        self.entries.run_pending_tasks().await;
-    }
-
-    pub async fn get(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
+    async fn get(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
         let stored = self.entries.get(key).await?;
         if stored.gens != self.generations.read(key.account(), scopes) {
             self.entries.invalidate(key).await;
@@ -202,11 +200,11 @@ impl Store {
         Some(stored)
     }
 
-    pub async fn generations(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
+    fn generations(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
         self.generations.read(account, scopes)
     }
 
-    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
+    async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
         if stored.gens != self.generations.read(key.account(), scopes) {
             return false;
         }
@@ -215,13 +213,143 @@ impl Store {
         true
     }
 
-    pub async fn bump(&self, account: &str, scopes: &[Scope]) {
-        let keep = self.longest_life();
-        self.generations.bump(account, scopes, keep);
+    fn bump(&self, account: &str, scopes: &[Scope]) {
+        self.generations.bump(account, scopes, longest_life(self.stale()));
+    }
+}
+
+/// Past this, no entry stored before a write can still be held (`cache.ttl` is at most
+/// a day).
+fn longest_life(stale: Duration) -> Duration {
+    Duration::from_secs(86_400) + stale
+}
+
+/// Where entries live: this process, or Redis with this process as the fallback.
+#[derive(Debug)]
+pub struct Store {
+    local: Local,
+    fleet: Option<Fleet>,
+    /// Writes answered while Redis did not: their scopes, to move there once it does.
+    pending: Mutex<Vec<(String, Vec<Scope>)>>,
+    /// The last Redis call failed: entries come from `local` until one succeeds.
+    down: AtomicBool,
+    pub sizes: Arc<Sizes>,
+    max_bytes: u64,
+}
+
+impl Store {
+    pub fn local(max_bytes: u64) -> Self {
+        Self::new(max_bytes, None)
     }
 
-    /// Past this, no entry stored before a write can still be held.
-    fn longest_life(&self) -> Duration {
-        Duration::from_secs(86_400) + Duration::from_millis(self.stale_ms.load(Ordering::Relaxed))
+    pub fn new(max_bytes: u64, fleet: Option<Fleet>) -> Self {
+        let local = Local::new(max_bytes);
+        Self {
+            sizes: local.sizes.clone(),
+            local,
+            fleet,
+            pending: Mutex::new(Vec::new()),
+            down: AtomicBool::new(false),
+            max_bytes,
+        }
+    }
+
+    pub fn keep_stale_for(&self, stale: Duration) {
+        self.local.keep_stale_for(stale);
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Whether entries are shared with the fleet.
+    pub fn is_shared(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// Pending evictions and expiries done now (the status reads exact sizes).
+    pub async fn settle(&self) {
+        self.local.entries.run_pending_tasks().await;
+    }
+
+    /// The fleet, when Redis answers and every write answered meanwhile has reached it.
+    pub async fn fleet(&self) -> Option<&Fleet> {
+        let fleet = self.fleet.as_ref().filter(|f| f.usable())?;
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let keep = longest_life(self.local.stale());
+        for (n, (account, scopes)) in pending.iter().enumerate() {
+            if fleet.bump(account, scopes, keep).await.is_err() {
+                let mut left = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                left.extend(pending[n..].iter().cloned());
+                self.failed();
+                return None;
+            }
+        }
+        Some(fleet)
+    }
+
+    /// A Redis call failed: what this process stored before may be stale (other
+    /// instances wrote meanwhile), so the fallback starts empty.
+    fn failed(&self) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            self.local.clear();
+        }
+    }
+
+    fn answered(&self) {
+        self.down.store(false, Ordering::Release);
+    }
+
+    pub async fn get(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
+        if let Some(fleet) = self.fleet().await {
+            match fleet.get(key, scopes).await {
+                Ok(found) => {
+                    self.answered();
+                    return found;
+                }
+                Err(_) => self.failed(),
+            }
+        }
+        self.local.get(key, scopes).await
+    }
+
+    pub async fn generations(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
+        if let Some(fleet) = self.fleet().await {
+            match fleet.generations(account, scopes).await {
+                Ok(gens) => return gens,
+                Err(_) => self.failed(),
+            }
+        }
+        self.local.generations(account, scopes)
+    }
+
+    /// Kept where its generations were read: an answer asked for with Redis's goes to
+    /// Redis; with Redis gone meanwhile, the local generations differ and it is not kept.
+    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
+        if let Some(fleet) = self.fleet().await {
+            let life = stored.ttl + self.local.stale();
+            match fleet.put(key, scopes, &stored, life).await {
+                Ok(kept) => return kept,
+                Err(_) => self.failed(),
+            }
+        }
+        self.local.put(key, scopes, stored).await
+    }
+
+    /// A write: this process's generations move, and Redis's now or once it answers.
+    pub async fn bump(&self, account: &str, scopes: &[Scope]) {
+        self.local.bump(account, scopes);
+        if self.fleet.is_none() {
+            return;
+        }
+        if let Some(fleet) = self.fleet().await {
+            let keep = longest_life(self.local.stale());
+            if fleet.bump(account, scopes, keep).await.is_ok() {
+                return;
+            }
+            self.failed();
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.push((account.to_owned(), scopes.to_vec()));
     }
 }

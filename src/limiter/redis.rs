@@ -335,6 +335,9 @@ pub struct RedisLink {
     detail: Mutex<Option<String>>,
     /// Every account's log, by the channel its pauses are announced on.
     logs: Mutex<HashMap<String, Weak<RedisBackend>>>,
+    /// Moves each time another instance announces a coalesced answer or a freed cache
+    /// lock (`c:` on an account's `:moved`), for the cache's followers.
+    cache_news: watch::Sender<u64>,
     /// Changes (closes) when the link is dropped: its tasks and the accounts' drivers stop.
     stop: watch::Receiver<()>,
     /// Dropped with the link, which stops its background tasks.
@@ -388,6 +391,7 @@ impl RedisLink {
             lately_live: Mutex::new(VecDeque::new()),
             detail: Mutex::new(None),
             logs: Mutex::new(HashMap::new()),
+            cache_news: watch::channel(0).0,
             _stop: stop,
         });
         tokio::spawn(maintain(Arc::downgrade(&link), stop_rx.clone()));
@@ -451,7 +455,33 @@ impl RedisLink {
         logs.values().filter_map(Weak::upgrade).collect()
     }
 
-    async fn call<T: redis::FromRedisValue>(
+    /// The prefix of every Redis key of the account stored as `id`: its hash slot.
+    pub fn account_prefix(&self, id: &str) -> String {
+        format!("{{{}:{id}}}", self.base)
+    }
+
+    /// This instance's id in the fleet.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// `redis.lease`.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Whether Redis answers (as the limiter last found).
+    pub fn healthy(&self) -> bool {
+        self.is_healthy()
+    }
+
+    /// Moves when another instance ends a coalesced call ([`RedisLink::cache_news`]).
+    pub fn cache_news(&self) -> watch::Receiver<u64> {
+        self.cache_news.subscribe()
+    }
+
+    /// Runs a script on the link's connection, within the usual timeout.
+    pub async fn call<T: redis::FromRedisValue>(
         &self,
         inv: redis::ScriptInvocation<'_>,
     ) -> RedisResult<T> {
@@ -1645,6 +1675,10 @@ async fn listen(link: Weak<RedisLink>, mut stop: watch::Receiver<()>) {
                         let Some(l) = link.upgrade() else { return };
                         let log = lock(&l.logs).get(msg.get_channel_name()).and_then(Weak::upgrade);
                         let payload: String = msg.get_payload().unwrap_or_default();
+                        if payload.starts_with("c:") {
+                            l.cache_news.send_modify(|n| *n += 1);
+                            continue;
+                        }
                         match (log, payload.strip_prefix("g:")) {
                             // Decisions for this instance's waiters are in its list.
                             (Some(log), Some(to)) if to == l.instance => log.fleet.kick.notify_one(),

@@ -125,16 +125,16 @@ impl Shared {
     pub fn new(settings: Settings) -> Result<Self, String> {
         // Installs the recorder before the first sample.
         crate::metrics::handle();
+        let accounts = Arc::new(Accounts::new(&settings)?);
+        let fleet = accounts.redis_link().map(crate::cache::fleet::Fleet::new);
+        let store = Store::new(settings.cache.max_bytes, fleet);
         Ok(Self {
             secrets: settings.secrets(),
-            accounts: Arc::new(Accounts::new(&settings)?),
+            accounts,
             clients: caller::Clients::new(&settings.limit),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
             connections: Connections::new(settings.server.max_connections),
-            cache: Arc::new(Cache::new(
-                &settings.cache,
-                Arc::new(Store::local(settings.cache.max_bytes)),
-            )),
+            cache: Arc::new(Cache::new(&settings.cache, Arc::new(store))),
             settings,
         })
     }
