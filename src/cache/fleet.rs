@@ -64,7 +64,10 @@ pub enum Look {
 /// A hex digest of `text`, short enough for a key and long enough never to collide.
 fn digest(text: &str) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    d.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Fleet {
@@ -87,6 +90,10 @@ impl Fleet {
         self.link.healthy()
     }
 
+    pub fn instance(&self) -> &str {
+        self.link.instance()
+    }
+
     pub fn lease(&self) -> Duration {
         self.link.lease()
     }
@@ -100,7 +107,11 @@ impl Fleet {
     }
 
     fn key_of(&self, key: &CacheKey, kind: &str) -> String {
-        format!("{}:{kind}:{}", self.prefix(key.account()), digest(key.target()))
+        format!(
+            "{}:{kind}:{}",
+            self.prefix(key.account()),
+            digest(key.target())
+        )
     }
 
     fn generation_keys(&self, account: &str, scopes: &[Scope]) -> Vec<String> {
@@ -112,7 +123,11 @@ impl Fleet {
     }
 
     /// The entry and whether its generations still match.
-    pub async fn get(&self, key: &CacheKey, scopes: &[Scope]) -> Result<Option<Arc<Stored>>, String> {
+    pub async fn get(
+        &self,
+        key: &CacheKey,
+        scopes: &[Scope],
+    ) -> Result<Option<Arc<Stored>>, String> {
         let mut inv = self.scripts.get.key(self.key_of(key, "c"));
         for g in self.generation_keys(key.account(), scopes) {
             inv.key(g);
@@ -142,7 +157,13 @@ impl Fleet {
     }
 
     /// Keeps `stored` for `life` unless a write moved its scopes since it was asked for.
-    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: &Stored, life: Duration) -> Result<bool, String> {
+    pub async fn put(
+        &self,
+        key: &CacheKey,
+        scopes: &[Scope],
+        stored: &Stored,
+        life: Duration,
+    ) -> Result<bool, String> {
         let mut inv = self.scripts.put.key(self.key_of(key, "c"));
         for g in self.generation_keys(key.account(), scopes) {
             inv.key(g);
@@ -156,7 +177,12 @@ impl Fleet {
     }
 
     /// Moves `scopes`' generations, kept for `keep`.
-    pub async fn bump(&self, account: &str, scopes: &[Scope], keep: Duration) -> Result<(), String> {
+    pub async fn bump(
+        &self,
+        account: &str,
+        scopes: &[Scope],
+        keep: Duration,
+    ) -> Result<(), String> {
         let keys = self.generation_keys(account, scopes);
         let Some(first) = keys.first() else {
             return Ok(());
@@ -184,7 +210,12 @@ impl Fleet {
 
     /// Ends this token's call with `outcome` for the followers elsewhere (`None`:
     /// nothing to share, they take over).
-    pub async fn release(&self, key: &CacheKey, token: &str, outcome: Option<Outcome<'_>>) -> Result<(), String> {
+    pub async fn release(
+        &self,
+        key: &CacheKey,
+        token: &str,
+        outcome: Option<Outcome<'_>>,
+    ) -> Result<(), String> {
         let digest = digest(key.target());
         let prefix = self.prefix(key.account());
         let mut inv = self.scripts.release.key(format!("{prefix}:cl:{digest}"));

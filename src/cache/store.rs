@@ -23,8 +23,8 @@ use moka::future::Cache as Moka;
 use moka::notification::RemovalCause;
 
 use super::entry::Stored;
-use super::key::CacheKey;
 use super::fleet::Fleet;
+use super::key::CacheKey;
 use super::routes::Scope;
 
 /// Entries and bytes per account id, kept as entries come and go.
@@ -214,7 +214,8 @@ impl Local {
     }
 
     fn bump(&self, account: &str, scopes: &[Scope]) {
-        self.generations.bump(account, scopes, longest_life(self.stale()));
+        self.generations
+            .bump(account, scopes, longest_life(self.stale()));
     }
 }
 
@@ -260,6 +261,11 @@ impl Store {
 
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    /// The fleet's store as it is, Redis answering or not (for a lock already held).
+    pub fn shared(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
     }
 
     /// Whether entries are shared with the fleet.

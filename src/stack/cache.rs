@@ -31,6 +31,7 @@ use super::quota_retry::{Arrived, request_timeout};
 use super::{Failure, Reply};
 use crate::accounts::Call;
 use crate::cache::entry::now_ms;
+use crate::cache::fleet::{self, Look};
 use crate::cache::flight::{self, Lead, Outcome, Role};
 use crate::cache::key::{Asked, asked, is_write, storable};
 use crate::cache::routes::Scope;
@@ -400,6 +401,18 @@ impl Read {
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
         S::Future: Send + 'static,
     {
+        let lock = match self.fleet_turn().await {
+            Turn::Lead(lock) => lock,
+            Turn::Shared(stored) => {
+                lead.finish(Outcome::Answer(stored.clone()));
+                let fwd = self.fwd("collapsed");
+                return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
+            }
+            Turn::TooBig => {
+                lead.finish(Outcome::TooBig);
+                return self.alone(inner, req, stale).await;
+            }
+        };
         req.extensions_mut().insert(Arrived(self.arrived));
         let gens = self.cache.generations(&self.key, &self.scopes).await;
         let flight = Flying {
@@ -408,6 +421,7 @@ impl Read {
             scopes: self.scopes.clone(),
             ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
             gens,
+            lock,
         };
         let watching = lead.watcher();
         let task = tokio::spawn(flight.run(lead, inner, req));
@@ -423,6 +437,45 @@ impl Read {
             }
             Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
             Err(failure) => self.failed(failure, stale),
+        }
+    }
+
+    /// The fleet's line for this key: its lock (`None`: no fleet, Redis does not answer,
+    /// or this request waited for another instance's call until its deadline and goes
+    /// through the quota itself), or the outcome of another instance's call.
+    async fn fleet_turn(&self) -> Turn {
+        let Some(fleet) = self.cache.store().fleet().await else {
+            return Turn::Lead(None);
+        };
+        let token = format!("{}:{:016x}", fleet.instance(), rand::random::<u64>());
+        let mut news = fleet.news();
+        loop {
+            match fleet.lock(&self.key, &token).await {
+                Ok(true) => {
+                    return Turn::Lead(Some(FleetLock::new(&self.cache, &self.key, token)));
+                }
+                Ok(false) => {}
+                Err(_) => return Turn::Lead(None),
+            }
+            loop {
+                // Woken by the other instance's message; a jittered look in case it is
+                // lost.
+                let pause = Duration::from_millis(40 + rand::random::<u64>() % 80);
+                if Instant::now() + pause > self.deadline {
+                    return Turn::Lead(None);
+                }
+                tokio::select! {
+                    _ = news.changed() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                match fleet.look(&self.key).await {
+                    Ok(Look::Running) => continue,
+                    Ok(Look::Answer(stored)) => return Turn::Shared(stored),
+                    Ok(Look::TooBig) => return Turn::TooBig,
+                    Ok(Look::Free) => break,
+                    Err(_) => return Turn::Lead(None),
+                }
+            }
         }
     }
 
@@ -553,6 +606,80 @@ impl http_body::Body for Prefixed {
     }
 }
 
+/// Where this request stands in the fleet's line for its key.
+enum Turn {
+    Lead(Option<FleetLock>),
+    Shared(Arc<Stored>),
+    TooBig,
+}
+
+/// The fleet's lock on a key, held for one call: renewed while it runs, released with
+/// its outcome. Dropped unreleased (the call was cancelled), it is released with none.
+struct FleetLock {
+    cache: Arc<Cache>,
+    key: CacheKey,
+    token: String,
+    released: bool,
+}
+
+impl FleetLock {
+    fn new(cache: &Arc<Cache>, key: &CacheKey, token: String) -> Self {
+        Self {
+            cache: cache.clone(),
+            key: key.clone(),
+            token,
+            released: false,
+        }
+    }
+
+    /// `call`, with the lock renewed three times a lease while it runs.
+    async fn renewing<F: Future>(&self, call: F) -> F::Output {
+        let Some(fleet) = self.cache.store().shared() else {
+            return call.await;
+        };
+        let mut every = tokio::time::interval(fleet.lease() / 3);
+        every.tick().await;
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                done = &mut call => return done,
+                _ = every.tick() => {
+                    // A failed renewal lets another instance lead: a second call, never
+                    // a wrong answer.
+                    let _ = fleet.lock(&self.key, &self.token).await;
+                }
+            }
+        }
+    }
+
+    async fn release(mut self, outcome: Option<fleet::Outcome<'_>>) {
+        self.released = true;
+        if let Some(fleet) = self.cache.store().shared() {
+            let _ = fleet.release(&self.key, &self.token, outcome).await;
+        }
+    }
+}
+
+impl Drop for FleetLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (cache, key, token) = (
+            self.cache.clone(),
+            self.key.clone(),
+            std::mem::take(&mut self.token),
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Some(fleet) = cache.store().shared() {
+                    let _ = fleet.release(&key, &token, None).await;
+                }
+            });
+        }
+    }
+}
+
 /// What the leader's task needs to end its flight.
 struct Flying {
     cache: Arc<Cache>,
@@ -561,6 +688,8 @@ struct Flying {
     /// `Some` when the answer may be stored (a stored route, not `no-store`).
     ttl: Option<Duration>,
     gens: Vec<u64>,
+    /// The fleet's lock, when this call leads for every instance.
+    lock: Option<FleetLock>,
 }
 
 /// How the leader's call went.
@@ -572,11 +701,22 @@ enum Led {
 }
 
 impl Flying {
-    async fn run<S>(self, mut lead: Lead, mut inner: S, req: Request<Bytes>) -> Result<Led, Failure>
+    async fn run<S>(
+        mut self,
+        mut lead: Lead,
+        mut inner: S,
+        req: Request<Bytes>,
+    ) -> Result<Led, Failure>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
     {
-        let reply = match inner.call(req).await {
+        let lock = self.lock.take();
+        let call = inner.call(req);
+        let answered = match &lock {
+            Some(lock) => lock.renewing(call).await,
+            None => call.await,
+        };
+        let reply = match answered {
             Ok(reply) => reply,
             Err(failure) => {
                 // Shared only when final; otherwise a follower takes over.
@@ -584,13 +724,18 @@ impl Flying {
                     Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
                     None => lead.finish(Outcome::Gone),
                 }
+                if let Some(lock) = lock {
+                    lock.release(None).await;
+                }
                 return Err(failure);
             }
         };
         let ttl = self
             .ttl
             .filter(|_| storable(reply.response.status(), reply.response.headers()));
-        if ttl.is_none() && lead.close_if_alone() {
+        // Followers on other instances may wait: with the fleet's lock the answer is
+        // read to be shared.
+        if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
             return Ok(Led::Streamed(reply));
         }
         match read_whole(reply, self.cache.max_entry_bytes).await {
@@ -611,10 +756,16 @@ impl Flying {
                     }
                     None => false,
                 };
+                if let Some(lock) = lock {
+                    lock.release(Some(fleet::Outcome::Answer(&stored))).await;
+                }
                 lead.finish(Outcome::Answer(stored.clone()));
                 Ok(Led::Shared(stored, reply, kept))
             }
             Whole::Streaming(reply) => {
+                if let Some(lock) = lock {
+                    lock.release(Some(fleet::Outcome::TooBig)).await;
+                }
                 lead.finish(Outcome::TooBig);
                 Ok(Led::Streamed(reply))
             }
