@@ -1415,6 +1415,34 @@ mod tests {
     }
 
     #[test]
+    fn cache_routes_come_as_a_table_or_as_text() {
+        let file = "[cache]\nttl = { \"/campaigns\" = \"5m\", \"/campaigns/*/analytics\" = \"1m\" }\n";
+        let from_file = load(&[], Some(file)).unwrap().cache.ttl;
+        let env = [(
+            "SMARTLEAD_PROXY__CACHE__TTL",
+            "/campaigns=5m, /campaigns/*/analytics=1m",
+        )];
+        assert_eq!(load(&env, None).unwrap().cache.ttl, from_file);
+        assert_eq!(from_file["/campaigns"], Duration::from_secs(300));
+        for (bad, says) in [
+            ("/campaigns=soon", "is not a duration"),
+            ("campaigns=5m", "must start with '/'"),
+            ("/a/**/b=5m", "'**' may only be the last segment"),
+            ("/campaigns=0s", "between 1ms and 1d"),
+            ("/campaigns", "is not route=duration"),
+        ] {
+            let err = load(&[("SMARTLEAD_PROXY__CACHE__TTL", bad)], None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cache.ttl") && err.contains(says), "{bad}: {err}");
+        }
+        let err = load(&[("SMARTLEAD_PROXY__CACHE__MAX_BYTES", "10")], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.max_bytes"), "{err}");
+    }
+
+    #[test]
     fn the_quota_has_two_forms_never_both() {
         assert_eq!(labels(&load(&[], None).unwrap()), DEFAULT_WINDOWS);
         let pro = [("SMARTLEAD_PROXY__LIMIT__WINDOWS", "20/1s,120/60s,3000/1h")];

@@ -97,7 +97,31 @@ mod ttl_map {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
     ) -> Result<BTreeMap<String, Duration>, D::Error> {
-        let written = BTreeMap::<String, String>::deserialize(d)?;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Table(BTreeMap<String, String>),
+            /// `"/campaigns=5m,/campaigns/*/analytics=1m"`: the form an environment
+            /// variable can hold.
+            Text(String),
+        }
+        let written = match Written::deserialize(d)? {
+            Written::Table(t) => t,
+            Written::Text(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (route, ttl) = pair.rsplit_once('=').ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "cache.ttl: {} is not route=duration",
+                            crate::shown::route(pair)
+                        ))
+                    })?;
+                    Ok((route.trim().to_owned(), ttl.trim().to_owned()))
+                })
+                .collect::<Result<_, D::Error>>()?,
+        };
         written
             .into_iter()
             .map(|(k, v)| {
