@@ -16,7 +16,7 @@ use crate::key::{ApiKey, Secrets};
 mod cache;
 mod whole;
 
-pub use cache::CacheSettings;
+pub use cache::{CacheSettings, Pattern};
 
 use crate::shown;
 pub use crate::shown::{mask_userinfo, quoted};
@@ -1416,7 +1416,8 @@ mod tests {
 
     #[test]
     fn cache_routes_come_as_a_table_or_as_text() {
-        let file = "[cache]\nttl = { \"/campaigns\" = \"5m\", \"/campaigns/*/analytics\" = \"1m\" }\n";
+        let file =
+            "[cache]\nttl = { \"/campaigns\" = \"5m\", \"/campaigns/*/analytics\" = \"1m\" }\n";
         let from_file = load(&[], Some(file)).unwrap().cache.ttl;
         let env = [(
             "SMARTLEAD_PROXY__CACHE__TTL",
@@ -1434,7 +1435,10 @@ mod tests {
             let err = load(&[("SMARTLEAD_PROXY__CACHE__TTL", bad)], None)
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("cache.ttl") && err.contains(says), "{bad}: {err}");
+            assert!(
+                err.contains("cache.ttl") && err.contains(says),
+                "{bad}: {err}"
+            );
         }
         let err = load(&[("SMARTLEAD_PROXY__CACHE__MAX_BYTES", "10")], None)
             .unwrap_err()

@@ -321,7 +321,36 @@ pub fn render(s: &Snapshot) -> String {
             &s.fleet_fairness,
         ));
     }
+    if let Some(cache) = &s.cache {
+        out.push_str(&cache_html(cache));
+    }
     out.push_str(&errors_html(&s.recent_errors));
+    out
+}
+
+/// The cache per account: what it holds and the upstream calls it saved (the script's
+/// `cache` draws the same).
+fn cache_html(c: &CacheView) -> String {
+    let mut out = format!(
+        "<section class=\"cache\"><h2>Cache</h2><p class=\"facts\">{} entries · {} of {} bytes · {} evicted</p><div class=\"scroll\"><table><thead><tr><th>account</th><th>entries</th><th>bytes</th><th>hits</th><th>stale</th><th>misses</th><th>collapsed</th><th>hit ratio</th><th>upstream calls saved</th></tr></thead><tbody>",
+        c.entries, c.bytes, c.max_bytes, c.evictions
+    );
+    for (account, a) in &c.accounts {
+        out.push_str(&format!(
+            "<tr data-cache-account=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}%</td><td class=\"saved\">{}</td></tr>",
+            esc(account),
+            esc(account),
+            a.entries,
+            a.bytes,
+            a.hits,
+            a.stale,
+            a.misses + a.bypass,
+            a.collapsed,
+            a.hit_ratio * 100.0,
+            a.saved
+        ));
+    }
+    out.push_str("</tbody></table></div></section>");
     out
 }
 
@@ -486,7 +515,7 @@ main{max-width:1240px;margin:0 auto;padding:16px}header h1{font-size:20px;margin
 .fill{display:block;height:100%;background:var(--ok)}.fill.busy{background:var(--busy)}.fill.full{background:var(--full)}
 .num{text-align:right;font-variant-numeric:tabular-nums}.pause{color:var(--full);font-weight:600}.facts{color:var(--muted)}
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:4px 8px;border-bottom:1px solid var(--line);vertical-align:top}
-th{color:var(--muted);font-weight:600}.errors,.fleet{margin-top:16px}.errors h2,.fleet h2{font-size:16px}.rid{font-family:ui-monospace,monospace;font-size:12px}.hint{min-width:240px}
+th{color:var(--muted);font-weight:600}.errors,.fleet,.cache{margin-top:16px}.errors h2,.fleet h2,.cache h2{font-size:16px}.rid{font-family:ui-monospace,monospace;font-size:12px}.hint{min-width:240px}
 @media (max-width:600px){.window{grid-template-columns:60px 1fr 70px}main{padding:8px}}
 "#;
 
@@ -513,10 +542,15 @@ function fleet(s){
  h+='</p><p class="facts">fairness over the last minute (Jain):';
  var f=s.fleet_fairness||{};Object.keys(f).sort().forEach(function(a){h+=' <span class="fairness">'+esc(a)+' <b>'+f[a].jain.toFixed(2)+'</b> of '+f[a].clients+' clients</span>';});
  return h+'</p></section>';}
+function cache(c){
+ var h='<section class="cache"><h2>Cache</h2><p class="facts">'+c.entries+' entries · '+c.bytes+' of '+c.max_bytes+' bytes · '+c.evictions+' evicted</p><div class="scroll"><table><thead><tr><th>account</th><th>entries</th><th>bytes</th><th>hits</th><th>stale</th><th>misses</th><th>collapsed</th><th>hit ratio</th><th>upstream calls saved</th></tr></thead><tbody>';
+ Object.keys(c.accounts).sort().forEach(function(n){var a=c.accounts[n];h+='<tr data-cache-account="'+esc(n)+'"><td>'+esc(n)+'</td><td>'+a.entries+'</td><td>'+a.bytes+'</td><td>'+a.hits+'</td><td>'+a.stale+'</td><td>'+(a.misses+a.bypass)+'</td><td>'+a.collapsed+'</td><td>'+Math.round(a.hit_ratio*100)+'%</td><td class="saved">'+a.saved+'</td></tr>';});
+ return h+'</tbody></table></div></section>';}
 function render(s){
  var l=s.limiter,h='<header><h1>smartlead-proxy</h1><p class="meta">v'+esc(s.version)+' · up '+s.uptime_seconds+'s · limiter <b class="state '+esc(l.state)+'">'+esc(l.backend)+' / '+esc(l.state)+'</b>'+(l.detail?' <span class="detail">'+esc(l.detail)+'</span>':'')+'</p></header>';
  h+='<section class="accounts">';s.accounts.forEach(function(a){h+=account(a,s);});h+='</section>';
  if(s.fleet){h+=fleet(s);}
+ if(s.cache){h+=cache(s.cache);}
  h+='<section class="errors"><h2>Recent errors</h2><div class="scroll"><table><thead><tr><th>at</th><th>status</th><th>code</th><th>request id</th><th>account</th><th>client</th><th>hint</th></tr></thead><tbody>';
  s.recent_errors.forEach(function(e){h+='<tr><td>'+esc(e.at)+'</td><td>'+e.status+'</td><td>'+esc(e.code)+'</td><td class="rid">'+esc(e.request_id)+'</td><td>'+esc(e.account)+'</td><td>'+esc(e.client)+'</td><td class="hint">'+esc(e.hint)+'</td></tr>';});
  main.innerHTML=h+'</tbody></table></div></section>';main.setAttribute('data-refreshed',new Date().toISOString());}
@@ -612,6 +646,36 @@ pub fn table(s: &Snapshot) -> String {
                 f.jain, f.clients
             ));
         }
+    }
+    if let Some(c) = &s.cache {
+        let mut cache = new_table(&[
+            "account",
+            "entries",
+            "bytes",
+            "hits",
+            "stale",
+            "misses",
+            "collapsed",
+            "hit ratio",
+            "upstream calls saved",
+        ]);
+        for (account, a) in &c.accounts {
+            cache.add_row(vec![
+                account.clone(),
+                a.entries.to_string(),
+                a.bytes.to_string(),
+                a.hits.to_string(),
+                a.stale.to_string(),
+                (a.misses + a.bypass).to_string(),
+                a.collapsed.to_string(),
+                format!("{:.0}%", a.hit_ratio * 100.0),
+                a.saved.to_string(),
+            ]);
+        }
+        out.push_str(&format!(
+            "cache: {} entries, {} of {} bytes, {} evicted\n{cache}\n",
+            c.entries, c.bytes, c.max_bytes, c.evictions
+        ));
     }
     if !s.recent_errors.is_empty() {
         let mut errors = new_table(&[

@@ -125,6 +125,17 @@ async fn a_hit_spends_no_quota_and_says_so() {
     assert_eq!(cache["hits"], 1);
     assert_eq!(cache["saved"], 1);
     assert!(cache["bytes"].as_u64().unwrap() > first_body.len() as u64);
+    // The page and the terminal view show the same.
+    let page = proxy.get("/status").await.text().await.unwrap();
+    assert!(
+        page.contains("upstream calls saved") && page.contains("data-cache-account=\"default\"")
+    );
+    let snapshot: smartlead_proxy::status::Snapshot = serde_json::from_value(status).unwrap();
+    let table = smartlead_proxy::status::table(&snapshot);
+    assert!(
+        table.contains("upstream calls saved") && table.contains("hit ratio"),
+        "{table}"
+    );
     proxy.stop().await;
 }
 
@@ -210,6 +221,13 @@ async fn accounts_and_client_keys_never_share_entries() {
     let mut s = settings(&sim.base_url());
     ttl(&mut s, &[("/campaigns", 300_000)]);
     s.upstream.allow_client_key = true;
+    s.accounts.push(smartlead_proxy::config::AccountSettings {
+        name: "b".into(),
+        key_env: "KEY_B".into(),
+        windows: None,
+        tokens: vec![],
+        key: Some(smartlead_proxy::key::ApiKey::new("client-key-two")),
+    });
     let proxy = spawn_proxy(s).await;
     for key in ["client-key-one", "client-key-two", "client-key-one"] {
         proxy.get(&format!("/api/v1/campaigns?api_key={key}")).await;
@@ -222,9 +240,21 @@ async fn accounts_and_client_keys_never_share_entries() {
             vec!["client-key-two".to_string()]
         ]
     );
-    // The proxy's own account has its own entry too.
+    // The proxy's own account has its own entry too, and so has a named one, although
+    // its key is one a client also sent.
     let own = proxy.get("/api/v1/campaigns").await;
     assert_eq!(status_of(&own), ["fwd=uri-miss", "stored"]);
+    for _ in 0..2 {
+        let named = proxy
+            .get_with("/api/v1/campaigns", &[("x-smartlead-account", "b")])
+            .await;
+        assert_eq!(named.status(), 200);
+    }
+    let named = proxy
+        .get_with("/api/v1/campaigns", &[("x-smartlead-account", "b")])
+        .await;
+    assert_eq!(status_of(&named)[0], "hit");
+    assert_eq!(sim.requests().len(), 4);
     let status = proxy.get("/status.json").await.text().await.unwrap();
     let metrics = proxy.get("/metrics").await.text().await.unwrap();
     for text in [&status, &metrics] {

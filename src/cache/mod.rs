@@ -7,7 +7,7 @@
 //! - [`store`]: where entries live: this process (moka) or Redis for the fleet, with the
 //!   generations that invalidate them.
 //!
-//! The request path's part is [`crate::stack::cache`].
+//! The request path's part is the `stack` module's `cache` layer.
 
 pub mod entry;
 pub mod fleet;

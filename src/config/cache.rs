@@ -48,7 +48,7 @@ impl CacheSettings {
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for (pattern, ttl) in &self.ttl {
-            crate::cache::routes::Pattern::parse(pattern)
+            Pattern::parse(pattern)
                 .map_err(|why| invalid("cache.ttl", format!("{}: {why}", shown::route(pattern))))?;
             if ttl.is_zero() || *ttl > DAY {
                 return Err(invalid(
@@ -73,6 +73,83 @@ impl CacheSettings {
             ));
         }
         Ok(())
+    }
+}
+
+/// A `cache.ttl` route: a path after `/api/v1` whose segments are names, `*` (any one
+/// segment) or, last only, `**` (any rest, none included). Matched by
+/// the cache (its `routes` module).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Segment {
+    // Declared from the least exact, so a pattern's segments sort by specificity.
+    Rest,
+    Any,
+    Name(String),
+}
+
+impl Segment {
+    fn rank(&self) -> u8 {
+        match self {
+            Segment::Rest => 0,
+            Segment::Any => 1,
+            Segment::Name(_) => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(Vec<Segment>);
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err("must start with '/' (a path after /api/v1)".into());
+        };
+        if text.contains(['?', '#']) {
+            return Err("must be a path, without a query".into());
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (n, part) in parts.iter().enumerate() {
+            let segment = match *part {
+                "" => return Err("has an empty segment".into()),
+                "**" if n + 1 == parts.len() => Segment::Rest,
+                "**" => return Err("'**' may only be the last segment".into()),
+                "*" => Segment::Any,
+                name if name.contains('*') => {
+                    return Err(format!(
+                        "{}: '*' stands for a whole segment",
+                        shown::quoted(name)
+                    ));
+                }
+                name => Segment::Name(name.to_owned()),
+            };
+            segments.push(segment);
+        }
+        Ok(Self(segments))
+    }
+
+    pub fn matches(&self, path: &[&str]) -> bool {
+        let mut at = 0;
+        for segment in &self.0 {
+            match segment {
+                Segment::Rest => return true,
+                Segment::Any if at < path.len() => at += 1,
+                Segment::Name(name) if path.get(at) == Some(&name.as_str()) => at += 1,
+                _ => return false,
+            }
+        }
+        at == path.len()
+    }
+
+    /// Ordered so that the most specific pattern is the greatest. A pattern that ends
+    /// where the path does beats one whose `**` takes the (empty) rest.
+    pub fn specificity(&self) -> Vec<u8> {
+        let mut ranks: Vec<u8> = self.0.iter().map(Segment::rank).collect();
+        if self.0.last() != Some(&Segment::Rest) {
+            ranks.push(3);
+        }
+        ranks
     }
 }
 
