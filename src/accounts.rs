@@ -121,7 +121,7 @@ impl Quotas {
             name: name.into(),
             id: stored_as.into(),
             target,
-            cache: Default::default(),
+            cache: Arc::new(crate::cache::Counts::new(name)),
             limiter,
             retry_budget: RetryBudget::new(&self.retry),
             last_used: Mutex::new(Instant::now()),

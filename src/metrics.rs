@@ -394,10 +394,10 @@ pub fn fleet_requests(fast: usize, queued: usize) {
     }
 }
 
-/// A cached or coalesced read, by account and what became of it (hit, stale, miss,
-/// bypass, collapsed).
-pub fn cache_request(account: &str, result: &'static str) {
-    counter!(CACHE_REQUESTS, "account" => account.to_owned(), "result" => result).increment(1);
+/// The counter of an account's cached or coalesced reads with one result (hit, stale,
+/// miss, bypass, collapsed): made once per account, kept by it.
+pub fn cache_counter(account: &str, result: &'static str) -> metrics::Counter {
+    counter!(CACHE_REQUESTS, "account" => account.to_owned(), "result" => result)
 }
 
 /// Entries and bytes the cache holds in this process.

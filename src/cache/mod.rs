@@ -93,7 +93,8 @@ impl Cache {
     }
 }
 
-/// How an account's cached reads went (the status and its hit ratio).
+/// How an account's cached reads went (the status and its hit ratio), with the
+/// account's metric handles, made once (a read counts without a label lookup).
 #[derive(Debug, Default)]
 pub struct Counts {
     pub hit: AtomicU64,
@@ -101,6 +102,7 @@ pub struct Counts {
     pub miss: AtomicU64,
     pub bypass: AtomicU64,
     pub collapsed: AtomicU64,
+    metrics: Option<[metrics::Counter; 5]>,
 }
 
 /// What became of one read.
@@ -125,16 +127,39 @@ impl ReadResult {
     }
 }
 
+impl ReadResult {
+    const ALL: [ReadResult; 5] = [
+        ReadResult::Hit,
+        ReadResult::Stale,
+        ReadResult::Miss,
+        ReadResult::Bypass,
+        ReadResult::Collapsed,
+    ];
+}
+
 impl Counts {
+    /// For the account named `account` (its `account` label).
+    pub fn new(account: &str) -> Self {
+        Self {
+            metrics: Some(
+                ReadResult::ALL.map(|r| crate::metrics::cache_counter(account, r.label())),
+            ),
+            ..Self::default()
+        }
+    }
+
     pub fn count(&self, result: ReadResult) {
-        let counter = match result {
-            ReadResult::Hit => &self.hit,
-            ReadResult::Stale => &self.stale,
-            ReadResult::Miss => &self.miss,
-            ReadResult::Bypass => &self.bypass,
-            ReadResult::Collapsed => &self.collapsed,
+        let (counter, n) = match result {
+            ReadResult::Hit => (&self.hit, 0),
+            ReadResult::Stale => (&self.stale, 1),
+            ReadResult::Miss => (&self.miss, 2),
+            ReadResult::Bypass => (&self.bypass, 3),
+            ReadResult::Collapsed => (&self.collapsed, 4),
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(handles) = &self.metrics {
+            handles[n].increment(1);
+        }
     }
 
     fn get(c: &AtomicU64) -> u64 {

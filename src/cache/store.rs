@@ -107,8 +107,12 @@ impl moka::Expiry<CacheKey, Arc<Stored>> for Lifetime {
 /// value has expired.
 #[derive(Debug)]
 struct Generations {
-    moved: Mutex<HashMap<String, (u64, Instant)>>,
+    /// By a hash of the account and the scope: two scopes that share a hash share a
+    /// generation, so a write to one makes the other's answers stale too (a miss more,
+    /// never a stale answer).
+    moved: Mutex<HashMap<u64, (u64, Instant)>>,
     next: AtomicU64,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Generations {
@@ -116,18 +120,20 @@ impl Generations {
         Self {
             moved: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            hasher: Default::default(),
         }
     }
 
-    fn name(account: &str, scope: &Scope) -> String {
-        format!("{account}\n{}", scope.label())
+    fn name(&self, account: &str, scope: &Scope) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((account, scope))
     }
 
     fn read(&self, account: &str, scopes: &[Scope]) -> Vec<u64> {
         let moved = self.moved.lock().unwrap_or_else(|e| e.into_inner());
         scopes
             .iter()
-            .map(|s| moved.get(&Self::name(account, s)).map_or(0, |(g, _)| *g))
+            .map(|s| moved.get(&self.name(account, s)).map_or(0, |(g, _)| *g))
             .collect()
     }
 
@@ -139,7 +145,7 @@ impl Generations {
         }
         for scope in scopes {
             let g = self.next.fetch_add(1, Ordering::Relaxed);
-            moved.insert(Self::name(account, scope), (g, now));
+            moved.insert(self.name(account, scope), (g, now));
         }
     }
 }

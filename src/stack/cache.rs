@@ -313,7 +313,6 @@ impl Read {
 
     fn count(&self, result: ReadResult) {
         self.call.account.cache.count(result);
-        crate::metrics::cache_request(&self.call.account.name, result.label());
     }
 
     /// An answer from a stored one: a hit (`status` is `hit`, its ttl is added) or a
@@ -368,7 +367,7 @@ impl Read {
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
     {
-        let gens = self.cache.generations(&self.key, &self.scopes).await;
+        let gens = self.generations().await;
         let mut req = req;
         req.extensions_mut().insert(Arrived(self.arrived));
         let reply = match inner.call(req).await {
@@ -414,7 +413,7 @@ impl Read {
             }
         };
         req.extensions_mut().insert(Arrived(self.arrived));
-        let gens = self.cache.generations(&self.key, &self.scopes).await;
+        let gens = self.generations().await;
         let flight = Flying {
             cache: self.cache.clone(),
             key: self.key.clone(),
@@ -476,6 +475,15 @@ impl Read {
                     Err(_) => return Turn::Lead(None),
                 }
             }
+        }
+    }
+
+    /// The generations the answer will depend on, read before it is asked for; none
+    /// for a route not stored (its answer is only shared, never kept).
+    async fn generations(&self) -> Vec<u64> {
+        match self.ttl {
+            Some(_) => self.cache.generations(&self.key, &self.scopes).await,
+            None => Vec::new(),
         }
     }
 
