@@ -11,7 +11,7 @@ COPY vendor ./vendor
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && for b in quota redis memory soak allocs scrub; do echo 'fn main() {}' > benches/$b.rs; done \
+    && for b in quota redis memory soak allocs scrub cache; do echo 'fn main() {}' > benches/$b.rs; done \
     && cargo build --release --locked \
     && rm -rf src benches
 COPY src ./src

@@ -614,3 +614,35 @@ async fn assert_key_nowhere_in(redis: &PrivateRedis) {
     }
     assert!(cache_keys >= 1, "no cache entry in Redis");
 }
+
+#[tokio::test]
+async fn a_hit_waits_in_no_queue_while_the_quota_is_spent() {
+    let (sim, proxy) = sim_and_proxy_with(|s| {
+        ttl(s, &[("/campaigns", 300_000)]);
+        s.limit.one_window(1, Duration::from_secs(20));
+        s.limit.max_wait = Duration::from_secs(60);
+    })
+    .await;
+    assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 200);
+    // The window's one slot is spent: this one waits in the line...
+    let waiting = tokio::spawn({
+        let url = proxy.url("/api/v1/campaigns/1001");
+        async move { client().get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... while a hit is answered at once, and is never counted as a start.
+    let began = std::time::Instant::now();
+    let hit = proxy.get("/api/v1/campaigns").await;
+    assert_eq!(status_of(&hit)[0], "hit");
+    assert!(
+        began.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        began.elapsed()
+    );
+    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    assert_eq!(status["accounts"][0]["waiting"], 1, "{status:#}");
+    assert_eq!(status["accounts"][0]["windows"][0]["used"], 1);
+    assert_eq!(calls(&sim, "/campaigns"), 1);
+    waiting.abort();
+    proxy.stop().await;
+}
