@@ -242,23 +242,17 @@ impl Read {
         }
         // Kept for when SmartLead fails.
         let stale = found.filter(|f| !f.is_fresh(now));
-        let mut inner = Some(inner);
-        let mut req = Some(req);
-        loop {
+        // Followers wait their turn here; the first decision that is not to follow ends
+        // the loop, with the request still to send.
+        let leader = loop {
             let role = if self.cache.coalesce {
                 self.cache.flights.join(&self.key)
             } else {
                 Role::Alone
             };
             match role {
-                Role::Leader(lead) => {
-                    let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
-                    return self.lead(lead, inner, req, stale).await;
-                }
-                Role::Alone => {
-                    let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
-                    return self.alone(inner, req, stale).await;
-                }
+                Role::Leader(lead) => break Some(lead),
+                Role::Alone => break None,
                 Role::Follower(rx) => match flight::follow(rx, self.deadline).await {
                     Some(Outcome::Answer(stored)) => {
                         let fwd = self.fwd("collapsed");
@@ -270,14 +264,15 @@ impl Read {
                     }
                     // Passed its own deadline, or the answer was too big to share: it
                     // goes through the quota itself, with the deadlines it came with.
-                    None | Some(Outcome::TooBig) => {
-                        let (inner, req) = (inner.take().expect("once"), req.take().expect("once"));
-                        return self.alone(inner, req, stale).await;
-                    }
+                    None | Some(Outcome::TooBig) => break None,
                     // The leader went away: the line decides who leads now.
                     Some(Outcome::Gone | Outcome::Pending) => continue,
                 },
             }
+        };
+        match leader {
+            Some(lead) => self.lead(lead, inner, req, stale).await,
+            None => self.alone(inner, req, stale).await,
         }
     }
 
@@ -430,8 +425,7 @@ impl Read {
         };
         let result = guard.join().await;
         match result {
-            Ok(Led::Shared(whole, reply, kept)) => {
-                let _ = whole;
+            Ok(Led::Shared(reply, kept)) => {
                 Ok(self.streamed(reply, if kept { "stored" } else { "" }))
             }
             Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
@@ -703,7 +697,7 @@ struct Flying {
 /// How the leader's call went.
 enum Led {
     /// Read whole and shared (and `true`: kept).
-    Shared(Arc<Stored>, Reply, bool),
+    Shared(Reply, bool),
     /// Passed on as it streams: nobody shares it.
     Streamed(Reply),
 }
@@ -767,8 +761,8 @@ impl Flying {
                 if let Some(lock) = lock {
                     lock.release(Some(fleet::Outcome::Answer(&stored))).await;
                 }
-                lead.finish(Outcome::Answer(stored.clone()));
-                Ok(Led::Shared(stored, reply, kept))
+                lead.finish(Outcome::Answer(stored));
+                Ok(Led::Shared(reply, kept))
             }
             Whole::Streaming(reply) => {
                 if let Some(lock) = lock {
