@@ -646,3 +646,40 @@ async fn a_hit_waits_in_no_queue_while_the_quota_is_spent() {
     waiting.abort();
     proxy.stop().await;
 }
+
+/// Until `proxy`'s limiter says Redis answers again.
+async fn until_shared(proxy: &Proxy) {
+    for _ in 0..100 {
+        let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+        if status["limiter"]["state"] == "shared" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("Redis never answered again");
+}
+
+#[tokio::test]
+async fn a_write_answered_while_redis_stalls_reaches_the_fleet_once_it_answers() {
+    let (_sim, redis, a, b, _) = two_on_redis(&[("/campaigns", 300_000)]).await;
+    a.get("/api/v1/campaigns").await;
+    assert_eq!(status_of(&b.get("/api/v1/campaigns").await)[0], "hit");
+    redis.signal("-STOP");
+    let created = client()
+        .post(a.url("/api/v1/campaigns/create"))
+        .json(&serde_json::json!({"name": "Made in the stall"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    redis.signal("-CONT");
+    until_shared(&a).await;
+    until_shared(&b).await;
+    // A reads nothing meanwhile: its write reaches Redis by itself.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let on_b = b.get("/api/v1/campaigns").await;
+    assert_eq!(status_of(&on_b), ["fwd=uri-miss", "stored"]);
+    assert!(on_b.text().await.unwrap().contains("Made in the stall"));
+    a.stop().await;
+    b.stop().await;
+}

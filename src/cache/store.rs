@@ -225,6 +225,17 @@ impl Local {
     }
 }
 
+/// Moves the generations of writes answered while Redis did not answer, once it does.
+async fn carry_over(store: std::sync::Weak<Store>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Some(store) = store.upgrade() else { return };
+        if store.has_pending.load(Ordering::Acquire) {
+            let _ = store.fleet().await;
+        }
+    }
+}
+
 /// Past this, no entry stored before a write can still be held (`cache.ttl` is at most
 /// a day).
 fn longest_life(stale: Duration) -> Duration {
@@ -236,8 +247,10 @@ fn longest_life(stale: Duration) -> Duration {
 pub struct Store {
     local: Local,
     fleet: Option<Fleet>,
-    /// Writes answered while Redis did not: their scopes, to move there once it does.
-    pending: Mutex<Vec<(String, Vec<Scope>)>>,
+    /// Writes answered while Redis did not: their scopes, to move there once it does
+    /// (held while they are moved, so no request reads Redis before they are).
+    pending: tokio::sync::Mutex<Vec<(String, Vec<Scope>)>>,
+    has_pending: AtomicBool,
     /// The last Redis call failed: entries come from `local` until one succeeds.
     down: AtomicBool,
     pub sizes: Arc<Sizes>,
@@ -249,13 +262,25 @@ impl Store {
         Self::new(max_bytes, None)
     }
 
-    pub fn new(max_bytes: u64, fleet: Option<Fleet>) -> Self {
+    /// With the fleet, a task moves Redis's generations for the writes answered while
+    /// it did not answer, as soon as it does (not only at this instance's next read).
+    pub fn start(max_bytes: u64, fleet: Option<Fleet>) -> Arc<Self> {
+        let shared = fleet.is_some();
+        let store = Arc::new(Self::new(max_bytes, fleet));
+        if shared {
+            tokio::spawn(carry_over(Arc::downgrade(&store)));
+        }
+        store
+    }
+
+    fn new(max_bytes: u64, fleet: Option<Fleet>) -> Self {
         let local = Local::new(max_bytes);
         Self {
             sizes: local.sizes.clone(),
             local,
             fleet,
-            pending: Mutex::new(Vec::new()),
+            pending: tokio::sync::Mutex::new(Vec::new()),
+            has_pending: AtomicBool::new(false),
             down: AtomicBool::new(false),
             max_bytes,
         }
@@ -287,15 +312,17 @@ impl Store {
     /// The fleet, when Redis answers and every write answered meanwhile has reached it.
     pub async fn fleet(&self) -> Option<&Fleet> {
         let fleet = self.fleet.as_ref().filter(|f| f.usable())?;
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
-        let keep = longest_life(self.local.stale());
-        for (n, (account, scopes)) in pending.iter().enumerate() {
-            if fleet.bump(account, scopes, keep).await.is_err() {
-                let mut left = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                left.extend(pending[n..].iter().cloned());
-                self.failed();
-                return None;
+        if self.has_pending.load(Ordering::Acquire) {
+            let mut pending = self.pending.lock().await;
+            let keep = longest_life(self.local.stale());
+            while let Some((account, scopes)) = pending.first() {
+                if fleet.bump(account, scopes, keep).await.is_err() {
+                    self.failed();
+                    return None;
+                }
+                pending.remove(0);
             }
+            self.has_pending.store(false, Ordering::Release);
         }
         Some(fleet)
     }
@@ -361,7 +388,8 @@ impl Store {
             }
             self.failed();
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.lock().await;
         pending.push((account.to_owned(), scopes.to_vec()));
+        self.has_pending.store(true, Ordering::Release);
     }
 }

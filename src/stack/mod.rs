@@ -127,14 +127,14 @@ impl Shared {
         crate::metrics::handle();
         let accounts = Arc::new(Accounts::new(&settings)?);
         let fleet = accounts.redis_link().map(crate::cache::fleet::Fleet::new);
-        let store = Store::new(settings.cache.max_bytes, fleet);
+        let store = Store::start(settings.cache.max_bytes, fleet);
         Ok(Self {
             secrets: settings.secrets(),
             accounts,
             clients: caller::Clients::new(&settings.limit),
             bodies: BodyBudget::new(settings.server.max_buffered_bytes),
             connections: Connections::new(settings.server.max_connections),
-            cache: Arc::new(Cache::new(&settings.cache, Arc::new(store))),
+            cache: Arc::new(Cache::new(&settings.cache, store)),
             settings,
         })
     }
