@@ -488,6 +488,9 @@ async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
     s.upstream.api_key = None;
     s.upstream.allow_client_key = true;
     s.limit.max_client_keys = 1000;
+    // 1,000 connections opened at once can overflow the simulator's accept backlog while
+    // other tests run; a dropped SYN is sent again after a second.
+    s.upstream.connect_timeout = Duration::from_secs(5);
     let proxy = spawn_proxy(s.clone()).await;
     let c = client();
     let junk: Vec<u16> = futures_util::future::join_all((0..1000).map(|i| {
@@ -496,7 +499,8 @@ async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
         async move { c.get(url).send().await.unwrap().status().as_u16() }
     }))
     .await;
-    assert!(junk.iter().all(|s| *s == 401), "SmartLead refused them");
+    let odd: Vec<&u16> = junk.iter().filter(|s| **s != 401).collect();
+    assert!(odd.is_empty(), "SmartLead refused them: {odd:?}");
     let resp = proxy
         .get(&format!("/api/v1/campaigns?api_key={}", REAL[0]))
         .await;

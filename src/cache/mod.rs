@@ -102,7 +102,10 @@ pub struct Counts {
     pub miss: AtomicU64,
     pub bypass: AtomicU64,
     pub collapsed: AtomicU64,
-    metrics: Option<[metrics::Counter; 5]>,
+    /// The `account` label, for the handles made at the first counted read (an account
+    /// that never reads through the cache, a junk client key, makes no series).
+    account: Option<Arc<str>>,
+    metrics: std::sync::OnceLock<[metrics::Counter; 5]>,
 }
 
 /// What became of one read.
@@ -141,9 +144,7 @@ impl Counts {
     /// For the account named `account` (its `account` label).
     pub fn new(account: &str) -> Self {
         Self {
-            metrics: Some(
-                ReadResult::ALL.map(|r| crate::metrics::cache_counter(account, r.label())),
-            ),
+            account: Some(account.into()),
             ..Self::default()
         }
     }
@@ -157,7 +158,10 @@ impl Counts {
             ReadResult::Collapsed => (&self.collapsed, 4),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(handles) = &self.metrics {
+        if let Some(account) = &self.account {
+            let handles = self.metrics.get_or_init(|| {
+                ReadResult::ALL.map(|r| crate::metrics::cache_counter(account, r.label()))
+            });
             handles[n].increment(1);
         }
     }
