@@ -21,7 +21,7 @@ use crate::upstream::AttemptError;
 const MAX_MESSAGE_CHARS: usize = 300;
 
 /// A non-2xx upstream answer, body read.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failed {
     pub status: StatusCode,
     pub headers: HeaderMap,

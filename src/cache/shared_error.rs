@@ -4,19 +4,11 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
-
 use crate::error::{Failed, ProxyError};
 
 #[derive(Debug, Clone)]
 pub enum SharedError {
-    Upstream {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-        cut: bool,
-    },
+    Upstream(Failed),
     Unreachable(String),
     Invalid(String),
     Timeout(Duration),
@@ -25,12 +17,7 @@ pub enum SharedError {
 impl SharedError {
     pub fn of(error: &ProxyError) -> Option<Self> {
         Some(match error {
-            ProxyError::Upstream(f) => SharedError::Upstream {
-                status: f.status,
-                headers: f.headers.clone(),
-                body: f.body.clone(),
-                cut: f.cut,
-            },
+            ProxyError::Upstream(f) => SharedError::Upstream(Failed::clone(f)),
             ProxyError::UpstreamUnreachable(why) => SharedError::Unreachable(why.clone()),
             ProxyError::UpstreamInvalid(why) => SharedError::Invalid(why.clone()),
             ProxyError::UpstreamTimeout(after) => SharedError::Timeout(*after),
@@ -40,17 +27,7 @@ impl SharedError {
 
     pub fn error(&self) -> ProxyError {
         match self {
-            SharedError::Upstream {
-                status,
-                headers,
-                body,
-                cut,
-            } => ProxyError::Upstream(Box::new(Failed {
-                status: *status,
-                headers: headers.clone(),
-                body: body.clone(),
-                cut: *cut,
-            })),
+            SharedError::Upstream(f) => ProxyError::Upstream(Box::new(f.clone())),
             SharedError::Unreachable(why) => ProxyError::UpstreamUnreachable(why.clone()),
             SharedError::Invalid(why) => ProxyError::UpstreamInvalid(why.clone()),
             SharedError::Timeout(after) => ProxyError::UpstreamTimeout(*after),

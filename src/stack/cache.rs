@@ -130,11 +130,13 @@ impl<S> CacheService<S> {
             // A bad header is the quota's to refuse.
             _ => self.max_wait,
         };
+        let ttl = self.cache.routes.ttl(path);
         Plan::Read(Read {
             cache: self.cache.clone(),
             key: CacheKey::new(&call.account.id, path, req.uri().query()),
-            scopes: Scope::read(path),
-            ttl: self.cache.routes.ttl(path),
+            // Only a stored answer depends on them.
+            scopes: ttl.map(|_| Scope::read(path)).unwrap_or_default(),
+            ttl,
             asked: asked(req.headers()),
             call: call.clone(),
             arrived,
@@ -356,14 +358,13 @@ impl Read {
     async fn alone<S>(
         &self,
         mut inner: S,
-        req: Request<Bytes>,
+        mut req: Request<Bytes>,
         stale: Option<Arc<Stored>>,
     ) -> Result<Reply, Failure>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
     {
         let gens = self.generations().await;
-        let mut req = req;
         req.extensions_mut().insert(Arrived(self.arrived));
         let reply = match inner.call(req).await {
             Ok(reply) => reply,
@@ -372,10 +373,12 @@ impl Read {
         let Some(ttl) = self.storing(&reply) else {
             return Ok(self.streamed(reply, ""));
         };
-        match read_whole(reply, self.cache.max_entry_bytes).await {
-            Whole::Done(whole, reply) => {
-                let stored = Arc::new(self.stored(&whole, ttl, gens));
-                let kept = self.cache.put(&self.key, &self.scopes, stored).await;
+        match read_whole(reply, self.cache.max_entry_bytes, ttl, gens).await {
+            Whole::Done(stored, reply) => {
+                let kept = self
+                    .cache
+                    .put(&self.key, &self.scopes, Arc::new(stored))
+                    .await;
                 Ok(self.streamed(reply, if kept { "stored" } else { "" }))
             }
             Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
@@ -493,17 +496,6 @@ impl Read {
         let ttl = self.ttl.filter(|_| self.asked != Asked::NoStore)?;
         storable(reply.response.status(), reply.response.headers()).then_some(ttl)
     }
-
-    fn stored(&self, whole: &Whole_, ttl: Duration, gens: Vec<u64>) -> Stored {
-        Stored {
-            status: whole.status,
-            headers: whole.headers.clone(),
-            body: whole.body.clone(),
-            at_ms: now_ms(),
-            ttl,
-            gens,
-        }
-    }
 }
 
 /// Sets `Cache-Status` and `Age`.
@@ -514,22 +506,16 @@ fn mark(headers: &mut http::HeaderMap, status: &str, age_s: u64) {
     headers.insert(header::AGE, HeaderValue::from(age_s));
 }
 
-/// A whole answer, as read.
-struct Whole_ {
-    status: http::StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
 enum Whole {
-    /// Read whole: the parts, and the reply again with the same body.
-    Done(Whole_, Reply),
+    /// Read whole: the answer as it would be stored (asked for now, kept `ttl` with the
+    /// generations `gens`), and the reply again with the same body.
+    Done(Stored, Reply),
     /// Over the limit (or broken off): the reply, streaming what was read and the rest.
     Streaming(Reply),
 }
 
 /// Reads `reply`'s body up to `limit` bytes.
-async fn read_whole(reply: Reply, limit: usize) -> Whole {
+async fn read_whole(reply: Reply, limit: usize, ttl: Duration, gens: Vec<u64>) -> Whole {
     let Reply { response, served } = reply;
     let (parts, mut body) = response.into_parts();
     let mut read = BytesMut::new();
@@ -563,13 +549,16 @@ async fn read_whole(reply: Reply, limit: usize) -> Whole {
         }
     }
     let body = read.freeze();
-    let whole = Whole_ {
+    let stored = Stored {
         status: parts.status,
         headers: parts.headers.clone(),
         body: body.clone(),
+        at_ms: now_ms(),
+        ttl,
+        gens,
     };
     let response = Response::from_parts(parts, Body::from(body));
-    Whole::Done(whole, Reply::new(response, served))
+    Whole::Done(stored, Reply::new(response, served))
 }
 
 pin_project_lite::pin_project! {
@@ -740,16 +729,10 @@ impl Flying {
         if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
             return Ok(Led::Streamed(reply));
         }
-        match read_whole(reply, self.cache.max_entry_bytes).await {
-            Whole::Done(whole, reply) => {
-                let stored = Arc::new(Stored {
-                    status: whole.status,
-                    headers: whole.headers,
-                    body: whole.body,
-                    at_ms: now_ms(),
-                    ttl: ttl.unwrap_or_default(),
-                    gens: self.gens,
-                });
+        let limit = self.cache.max_entry_bytes;
+        match read_whole(reply, limit, ttl.unwrap_or_default(), self.gens).await {
+            Whole::Done(stored, reply) => {
+                let stored = Arc::new(stored);
                 let kept = match ttl {
                     Some(_) => {
                         self.cache
