@@ -560,27 +560,59 @@ setInterval(tick,1000);tick();
 "#;
 
 /// The same picture for a terminal: a header line, a table of windows per account, one
-/// of clients, one of recent errors.
+/// of clients, then the fleet, the cache and recent errors when there are any.
 pub fn table(s: &Snapshot) -> String {
-    use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-    let new_table = |header: &[&str]| {
-        let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED)
-            .set_header(header.to_vec());
-        t
-    };
-    let mut out = format!(
+    let mut out = header_line(s);
+    out.push_str(&format!("{}\n", windows_table(s)));
+    out.push_str(&format!("{}\n", clients_table(s)));
+    if let Some(fleet) = &s.fleet {
+        out.push_str(&format!("fleet\n{}\n", fleet_table(fleet)));
+        for (account, f) in &s.fleet_fairness {
+            out.push_str(&format!(
+                "fairness over the last minute (Jain): {account} {:.2} of {} clients\n",
+                f.jain, f.clients
+            ));
+        }
+    }
+    if let Some(c) = &s.cache {
+        out.push_str(&format!(
+            "cache: {} entries, {} of {} bytes, {} evicted\n{}\n",
+            c.entries,
+            c.bytes,
+            c.max_bytes,
+            c.evictions,
+            cache_table(c)
+        ));
+    }
+    if !s.recent_errors.is_empty() {
+        out.push_str(&format!(
+            "recent errors (newest first)\n{}\n",
+            errors_table(&s.recent_errors)
+        ));
+    }
+    out
+}
+
+fn new_table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    t
+}
+
+fn header_line(s: &Snapshot) -> String {
+    let detail = s.limiter.detail.as_ref();
+    format!(
         "smartlead-proxy {} · up {}s · limiter {} / {}{}\n",
         s.version,
         s.uptime_seconds,
         s.limiter.backend,
         s.limiter.state,
-        s.limiter
-            .detail
-            .as_ref()
-            .map(|d| format!(" ({d})"))
-            .unwrap_or_default()
-    );
+        detail.map(|d| format!(" ({d})")).unwrap_or_default()
+    )
+}
+
+fn windows_table(s: &Snapshot) -> comfy_table::Table {
     let mut windows = new_table(&[
         "account",
         "window",
@@ -591,11 +623,8 @@ pub fn table(s: &Snapshot) -> String {
         "retries left",
     ]);
     for a in &s.accounts {
-        let budget = s
-            .retry_budget
-            .iter()
-            .find(|b| b.account == a.name)
-            .map_or(0, |b| b.left);
+        let budget = s.retry_budget.iter().find(|b| b.account == a.name);
+        let budget = budget.map_or(0, |b| b.left);
         let paused = a
             .paused_seconds
             .map_or_else(String::new, |left| format!("{left:.0}s"));
@@ -611,7 +640,10 @@ pub fn table(s: &Snapshot) -> String {
             ]);
         }
     }
-    out.push_str(&format!("{windows}\n"));
+    windows
+}
+
+fn clients_table(s: &Snapshot) -> comfy_table::Table {
     let mut clients = new_table(&["account", "client", "waiting", "served"]);
     for a in &s.accounts {
         for c in &a.clients {
@@ -623,84 +655,77 @@ pub fn table(s: &Snapshot) -> String {
             ]);
         }
     }
-    out.push_str(&format!("{clients}\n"));
-    if let Some(fleet) = &s.fleet {
-        let mut instances = new_table(&["host", "instance", "waiting", "lease age"]);
-        for i in fleet {
-            let host = if i.this {
-                format!("{} (this one)", i.host)
-            } else {
-                i.host.clone()
-            };
-            instances.add_row(vec![
-                host,
-                i.id.clone(),
-                i.waiting.to_string(),
-                format!("{:.1}s", i.lease_age_seconds),
-            ]);
-        }
-        out.push_str(&format!("fleet\n{instances}\n"));
-        for (account, f) in &s.fleet_fairness {
-            out.push_str(&format!(
-                "fairness over the last minute (Jain): {account} {:.2} of {} clients\n",
-                f.jain, f.clients
-            ));
-        }
-    }
-    if let Some(c) = &s.cache {
-        let mut cache = new_table(&[
-            "account",
-            "entries",
-            "bytes",
-            "hits",
-            "stale",
-            "misses",
-            "collapsed",
-            "hit ratio",
-            "upstream calls saved",
+    clients
+}
+
+fn fleet_table(fleet: &[crate::limiter::redis::Instance]) -> comfy_table::Table {
+    let mut instances = new_table(&["host", "instance", "waiting", "lease age"]);
+    for i in fleet {
+        let host = if i.this {
+            format!("{} (this one)", i.host)
+        } else {
+            i.host.clone()
+        };
+        instances.add_row(vec![
+            host,
+            i.id.clone(),
+            i.waiting.to_string(),
+            format!("{:.1}s", i.lease_age_seconds),
         ]);
-        for (account, a) in &c.accounts {
-            cache.add_row(vec![
-                account.clone(),
-                a.entries.to_string(),
-                a.bytes.to_string(),
-                a.hits.to_string(),
-                a.stale.to_string(),
-                (a.misses + a.bypass).to_string(),
-                a.collapsed.to_string(),
-                format!("{:.0}%", a.hit_ratio * 100.0),
-                a.saved.to_string(),
-            ]);
-        }
-        out.push_str(&format!(
-            "cache: {} entries, {} of {} bytes, {} evicted\n{cache}\n",
-            c.entries, c.bytes, c.max_bytes, c.evictions
-        ));
     }
-    if !s.recent_errors.is_empty() {
-        let mut errors = new_table(&[
-            "at",
-            "status",
-            "code",
-            "request id",
-            "account",
-            "client",
-            "hint",
+    instances
+}
+
+fn cache_table(c: &CacheView) -> comfy_table::Table {
+    let mut cache = new_table(&[
+        "account",
+        "entries",
+        "bytes",
+        "hits",
+        "stale",
+        "misses",
+        "collapsed",
+        "hit ratio",
+        "upstream calls saved",
+    ]);
+    for (account, a) in &c.accounts {
+        cache.add_row(vec![
+            account.clone(),
+            a.entries.to_string(),
+            a.bytes.to_string(),
+            a.hits.to_string(),
+            a.stale.to_string(),
+            (a.misses + a.bypass).to_string(),
+            a.collapsed.to_string(),
+            format!("{:.0}%", a.hit_ratio * 100.0),
+            a.saved.to_string(),
         ]);
-        for e in s.recent_errors.iter().take(10) {
-            errors.add_row(vec![
-                e.at.clone(),
-                e.status.to_string(),
-                e.code.clone(),
-                e.request_id.clone(),
-                e.account.clone().unwrap_or_default(),
-                e.client.clone().unwrap_or_default(),
-                e.hint.clone().unwrap_or_default(),
-            ]);
-        }
-        out.push_str(&format!("recent errors (newest first)\n{errors}\n"));
     }
-    out
+    cache
+}
+
+fn errors_table(recent: &[ErrorAnswer]) -> comfy_table::Table {
+    let mut errors = new_table(&[
+        "at",
+        "status",
+        "code",
+        "request id",
+        "account",
+        "client",
+        "hint",
+    ]);
+    for e in recent.iter().take(10) {
+        errors.add_row(vec![
+            e.at.clone(),
+            e.status.to_string(),
+            e.code.clone(),
+            e.request_id.clone(),
+            e.account.clone().unwrap_or_default(),
+            e.client.clone().unwrap_or_default(),
+            e.hint.clone().unwrap_or_default(),
+        ]);
+    }
+    errors
 }
 
 #[cfg(test)]

@@ -298,27 +298,44 @@ where
     /// One attempt and what follows it: the answer, or `None` once it is time to try
     /// again (after a pause or a backoff).
     async fn attempt(&mut self) -> Option<Result<Response<Body>, ProxyError>> {
-        let account = self.account.clone();
-        let limiter = &account.limiter;
         let timeout = self.attempt_timeout();
         let began = Instant::now();
         let sent = self.send(timeout).await;
-        if let Ok(resp) = &sent {
-            limiter.observe(resp.headers()).await;
-        }
         let status = sent.as_ref().ok().map(Response::status);
-        if matches!(
-            status,
-            Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-        ) {
-            // A client key's slot is given back (limit.max_client_keys).
-            account.key_refused();
-        }
         let outcome = match (&status, &sent) {
             (Some(status), _) => status.as_str(),
             (None, Err(e)) => e.kind(),
             (None, Ok(_)) => "",
         };
+        let answered = sent.as_ref().ok().map(|r| (r.status(), r.headers()));
+        self.note_attempt(answered, outcome, began).await;
+        let miss = match sent {
+            Ok(resp) if is_pass_through(resp.status()) => {
+                self.served.upstream_time += began.elapsed();
+                return Some(Ok(self.success(resp, began.elapsed())));
+            }
+            Ok(resp) => self.upstream_failure(resp, timeout, began).await,
+            Err(err) => self.attempt_failure(err, began),
+        };
+        self.served.upstream_time += began.elapsed();
+        self.retry_or_answer(miss, outcome).await
+    }
+
+    /// What every attempt tells: SmartLead's rate-limit headers to the limiter, a refused
+    /// client key to its account, the outcome to the log and the metrics.
+    async fn note_attempt(
+        &mut self,
+        answered: Option<(StatusCode, &HeaderMap)>,
+        outcome: &str,
+        began: Instant,
+    ) {
+        if let Some((status, headers)) = answered {
+            if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                // A client key's slot is given back (limit.max_client_keys).
+                self.account.key_refused();
+            }
+            self.account.limiter.observe(headers).await;
+        }
         tracing::debug!(
             attempt = self.served.attempts,
             outcome,
@@ -326,31 +343,54 @@ where
             "upstream attempt"
         );
         crate::metrics::upstream_attempt(outcome);
-        let (retryable, asked, last) = match sent {
-            Ok(resp) if is_pass_through(resp.status()) => {
-                self.served.upstream_time += began.elapsed();
-                return Some(Ok(self.success(resp, began.elapsed())));
-            }
-            Ok(resp) => {
-                let failed = read_failed(resp, timeout).await;
-                if let Some(t) = &self.traffic {
-                    let (status, headers, body) = (failed.status, &failed.headers, &failed.body);
-                    t.answered(self.served.attempts, status, headers, body, began.elapsed());
-                }
-                self.served.last_status = Some(failed.status);
-                let asked =
-                    retry::upstream_retry_after(&failed.headers, &failed.body, SystemTime::now());
-                let retryable = retry::retry_status(failed.status, self.safety, &self.quota.retry);
-                (retryable, asked, ProxyError::Upstream(Box::new(failed)))
-            }
-            Err(err) => {
-                if let Some(t) = &self.traffic {
-                    t.failed(self.served.attempts, err.kind(), began.elapsed());
-                }
-                (retry::retry_error(&err, self.safety), None, err.into())
-            }
-        };
-        self.served.upstream_time += began.elapsed();
+    }
+
+    /// SmartLead answered with an error: read whole (within the attempt's time), logged,
+    /// and judged worth another attempt or not.
+    async fn upstream_failure(
+        &mut self,
+        resp: Response<B>,
+        timeout: Duration,
+        began: Instant,
+    ) -> Miss {
+        let failed = read_failed(resp, timeout).await;
+        if let Some(t) = &self.traffic {
+            let (status, headers, body) = (failed.status, &failed.headers, &failed.body);
+            t.answered(self.served.attempts, status, headers, body, began.elapsed());
+        }
+        self.served.last_status = Some(failed.status);
+        Miss {
+            asked: retry::upstream_retry_after(&failed.headers, &failed.body, SystemTime::now()),
+            retryable: retry::retry_status(failed.status, self.safety, &self.quota.retry),
+            last: ProxyError::Upstream(Box::new(failed)),
+        }
+    }
+
+    /// No answer from SmartLead (connect, timeout, a broken response).
+    fn attempt_failure(&self, err: AttemptError, began: Instant) -> Miss {
+        if let Some(t) = &self.traffic {
+            t.failed(self.served.attempts, err.kind(), began.elapsed());
+        }
+        Miss {
+            retryable: retry::retry_error(&err, self.safety),
+            asked: None,
+            last: err.into(),
+        }
+    }
+
+    /// After a failed attempt: the last error as the answer, or `None` once the pause
+    /// (an upstream 429: everyone pauses) or the backoff is over.
+    async fn retry_or_answer(
+        &mut self,
+        miss: Miss,
+        outcome: &str,
+    ) -> Option<Result<Response<Body>, ProxyError>> {
+        let Miss {
+            retryable,
+            asked,
+            last,
+        } = miss;
+        let limiter = &self.account.limiter;
         let limited =
             matches!(&last, ProxyError::Upstream(f) if f.status == StatusCode::TOO_MANY_REQUESTS);
         if limited {
@@ -360,7 +400,7 @@ where
         if !retryable || self.served.attempts > self.quota.retry.max_retries {
             return Some(Err(self.last(last)));
         }
-        if !limited && !account.retry_budget.withdraw() {
+        if !limited && !self.account.retry_budget.withdraw() {
             self.served.budget_exhausted = true;
             tracing::warn!(
                 attempt = self.served.attempts,
@@ -539,6 +579,14 @@ where
         body,
         cut,
     }
+}
+
+/// A failed attempt: whether another may follow, the wait SmartLead asked for, and the
+/// error to answer with if none does.
+struct Miss {
+    retryable: bool,
+    asked: Option<Duration>,
+    last: ProxyError,
 }
 
 #[cfg(test)]
