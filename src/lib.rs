@@ -14,25 +14,29 @@
 //!   [`stack::envelope`] (every error becomes
 //!   the JSON envelope in [`error::answer`], the one place that answers) →
 //!   [`stack::buffer`] (the body, bounded; [`body`]) → [`stack::body_key`] (a client's
-//!   `api_key` taken out of the body: [`key::in_body`]) → [`stack::lead_import`] (the
+//!   `api_key` taken out of the body: [`key::in_body`]) → [`stack::cache`] (the response
+//!   cache and the coalescing line: [`cache`]) → [`stack::lead_import`] (the
 //!   lead-import guard and batching; [`leads`]) → [`stack::key_injection`] (the target
 //!   and the key from [`upstream::Target`]; secrets scrubbed from what comes back, success
 //!   bodies as they stream: [`key::streamed`]) →
 //!   [`stack::quota_retry`] (the [`limiter`]: when slots are, and the fair line that
-//!   decides who uses each; the [`retry`] policy in one loop; the
-//!   [`traffic`] log) → [`upstream::UpstreamClient`] (one attempt).
+//!   decides who uses each; the [`retry`] policy in one loop; the [`traffic`] log) →
+//!   [`upstream::UpstreamClient`] (one attempt).
 //!
-//! Around it: [`config`] (typed settings, layered loading, validation; [`shown`], how
-//! its errors show values without secrets), [`headers`]
-//! (taking headers out of a message), [`reload`] (the
-//! settings in force, rebuilt stacks per generation, SIGHUP reloads), [`tls`] and
-//! [`egress`] (trusted roots and the CONNECT proxy for the upstream), [`status`] (the
-//! status page, its JSON and terminal table) with [`recent`] (the last error answers),
-//! [`key`] (the
-//! self-redacting key, and [`key::Secrets`], which owns all redaction), [`served`] (how a
-//! request was served), [`shutdown`] (draining and the grace deadline), [`telemetry`]
-//! (the redacting log sink, one-line panics), [`sim`] (the simulated SmartLead of tests,
-//! demos and benchmarks), [`healthcheck`] and [`demo`] (subcommands).
+//! Around it:
+//! - settings: [`config`] (typed settings, layered loading, validation) with [`shown`]
+//!   (how errors show a user's values without secrets), [`reload`] (the settings in
+//!   force, stacks rebuilt per generation, SIGHUP reloads);
+//! - the key: [`key`] (the self-redacting key, and [`key::Secrets`], which owns all
+//!   redaction), [`telemetry`] (the redacting log sink, one-line panics);
+//! - the way out: [`tls`] and [`egress`] (trusted roots and the CONNECT proxy);
+//! - seeing it: [`status`] (the status page, its JSON and terminal table), [`recent`] (the
+//!   last error answers), [`served`] (how a request was served), [`metrics`];
+//! - plumbing: [`headers`] (taking headers out of a message), [`slab`] (small
+//!   per-request strings cut from a per-thread slab), [`shutdown`] (draining and the
+//!   grace deadline);
+//! - around the proxy: [`sim`] (the simulated SmartLead of tests, demos and benchmarks),
+//!   [`healthcheck`] and [`demo`] (subcommands).
 //!
 //! [`run`] serves on a bound listener until `shutdown` resolves, then drains.
 #![forbid(unsafe_code)]
@@ -114,32 +118,10 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     let addr = listener.local_addr()?;
     status::start_clock();
-    if let Some(files) = connections::raise_file_limit() {
-        tracing::info!(
-            soft_before = files.soft_before,
-            soft = files.soft,
-            hard = files.hard,
-            "open files limit (the soft limit is raised to the hard one)"
-        );
-    }
-    let tokens = !settings.server.access_tokens.is_empty()
-        || settings.accounts.iter().any(|a| !a.tokens.is_empty());
-    if !addr.ip().is_loopback() && !tokens {
-        tracing::warn!(%addr, "listening beyond loopback without access tokens (server.access_tokens, or an account's tokens): anyone who can reach this port can spend the API quota");
-    }
+    start_up_notes(addr, &settings);
     let workers = settings.server.worker_count();
     let shared = stack::Shared::new(settings).map_err(RunError::Setup)?;
-    let pool = POOL_MAX_IDLE.div_ceil(workers);
-    let upstream = &shared.settings.upstream;
-    let tls = tls::client_config(upstream.ca_file.as_deref()).map_err(RunError::Setup)?;
-    let (connector, via) = egress::connector(upstream).map_err(RunError::Setup)?;
-    if let Some(via) = via {
-        tracing::info!(proxy = %via, "the upstream is reached through an egress proxy");
-    }
-    let clients = (0..workers)
-        .map(|_| UpstreamClient::with_connector(upstream, connector.clone(), tls.clone(), pool))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(RunError::Setup)?;
+    let clients = upstream_clients(&shared.settings.upstream, workers)?;
     let stopping = Shutdown::default();
     let (senders, receivers): (Vec<_>, Vec<_>) =
         (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
@@ -153,35 +135,30 @@ pub async fn run_with(
         "client connections (server.max_connections)"
     );
     let live = reload::Live::new(shared);
+    let thread = |incoming, client, shutdown| Thread {
+        incoming,
+        live: live.clone(),
+        shutdown,
+        client,
+        grace,
+        client_timeout,
+    };
     let mut finished = Vec::with_capacity(workers);
     for (n, (incoming, client)) in threads.enumerate() {
-        let thread = Thread {
-            incoming,
-            live: live.clone(),
-            shutdown: stopping.for_thread(),
-            client,
-            grace,
-            client_timeout,
-        };
-        finished.push(spawn_worker(n + 1, thread)?);
+        finished.push(spawn_worker(
+            n + 1,
+            thread(incoming, client, stopping.for_thread()),
+        )?);
     }
+    let me = thread(mine, my_client, stopping.clone());
     tracing::info!(%addr, workers, "listening");
     if let Some(reloader) = reloader {
         tokio::spawn(reload::follow(live.clone(), reloader));
     }
-    let signalled = stopping.clone();
     let stop = async move {
         shutdown.await;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining in-flight requests");
-        signalled.begin();
-    };
-    let me = Thread {
-        incoming: mine,
-        live,
-        shutdown: stopping,
-        client: my_client,
-        grace,
-        client_timeout,
+        stopping.begin();
     };
     tokio::join!(
         server::accept(listener, senders, &connections, stop),
@@ -192,6 +169,42 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What start-up tells the log before serving: the open-files limit it raised, and a
+/// warning when the quota is open to anyone who can reach the port.
+fn start_up_notes(addr: std::net::SocketAddr, settings: &Settings) {
+    if let Some(files) = connections::raise_file_limit() {
+        tracing::info!(
+            soft_before = files.soft_before,
+            soft = files.soft,
+            hard = files.hard,
+            "open files limit (the soft limit is raised to the hard one)"
+        );
+    }
+    let tokens = !settings.server.access_tokens.is_empty()
+        || settings.accounts.iter().any(|a| !a.tokens.is_empty());
+    if !addr.ip().is_loopback() && !tokens {
+        tracing::warn!(%addr, "listening beyond loopback without access tokens (server.access_tokens, or an account's tokens): anyone who can reach this port can spend the API quota");
+    }
+}
+
+/// One upstream client per serving thread, sharing the TLS roots, the egress route and
+/// the idle-connection budget.
+fn upstream_clients(
+    upstream: &config::UpstreamSettings,
+    workers: usize,
+) -> Result<Vec<UpstreamClient>, RunError> {
+    let pool = POOL_MAX_IDLE.div_ceil(workers);
+    let tls = tls::client_config(upstream.ca_file.as_deref()).map_err(RunError::Setup)?;
+    let (connector, via) = egress::connector(upstream).map_err(RunError::Setup)?;
+    if let Some(via) = via {
+        tracing::info!(proxy = %via, "the upstream is reached through an egress proxy");
+    }
+    (0..workers)
+        .map(|_| UpstreamClient::with_connector(upstream, connector.clone(), tls.clone(), pool))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RunError::Setup)
 }
 
 /// What one serving thread serves with.
