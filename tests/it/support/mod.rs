@@ -78,7 +78,7 @@ pub fn settings(base_url: &str) -> Settings {
     s.retry.max_delay = Duration::from_millis(200);
     s.limit.one_window(10_000, Duration::from_secs(60));
     // Tests of the quota, the line and the retries count one upstream call per request,
-    // and send many identical GETs at once; tests/cache.rs turns coalescing back on (it
+    // and send many identical GETs at once; tests/it/cache.rs turns coalescing back on (it
     // is on by default, as the process tests run it).
     s.cache.coalesce = false;
     s.validate().expect("test settings are valid");
