@@ -21,6 +21,7 @@
 //! | `reload` | reloading while serving |
 //! | `status` | the status page, /status.json and `smartlead-proxy status` |
 //! | `tls` | the HTTPS path to SmartLead, CAs and CONNECT proxies |
+//! | `docs` | every link and anchor in the Markdown resolves; the configuration page matches `check-config` |
 //! | `hardening` | faults and hostile input end in an envelope or a closed connection |
 //! | `load` | 10,000 concurrent clients through the real binary |
 
@@ -28,6 +29,7 @@ mod support;
 
 mod accounts;
 mod cache;
+mod docs;
 mod envelope;
 mod fairness;
 mod fleet;
