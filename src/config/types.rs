@@ -446,64 +446,75 @@ impl Default for RawLimit {
     }
 }
 
+/// The quota's windows from either form (`limit.windows`, or the older
+/// `limit.requests`/`limit.period`), the defaults when neither is set.
+fn raw_windows(
+    windows: Option<Vec<Window>>,
+    requests: Option<u32>,
+    period: Option<Duration>,
+) -> Result<Vec<Window>, String> {
+    let older = requests.is_some() || period.is_some();
+    match (windows, older) {
+        (Some(_), true) => Err(
+            "limit.windows and limit.requests/limit.period are two forms \
+                                of the same quota: set one of them, not both"
+                .into(),
+        ),
+        (Some(windows), false) => Ok(windows),
+        (None, true) => {
+            let requests = requests.unwrap_or(60);
+            if requests == 0 {
+                return Err("limit.requests must be at least 1".into());
+            }
+            let period = period.unwrap_or(Duration::from_secs(60));
+            if period.is_zero() || period > DAY {
+                return Err("limit.period must be above 0 and at most 1day".into());
+            }
+            Ok(vec![Window::new(requests, period)])
+        }
+        (None, false) => Ok(DEFAULT_WINDOWS
+            .iter()
+            .map(|w| Window::parse(w).expect("the default windows parse"))
+            .collect()),
+    }
+}
+
+/// `limit.client_weights` and `limit.high_priority_clients` name real client ids, and
+/// each weight is in range.
+fn check_clients(weights: &HashMap<String, u32>, high: &[String]) -> Result<(), String> {
+    for (client, weight) in weights {
+        if !crate::client::valid_client_id(client) {
+            return Err(format!(
+                "limit.client_weights: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
+                quoted(client)
+            ));
+        }
+        if !(1..=MAX_CLIENT_WEIGHT).contains(weight) {
+            return Err(format!(
+                "limit.client_weights: the weight of {} must be 1 to {MAX_CLIENT_WEIGHT}",
+                quoted(client)
+            ));
+        }
+    }
+    if let Some(bad) = high.iter().find(|c| !crate::client::valid_client_id(c)) {
+        return Err(format!(
+            "limit.high_priority_clients: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
+            quoted(bad)
+        ));
+    }
+    Ok(())
+}
+
 impl TryFrom<RawLimit> for LimitSettings {
     type Error = String;
 
-    fn try_from(raw: RawLimit) -> Result<Self, String> {
-        let older = raw.requests.is_some() || raw.period.is_some();
-        let windows = match (raw.windows, older) {
-            (Some(_), true) => {
-                return Err(
-                    "limit.windows and limit.requests/limit.period are two forms of \
-                            the same quota: set one of them, not both"
-                        .into(),
-                );
-            }
-            (Some(windows), false) => windows,
-            (None, true) => {
-                let requests = raw.requests.unwrap_or(60);
-                if requests == 0 {
-                    return Err("limit.requests must be at least 1".into());
-                }
-                let period = raw.period.unwrap_or(Duration::from_secs(60));
-                if period.is_zero() || period > DAY {
-                    return Err("limit.period must be above 0 and at most 1day".into());
-                }
-                vec![Window::new(requests, period)]
-            }
-            (None, false) => DEFAULT_WINDOWS
-                .iter()
-                .map(|w| Window::parse(w).expect("the default windows parse"))
-                .collect(),
-        };
+    fn try_from(mut raw: RawLimit) -> Result<Self, String> {
+        let windows = raw_windows(raw.windows.take(), raw.requests, raw.period)?;
         let per_client = match raw.per_client.trim() {
             "" | "off" => None,
             text => Some(Window::parse(text).map_err(|e| format!("limit.per_client: {e}"))?),
         };
-        for (client, weight) in &raw.client_weights {
-            if !crate::client::valid_client_id(client) {
-                return Err(format!(
-                    "limit.client_weights: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
-                    quoted(client)
-                ));
-            }
-            if !(1..=MAX_CLIENT_WEIGHT).contains(weight) {
-                return Err(format!(
-                    "limit.client_weights: the weight of {} must be 1 to {MAX_CLIENT_WEIGHT}",
-                    quoted(client)
-                ));
-            }
-        }
-        if let Some(bad) = raw
-            .high_priority_clients
-            .iter()
-            .find(|c| !crate::client::valid_client_id(c))
-        {
-            return Err(format!(
-                "limit.high_priority_clients: {} is not a client id (1-64 of A-Z a-z 0-9 . _ : -)",
-                quoted(bad)
-            ));
-        }
+        check_clients(&raw.client_weights, &raw.high_priority_clients)?;
         // Checked here, before the per-client share that follows it, so the error names
         // the key that was set.
         if raw.max_queue == 0 {

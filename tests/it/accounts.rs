@@ -408,6 +408,7 @@ async fn client_keys_get_quotas_of_their_own_locally() {
 /// keys answered 401 used to hold every slot for an hour (503, Retry-After: 3630).
 #[tokio::test]
 async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
+    let _heavy = crate::support::heavy();
     const REAL: [&str; 4] = [
         "real-key-one-1a2b3c4d",
         "real-key-two-5e6f7a8b",

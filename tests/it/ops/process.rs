@@ -858,6 +858,7 @@ async fn a_reload_refused_for_a_pasted_key_does_not_print_it() {
 /// `/healthz` included, could be accepted.
 #[tokio::test]
 async fn trickling_clients_past_the_file_limit_lock_nobody_out() {
+    let _heavy = crate::support::heavy();
     let _ = rlimit::increase_nofile_limit(8192); // the test's own 1,100 connections
     let sim = secret_sim().await;
     let mut proxy = start_via(
@@ -1001,6 +1002,7 @@ fn loose_numbers_and_files_are_start_up_errors_naming_what_was_set() {
 /// counts).
 #[tokio::test]
 async fn the_cache_keeps_memory_within_max_bytes() {
+    let _heavy = crate::support::heavy();
     let sim = Sim::start(SimConfig {
         api_key: Some(SECRET.into()),
         requests: 0,

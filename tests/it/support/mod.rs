@@ -544,3 +544,12 @@ pub fn own_process(test: &str) -> bool {
     );
     false
 }
+
+/// Held by the tests that load the machine (thousands of connections, minutes of
+/// saturation, memory measured in the process) and by the ones that need its full speed
+/// to keep their goodput: with the whole suite in one binary they would otherwise run
+/// side by side on a 2-core machine. Ordinary tests run beside any of them, as before.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
