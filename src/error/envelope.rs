@@ -24,6 +24,26 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, for the docs check that each is documented.
+    pub const ALL: [Code; 16] = [
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::BadRequest,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::Conflict,
+        Code::PayloadTooLarge,
+        Code::RequestTimeout,
+        Code::ValidationError,
+        Code::RateLimited,
+        Code::Unavailable,
+        Code::UpstreamUnavailable,
+        Code::UpstreamError,
+        Code::UpstreamTimeout,
+        Code::UpstreamRedirect,
+        Code::InternalError,
+    ];
+
     pub const fn as_str(self) -> &'static str {
         match self {
             Code::NotFound => "NOT_FOUND",

@@ -356,7 +356,7 @@ pub(crate) async fn client_keys_get_quotas_of_their_own(redis: bool) {
         took < Duration::from_millis(4500),
         "{took:?}: one quota, not two"
     );
-    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
+    let ready: Value = proxy.get_json("/readyz").await;
     let names: Vec<&str> = ready["accounts"]
         .as_array()
         .unwrap()
@@ -408,7 +408,7 @@ async fn client_keys_get_quotas_of_their_own_locally() {
 /// keys answered 401 used to hold every slot for an hour (503, Retry-After: 3630).
 #[tokio::test]
 async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     const REAL: [&str; 4] = [
         "real-key-one-1a2b3c4d",
         "real-key-two-5e6f7a8b",
@@ -453,7 +453,7 @@ async fn refused_and_idle_client_keys_give_their_slots_to_new_ones() {
         let resp = proxy.get(&format!("/api/v1/campaigns?api_key={key}")).await;
         assert_eq!(resp.status(), 200, "{key}");
     }
-    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
+    let ready: Value = proxy.get_json("/readyz").await;
     let keys = ready["accounts"]
         .as_array()
         .unwrap()

@@ -117,7 +117,7 @@ async fn a_hit_spends_no_quota_and_says_so() {
         assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
     }
     assert!(metrics.contains("smartlead_proxy_cache_bytes "));
-    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = proxy.get_json("/status.json").await;
     let cache = &status["cache"]["accounts"]["default"];
     assert_eq!(cache["entries"], 1, "{status:#}");
     assert_eq!(cache["hits"], 1);
@@ -288,7 +288,7 @@ async fn twenty_identical_gets_in_flight_make_one_upstream_call() {
             .count();
         assert_eq!(collapsed, 19, "{answers:?}");
     }
-    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = proxy.get_json("/status.json").await;
     assert_eq!(status["cache"]["accounts"]["default"]["collapsed"], 38);
     assert_eq!(status["cache"]["accounts"]["default"]["saved"], 38);
     proxy.stop().await;
@@ -451,7 +451,7 @@ async fn an_expired_answer_is_served_while_smartlead_fails() {
     // A 4xx is SmartLead's answer, not a failure: it is passed on.
     sim.push_fault(Fault::respond(400, Some("application/json"), "{}").on("/campaigns"));
     assert_eq!(proxy.get("/api/v1/campaigns").await.status(), 400);
-    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = proxy.get_json("/status.json").await;
     assert_eq!(status["cache"]["accounts"]["default"]["stale"], 2);
     proxy.stop().await;
 }
@@ -544,7 +544,7 @@ async fn a_hit_waits_in_no_queue_while_the_quota_is_spent() {
         "{:?}",
         began.elapsed()
     );
-    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = proxy.get_json("/status.json").await;
     assert_eq!(status["accounts"][0]["waiting"], 1, "{status:#}");
     assert_eq!(status["accounts"][0]["windows"][0]["used"], 1);
     assert_eq!(calls(&sim, "/campaigns"), 1);
@@ -555,7 +555,7 @@ async fn a_hit_waits_in_no_queue_while_the_quota_is_spent() {
 /// Until `proxy`'s limiter says Redis answers again.
 pub(crate) async fn until_shared(proxy: &Proxy) {
     for _ in 0..100 {
-        let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+        let status: serde_json::Value = proxy.get_json("/status.json").await;
         if status["limiter"]["state"] == "shared" {
             return;
         }

@@ -1,6 +1,7 @@
 //! The documentation holds: every relative link and `#anchor` in every Markdown file of
 //! the repository resolves, no document points outside the repository, and
-//! docs/configuration.md names exactly the keys `check-config` prints.
+//! docs/configuration.md names exactly the keys `check-config` prints, and docs/errors.md
+//! every envelope code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -209,6 +210,17 @@ fn no_document_points_outside_the_repository_or_to_issue_numbers() {
         }
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn every_envelope_code_is_in_the_errors_page() {
+    let page = std::fs::read_to_string(root().join("docs/errors.md")).unwrap();
+    let missing: Vec<_> = smartlead_proxy::error::Code::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .filter(|c| !page.contains(c))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/errors.md: {missing:?}");
 }
 
 /// The keys docs/configuration.md's table names in its first column.

@@ -148,7 +148,7 @@ async fn weights_share_the_turns_across_instances() {
     );
     assert_quota_kept(&sim);
     // Turns by weight were even: Jain's index near 1, as either instance tells it.
-    let status: serde_json::Value = b.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = b.get_json("/status.json").await;
     let fairness = &status["fleet_fairness"]["default"];
     assert!(fairness["jain"].as_f64().unwrap_or(0.0) >= 0.9, "{status}");
     assert!(fairness["clients"].as_u64().unwrap_or(0) >= 2, "{status}");
@@ -202,7 +202,7 @@ async fn a_high_priority_request_on_one_instance_goes_before_another_instances_q
 /// Under sustained demand from three instances, the fleet uses the quota in full.
 #[tokio::test]
 async fn three_instances_under_saturation_use_the_whole_quota() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     let sim = strict_sim().await;
     let key = unique_key();
     let margin = Duration::from_millis(50);

@@ -57,7 +57,7 @@ async fn forwards_every_method_with_query_body_and_headers() {
 async fn real_routes_work_unchanged() {
     let (sim, proxy) = sim_and_proxy().await;
     let c = client();
-    let campaigns: Value = proxy.get("/api/v1/campaigns").await.json().await.unwrap();
+    let campaigns: Value = proxy.get_json("/api/v1/campaigns").await;
     assert_eq!(campaigns.as_array().unwrap().len(), 3);
 
     let leads = json!({"lead_list": [{"email": "a@x.io", "first_name": "A"}, {"email": "b@x.io"}]});
@@ -213,7 +213,7 @@ async fn traversal_is_refused_before_any_upstream_call() {
 #[tokio::test]
 async fn health_and_readiness() {
     let (_sim, proxy) = sim_and_proxy().await;
-    let h: Value = proxy.get("/healthz").await.json().await.unwrap();
+    let h: Value = proxy.get_json("/healthz").await;
     assert_eq!(h["status"], "ok");
     let resp = proxy.get("/readyz").await;
     assert_eq!(resp.status(), 200);

@@ -613,7 +613,7 @@ async fn a_zero_upstream_limit_is_ignored() {
             "still 100/60s"
         );
     }
-    let status: serde_json::Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: serde_json::Value = proxy.get_json("/status.json").await;
     let window = &status["accounts"][0]["windows"][0];
     assert_eq!(window["requests"], 100, "{window}");
     proxy.stop().await;

@@ -298,7 +298,7 @@ async fn with_client_keys_allowed_a_key_in_the_body_chooses_its_own_quota() {
         assert_eq!(got_body, forwarded);
         assert_eq!(got.api_keys(), [THEIRS], "moved to the query");
     }
-    let status: Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: Value = proxy.get_json("/status.json").await;
     let names: Vec<&str> = status["accounts"]
         .as_array()
         .unwrap()

@@ -57,9 +57,8 @@ async fn bad_imports_are_refused_before_spending_quota() {
     assert_eq!(sim.stats().requests, 0, "nothing reached SmartLead");
 
     // A good import, and other methods and paths, go through untouched.
-    let resp = post(&proxy, &leads(400)).await;
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
+    let (status, v) = proxy.post_json(IMPORT, &leads(400)).await;
+    assert_eq!(status, 200);
     assert_eq!(v["upload_count"], 400);
     assert_eq!(sim.stats().requests, 1);
     proxy.stop().await;

@@ -59,7 +59,7 @@ async fn one(addr: std::net::SocketAddr, i: usize) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_clients_all_get_an_answer() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     let sim = Sim::start(SimConfig {
         api_key: None,
         requests: 0,

@@ -36,7 +36,7 @@ pub(crate) async fn burst(proxies: &[&Proxy], n: usize) -> Vec<u16> {
 
 #[tokio::test]
 async fn two_hundred_clients_through_one_proxy_never_trip_the_upstream() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     let period = Duration::from_secs(1);
     let sim = strict_sim(50, period).await;
     let proxy = spawn_proxy(quota_settings(&sim.base_url(), 50, period, None)).await;

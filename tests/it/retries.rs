@@ -90,13 +90,10 @@ async fn a_plain_post_is_not_retried_after_a_500_but_is_after_a_503() {
 
     sim.reset();
     sim.push_fault(Fault::json(503, json!({"message": "later"})));
-    let resp = c
-        .post(proxy.url("/api/v1/campaigns/create"))
-        .json(&json!({"name": "y"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let (status, _) = proxy
+        .post_json("/api/v1/campaigns/create", &json!({"name": "y"}))
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(sim.stats().requests, 2);
     proxy.stop().await;
 }

@@ -168,7 +168,7 @@ async fn the_status_shows_waiting_clients_over_the_fleet() {
     waiting.extend(queue(&b, "ui", 3, &[]));
     let deadline = Instant::now() + Duration::from_secs(3);
     let seen = loop {
-        let s: Value = a.get("/status.json").await.json().await.unwrap();
+        let s: Value = a.get_json("/status.json").await;
         let seen = s["fleet_waiting"]["default"].clone();
         let both = seen["bulk"].as_u64().unwrap_or(0) > 0 && seen["ui"].as_u64().unwrap_or(0) > 0;
         if both || Instant::now() > deadline {

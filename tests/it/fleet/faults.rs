@@ -23,7 +23,7 @@ async fn redis_with_a_wrong_password_falls_back_and_says_so() {
     let started = Instant::now();
     still_serves(&proxy).await;
     assert!(started.elapsed() < Duration::from_secs(2));
-    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
+    let ready: Value = proxy.get_json("/readyz").await;
     assert_eq!(ready["limiter"]["state"], "fallback", "{ready}");
     assert!(
         !ready.to_string().contains("wrong"),
@@ -90,7 +90,7 @@ async fn a_full_redis_falls_back_then_rejoins() {
         assert!(out.status.success());
     };
     let state = || async {
-        let v: Value = proxy.get("/readyz").await.json().await.unwrap();
+        let v: Value = proxy.get_json("/readyz").await;
         v["limiter"]["state"]
             .as_str()
             .unwrap_or_default()

@@ -200,7 +200,7 @@ fn move_slot(ports: &[u16], slot: u16, from: u16, to: u16) {
 }
 
 async fn limiter_state(proxy: &Proxy) -> String {
-    let ready: Value = proxy.get("/readyz").await.json().await.unwrap();
+    let ready: Value = proxy.get_json("/readyz").await;
     ready["limiter"]["state"]
         .as_str()
         .unwrap_or_default()

@@ -29,7 +29,7 @@ async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {
         proxies.push(spawn_proxy(s).await);
     }
     for p in &proxies {
-        let ready: serde_json::Value = p.get("/readyz").await.json().await.unwrap();
+        let ready: serde_json::Value = p.get_json("/readyz").await;
         assert_eq!(ready["limiter"]["state"], "shared", "{ready}");
     }
     let started = std::time::Instant::now();
@@ -52,7 +52,7 @@ async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {
     // Answered either way (by SmartLead's own 429 here: a fallback instance assumes it is
     // alone, and the shared window is full).
     untrusting.get("/api/v1/campaigns").await;
-    let ready: serde_json::Value = untrusting.get("/readyz").await.json().await.unwrap();
+    let ready: serde_json::Value = untrusting.get_json("/readyz").await;
     assert_eq!(ready["limiter"]["state"], "fallback", "{ready}");
     assert!(ready.to_string().contains("certificate"), "{ready}");
     for p in proxies.into_iter().chain([untrusting]) {

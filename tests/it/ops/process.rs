@@ -858,7 +858,7 @@ async fn a_reload_refused_for_a_pasted_key_does_not_print_it() {
 /// `/healthz` included, could be accepted.
 #[tokio::test]
 async fn trickling_clients_past_the_file_limit_lock_nobody_out() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     let _ = rlimit::increase_nofile_limit(8192); // the test's own 1,100 connections
     let sim = secret_sim().await;
     let mut proxy = start_via(
@@ -1002,7 +1002,7 @@ fn loose_numbers_and_files_are_start_up_errors_naming_what_was_set() {
 /// counts).
 #[tokio::test]
 async fn the_cache_keeps_memory_within_max_bytes() {
-    let _heavy = crate::support::heavy();
+    let _heavy = crate::support::heavy().await;
     let sim = Sim::start(SimConfig {
         api_key: Some(SECRET.into()),
         requests: 0,
@@ -1049,7 +1049,7 @@ async fn the_cache_keeps_memory_within_max_bytes() {
         }
     }
     let grown_mib = rss_kib(proxy.child.id()).saturating_sub(before) / 1024;
-    let status: Value = proxy.get("/status.json").await.json().await.unwrap();
+    let status: Value = proxy.get_json("/status.json").await;
     let bytes = status["cache"]["bytes"].as_u64().unwrap();
     assert!(bytes <= 2 * 1024 * 1024, "{bytes}");
     let entries = status["cache"]["entries"].as_u64().unwrap();

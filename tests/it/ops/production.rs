@@ -186,7 +186,7 @@ async fn random_paths_leave_smartleads_routes_their_labels() {
         let path = format!("/api/v1/echo/{}", word(i, 3));
         assert_eq!(proxy.get(&path).await.status(), 200);
     }
-    let campaigns: serde_json::Value = proxy.get("/api/v1/campaigns").await.json().await.unwrap();
+    let campaigns: serde_json::Value = proxy.get_json("/api/v1/campaigns").await;
     let id = campaigns[0]["id"].as_u64().expect("a campaign");
     let resp = client()
         .post(proxy.url(&format!("/api/v1/campaigns/{id}/leads")))

@@ -147,6 +147,11 @@ impl Running {
         client().get(self.url(path)).send().await.unwrap()
     }
 
+    /// A GET whose answer is JSON (any status), as a value.
+    pub async fn get_json(&self, path: &str) -> Value {
+        get_json(&self.url(path)).await
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal("-TERM")
     }

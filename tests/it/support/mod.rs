@@ -41,6 +41,16 @@ impl Proxy {
         self.get_with(path, &[]).await
     }
 
+    /// A GET whose answer is JSON (any status), as a value.
+    pub async fn get_json(&self, path: &str) -> Value {
+        get_json(&self.url(path)).await
+    }
+
+    /// A POST of `body` as JSON: the status and the JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        post_json(&self.url(path), body).await
+    }
+
     /// A GET through the proxy with `headers`.
     pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
         let mut req = client().get(self.url(path));
@@ -549,7 +559,20 @@ pub fn own_process(test: &str) -> bool {
 /// saturation, memory measured in the process) and by the ones that need its full speed
 /// to keep their goodput: with the whole suite in one binary they would otherwise run
 /// side by side on a 2-core machine. Ordinary tests run beside any of them, as before.
-pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
-    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
+/// A GET of `url` whose answer is JSON (any status), as a value.
+pub async fn get_json(url: &str) -> Value {
+    let resp = client().get(url).send().await.unwrap();
+    resp.json().await.expect("a JSON answer")
+}
+
+/// A POST of `body` as JSON to `url`: the status and the JSON answer.
+pub async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let resp = client().post(url).json(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("a JSON answer"))
 }
