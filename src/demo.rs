@@ -95,6 +95,12 @@ pub async fn run() -> Result<(), String> {
         ),
     );
 
+    print_summary(&through, &direct);
+    Ok(())
+}
+
+/// The two ways side by side.
+fn print_summary(through: &Summary, direct: &Summary) {
     println!(
         "\n{:<26} {:>14} {:>14}",
         "", "through proxy", "direct + guide"
@@ -128,7 +134,6 @@ pub async fn run() -> Result<(), String> {
     println!(
         "\nThrough the proxy every worker simply waited its turn: no 429 reached SmartLead and no call failed."
     );
-    Ok(())
 }
 
 async fn start_proxy(sim: &Sim) -> Result<String, String> {
@@ -164,24 +169,7 @@ async fn phase(
     );
     let live = Arc::new(Live::default());
     let started = Instant::now();
-    let ticker = {
-        let (bar, live) = (bar.clone(), live.clone());
-        let stats = sim_stats_fn(sim);
-        tokio::spawn(async move {
-            loop {
-                let s = stats();
-                bar.set_position(live.done.load(Ordering::Relaxed) as u64);
-                bar.set_message(format!(
-                    "waiting {:>2} · failed {:>2} · upstream 429s {:>3} · {:.0}s",
-                    live.waiting.load(Ordering::Relaxed),
-                    live.failed.load(Ordering::Relaxed),
-                    s.1,
-                    started.elapsed().as_secs_f64()
-                ));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let ticker = tick(bar.clone(), live.clone(), sim, started);
     let tasks: Vec<_> = (0..WORKERS)
         .map(|w| {
             let (client, live) = (client.clone(), live.clone());
@@ -191,22 +179,11 @@ async fn phase(
             let leads = json!({"lead_list": (0..5)
                 .map(|i| json!({"email": format!("{name}-{w}-{i}@example.com").replace(' ', "-"), "first_name": "Ada"}))
                 .collect::<Vec<_>>()});
-            tokio::spawn(async move {
-                let calls = [(Method::GET, list, Bytes::new()), (Method::POST, import, Bytes::from(leads.to_string()))];
-                for (method, url, body) in calls {
-                    live.waiting.fetch_add(1, Ordering::Relaxed);
-                    let ok = if guide_recipe {
-                        guide_call(&client, method, &url, body).await
-                    } else {
-                        call(&client, method, &url, body).await.is_ok_and(|(s, _)| s < 300)
-                    };
-                    live.waiting.fetch_sub(1, Ordering::Relaxed);
-                    live.done.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        live.failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
+            let calls = [
+                (Method::GET, list, Bytes::new()),
+                (Method::POST, import, Bytes::from(leads.to_string())),
+            ];
+            tokio::spawn(work(client, live, calls, guide_recipe))
         })
         .collect();
     for t in tasks {
@@ -231,6 +208,55 @@ async fn phase(
         upstream_429: stats.rate_limited,
         quota_used: 100.0 * accepted as f64 / (f64::from(QUOTA) * windows),
         wall,
+    }
+}
+
+/// Redraws a phase's bar ten times a second: what is done, waiting and failed, and the
+/// upstream 429s so far.
+fn tick(
+    bar: ProgressBar,
+    live: Arc<Live>,
+    sim: &Sim,
+    started: Instant,
+) -> tokio::task::JoinHandle<()> {
+    let stats = sim_stats_fn(sim);
+    tokio::spawn(async move {
+        loop {
+            let s = stats();
+            bar.set_position(live.done.load(Ordering::Relaxed) as u64);
+            bar.set_message(format!(
+                "waiting {:>2} · failed {:>2} · upstream 429s {:>3} · {:.0}s",
+                live.waiting.load(Ordering::Relaxed),
+                live.failed.load(Ordering::Relaxed),
+                s.1,
+                started.elapsed().as_secs_f64()
+            ));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// One worker's calls, one after another, counted in `live`.
+async fn work(
+    client: HttpClient,
+    live: Arc<Live>,
+    calls: [(Method, String, Bytes); 2],
+    guide_recipe: bool,
+) {
+    for (method, url, body) in calls {
+        live.waiting.fetch_add(1, Ordering::Relaxed);
+        let ok = if guide_recipe {
+            guide_call(&client, method, &url, body).await
+        } else {
+            call(&client, method, &url, body)
+                .await
+                .is_ok_and(|(s, _)| s < 300)
+        };
+        live.waiting.fetch_sub(1, Ordering::Relaxed);
+        live.done.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            live.failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

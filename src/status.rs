@@ -152,30 +152,7 @@ pub async fn snapshot(accounts: &Accounts, cache: &crate::cache::Cache) -> Snaps
     );
     let mut views = Vec::with_capacity(all.len());
     for a in &all {
-        let windows = a
-            .limiter
-            .usage()
-            .await
-            .into_iter()
-            .map(|(w, used)| WindowView {
-                label: w.label,
-                requests: w.limit,
-                period_seconds: w.period.as_secs_f64(),
-                used,
-            })
-            .collect();
-        let paused = a.limiter.paused_until().map(|until| {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            (SystemTime::now() + left, left)
-        });
-        views.push(AccountView {
-            name: a.name.to_string(),
-            windows,
-            waiting: a.limiter.queued(),
-            paused_until: paused.map(|(at, _)| humantime::format_rfc3339_seconds(at).to_string()),
-            paused_seconds: paused.map(|(_, left)| left.as_secs_f64()),
-            clients: a.limiter.clients().into_iter().map(Into::into).collect(),
-        });
+        views.push(account_view(a).await);
     }
     let fleet = accounts.fleet().await;
     let mut fleet_fairness = BTreeMap::new();
@@ -205,6 +182,34 @@ pub async fn snapshot(accounts: &Accounts, cache: &crate::cache::Cache) -> Snaps
         fleet,
         fleet_fairness,
         cache: cache_view(&all, cache).await,
+    }
+}
+
+/// One account's windows, waiters, pause and clients.
+async fn account_view(a: &crate::accounts::Account) -> AccountView {
+    let windows = a
+        .limiter
+        .usage()
+        .await
+        .into_iter()
+        .map(|(w, used)| WindowView {
+            label: w.label,
+            requests: w.limit,
+            period_seconds: w.period.as_secs_f64(),
+            used,
+        })
+        .collect();
+    let paused = a.limiter.paused_until().map(|until| {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        (SystemTime::now() + left, left)
+    });
+    AccountView {
+        name: a.name.to_string(),
+        windows,
+        waiting: a.limiter.queued(),
+        paused_until: paused.map(|(at, _)| humantime::format_rfc3339_seconds(at).to_string()),
+        paused_seconds: paused.map(|(_, left)| left.as_secs_f64()),
+        clients: a.limiter.clients().into_iter().map(Into::into).collect(),
     }
 }
 

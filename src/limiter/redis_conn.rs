@@ -108,6 +108,70 @@ fn open(url: &str, certs: &Option<redis::TlsCertificates>) -> Result<Client, Str
     .map_err(|e| format!("redis.url: {e}"))
 }
 
+impl Mode {
+    /// One server, through a connection manager that reconnects.
+    fn single(
+        urls: &[&str],
+        certs: &Option<redis::TlsCertificates>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let client = open(urls.first().copied().unwrap_or_default(), certs)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(250));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| format!("redis: {e}"))?;
+        Ok(Mode::Single { client, conn })
+    }
+
+    /// A cluster, found from its seed nodes.
+    fn cluster(
+        urls: &[&str],
+        certs: &Option<redis::TlsCertificates>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let mut builder = ClusterClient::builder(urls.to_vec())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(2);
+        if let Some(c) = certs.clone() {
+            builder = builder.certs(c);
+        }
+        let client = builder.build().map_err(|e| format!("redis.url: {e}"))?;
+        let seeds = urls
+            .iter()
+            .map(|u| open(u, certs))
+            .collect::<Result<_, _>>()?;
+        Ok(Mode::Cluster { client, seeds })
+    }
+
+    /// Sentinels that say which server is the master.
+    fn sentinel(urls: &[&str], master_name: &str) -> Result<Self, String> {
+        // The sentinels' URLs carry the master's password (and db) too.
+        let first = urls
+            .first()
+            .copied()
+            .unwrap_or_default()
+            .into_connection_info()
+            .map_err(|e| format!("redis.url: {e}"))?;
+        let node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(first.redis_settings().clone());
+        let sentinels = SentinelClient::build(
+            urls.to_vec(),
+            master_name,
+            Some(node),
+            SentinelServerType::Master,
+        )
+        .map_err(|e| format!("redis.url: {e}"))?;
+        Ok(Mode::Sentinel {
+            sentinels: tokio::sync::Mutex::new(sentinels),
+            master: Mutex::new(None),
+        })
+    }
+}
+
 impl Connector {
     /// Every Redis call (and connecting for it) is bounded by `timeout`.
     pub fn new(settings: &RedisSettings, timeout: Duration) -> Result<Self, String> {
@@ -120,54 +184,9 @@ impl Connector {
             .collect();
         let certs = certificates(settings)?;
         let mode = match settings.mode {
-            RedisMode::Standalone => {
-                let client = open(urls.first().copied().unwrap_or_default(), &certs)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(250));
-                let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-                    .map_err(|e| format!("redis: {e}"))?;
-                Mode::Single { client, conn }
-            }
-            RedisMode::Cluster => {
-                let mut builder = ClusterClient::builder(urls.clone())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(2);
-                if let Some(c) = certs.clone() {
-                    builder = builder.certs(c);
-                }
-                let client = builder.build().map_err(|e| format!("redis.url: {e}"))?;
-                let seeds = urls
-                    .iter()
-                    .map(|u| open(u, &certs))
-                    .collect::<Result<_, _>>()?;
-                Mode::Cluster { client, seeds }
-            }
-            RedisMode::Sentinel => {
-                // The sentinels' URLs carry the master's password (and db) too.
-                let first = urls
-                    .first()
-                    .copied()
-                    .unwrap_or_default()
-                    .into_connection_info()
-                    .map_err(|e| format!("redis.url: {e}"))?;
-                let node = SentinelNodeConnectionInfo::default()
-                    .set_redis_connection_info(first.redis_settings().clone());
-                let sentinels = SentinelClient::build(
-                    urls.clone(),
-                    settings.master_name.trim(),
-                    Some(node),
-                    SentinelServerType::Master,
-                )
-                .map_err(|e| format!("redis.url: {e}"))?;
-                Mode::Sentinel {
-                    sentinels: tokio::sync::Mutex::new(sentinels),
-                    master: Mutex::new(None),
-                }
-            }
+            RedisMode::Standalone => Mode::single(&urls, &certs, timeout)?,
+            RedisMode::Cluster => Mode::cluster(&urls, &certs, timeout)?,
+            RedisMode::Sentinel => Mode::sentinel(&urls, settings.master_name.trim())?,
         };
         Ok(Self {
             mode,

@@ -74,25 +74,7 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
         .pop()
         .unwrap_or_default();
     let admitted = state.admit(&key, now);
-    state
-        .seen
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if admitted.is_err() {
-        state
-            .limited
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    if state.config.record {
-        lock(&state.log).push(Recorded {
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_owned(),
-            query,
-            headers: parts.headers.clone(),
-            body: body.clone(),
-            at: now,
-            rate_limited: admitted.is_err(),
-        });
-    }
+    record(&state, &parts, query, &body, now, admitted.is_err());
     let limit = state.described().map_or(0, |(n, _)| n);
     let (remaining, reset) = match admitted {
         Ok(r) => r,
@@ -145,6 +127,33 @@ async fn gate(State(state): St, req: Request, next: Next) -> Response {
         set_rate_headers(&mut resp, limit, remaining, reset);
     }
     resp
+}
+
+/// Counts the request, and keeps it when the simulator records.
+fn record(
+    state: &SimState,
+    parts: &http::request::Parts,
+    query: Option<String>,
+    body: &bytes::Bytes,
+    at: Instant,
+    rate_limited: bool,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    state.seen.fetch_add(1, Relaxed);
+    if rate_limited {
+        state.limited.fetch_add(1, Relaxed);
+    }
+    if state.config.record {
+        lock(&state.log).push(Recorded {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            at,
+            rate_limited,
+        });
+    }
 }
 
 fn scripted(

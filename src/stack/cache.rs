@@ -710,14 +710,7 @@ impl Flying {
         let reply = match answered {
             Ok(reply) => reply,
             Err(failure) => {
-                // Shared only when final; otherwise a follower takes over.
-                match SharedError::of(&failure.error) {
-                    Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
-                    None => lead.finish(Outcome::Gone),
-                }
-                if let Some(lock) = lock {
-                    lock.release(None).await;
-                }
+                lead_failed(lead, lock, &failure.error).await;
                 return Err(failure);
             }
         };
@@ -755,6 +748,18 @@ impl Flying {
                 Ok(Led::Streamed(reply))
             }
         }
+    }
+}
+
+/// The leader's call failed: the followers get the error when it is final (a follower
+/// takes over otherwise), and the fleet's lock is let go.
+async fn lead_failed(lead: Lead, lock: Option<FleetLock>, error: &ProxyError) {
+    match SharedError::of(error) {
+        Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
+        None => lead.finish(Outcome::Gone),
+    }
+    if let Some(lock) = lock {
+        lock.release(None).await;
     }
 }
 
