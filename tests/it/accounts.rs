@@ -1,10 +1,9 @@
 //! SmartLead's real quotas: several windows at once, several accounts (by header and by
-//! token), a quota per client key; locally and on Redis. Real sockets, the simulator
-//! enforcing the same windows per key.
+//! token), a quota per client key, in one process (on Redis: `fleet::accounts`). Real sockets,
+//! the simulator enforcing the same windows per key.
 
 use std::time::Duration;
 
-use crate::support::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use smartlead_proxy::Settings;
@@ -13,6 +12,8 @@ use smartlead_proxy::key::ApiKey;
 use smartlead_proxy::limiter::log::{SlotLog, Span};
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 use tokio::time::Instant;
+
+use crate::support::*;
 
 pub(crate) const KEY_A: &str = "account-a-key-0001";
 pub(crate) const KEY_B: &str = "account-b-key-0002";
@@ -29,7 +30,7 @@ pub(crate) async fn two_key_sim(windows: &[(u32, Duration)]) -> Sim {
     .unwrap()
 }
 
-pub(crate) fn windows(w: &[(u32, Duration)]) -> Vec<Window> {
+fn windows(w: &[(u32, Duration)]) -> Vec<Window> {
     w.iter().map(|(n, p)| Window::new(*n, *p)).collect()
 }
 
@@ -68,7 +69,7 @@ pub(crate) async fn burst(
 }
 
 /// How long the reservation log itself needs for `n` requests arriving together.
-pub(crate) fn ideal(w: &[(u32, Duration)], n: u64) -> Duration {
+fn ideal(w: &[(u32, Duration)], n: u64) -> Duration {
     let spans = w
         .iter()
         .map(|(l, p)| Span::new(*l as usize, p.as_micros() as u64))

@@ -1,16 +1,18 @@
 //! The response cache and the coalescing line, over real sockets in front of the
 //! simulator: hits spend no quota, per-route ttls, client directives, what is never
 //! stored, isolation, coalescing (with a leader that hangs up and an answer too big to
-//! share), invalidation by writes, stale answers while SmartLead fails, and memory.
+//! share), invalidation by writes, stale answers while SmartLead fails, and memory. The
+//! fleet's shared cache is tested in `fleet::cache`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::support::*;
 use smartlead_proxy::Settings;
 use smartlead_proxy::sim::{Fault, Sim};
 
-pub(crate) fn ttl(s: &mut Settings, routes: &[(&str, u64)]) {
+use crate::support::*;
+
+fn ttl(s: &mut Settings, routes: &[(&str, u64)]) {
     s.cache.ttl = routes
         .iter()
         .map(|(p, ms)| (p.to_string(), Duration::from_millis(*ms)))
@@ -25,7 +27,7 @@ pub(crate) fn calls(sim: &Sim, path: &str) -> usize {
         .count()
 }
 
-pub(crate) fn header(resp: &reqwest::Response, name: &str) -> String {
+fn header(resp: &reqwest::Response, name: &str) -> String {
     resp.headers()
         .get(name)
         .map(|v| v.to_str().unwrap().to_owned())
@@ -33,7 +35,7 @@ pub(crate) fn header(resp: &reqwest::Response, name: &str) -> String {
 }
 
 /// `Cache-Status` as an RFC 8941 list: each member a token with parameters.
-pub(crate) fn cache_status(resp: &reqwest::Response) -> Vec<(String, Vec<(String, String)>)> {
+fn cache_status(resp: &reqwest::Response) -> Vec<(String, Vec<(String, String)>)> {
     let text = header(resp, "cache-status");
     let list = sfv::Parser::new(&text)
         .parse::<sfv::List>()

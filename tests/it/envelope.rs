@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use serde_json::{Value, json};
 use smartlead_proxy::sim::Fault;
+
+use crate::support::*;
 
 const TABLE: &[(u16, &str)] = &[
     (400, "BAD_REQUEST"),

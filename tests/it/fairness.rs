@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use smartlead_proxy::Settings;
 use smartlead_proxy::config::Window;
 use smartlead_proxy::sim::{Sim, SimConfig};
 use tokio::time::Instant;
+
+use crate::support::*;
 
 /// A simulator without a limit of its own (for tests of order, not of the quota).
 pub(crate) async fn unlimited_sim() -> Sim {
@@ -26,7 +27,7 @@ pub(crate) async fn unlimited_sim() -> Sim {
 
 /// A proxy whose quota is `requests` per `period`, with no margin: for order tests
 /// against an unlimited simulator.
-pub(crate) fn exact(sim: &Sim, requests: u32, period: Duration) -> Settings {
+fn exact(sim: &Sim, requests: u32, period: Duration) -> Settings {
     let mut s = quota_settings(&sim.base_url(), requests, period, None);
     s.limit.margin = Duration::ZERO;
     s
@@ -84,7 +85,7 @@ pub(crate) async fn all(
     out
 }
 
-pub(crate) async fn metrics(proxy: &Proxy) -> String {
+async fn metrics(proxy: &Proxy) -> String {
     proxy.get("/metrics").await.text().await.unwrap()
 }
 
@@ -214,7 +215,7 @@ async fn a_high_priority_request_jumps_two_busy_clients() {
 
 /// Sends `n` requests of `client` one after the other as fast as they are queued (each
 /// gets its place in line before the next is sent).
-pub(crate) async fn queue_in_order(
+async fn queue_in_order(
     proxy: &Proxy,
     client: &'static str,
     n: usize,

@@ -19,11 +19,12 @@ mod tls;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::*;
 use smartlead_proxy::Settings;
 use smartlead_proxy::sim::{Sim, SimConfig};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use crate::support::*;
 
 const QUOTA: u32 = 10;
 const PERIOD: Duration = Duration::from_secs(1);

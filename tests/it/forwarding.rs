@@ -3,9 +3,10 @@
 mod clients;
 mod stream;
 
-use crate::support::*;
 use serde_json::{Value, json};
 use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::*;
 
 #[tokio::test]
 async fn forwards_every_method_with_query_body_and_headers() {

@@ -1,15 +1,16 @@
 //! Faults and hostile input: broken or stalled upstream bodies, slow or malformed clients,
-//! odd headers, Redis that misbehaves. Every case ends in an envelope or a closed
-//! connection within its deadline, and the proxy keeps serving.
+//! odd headers (Redis that misbehaves: `fleet::faults`). Every case ends in an envelope
+//! or a closed connection within its deadline, and the proxy keeps serving.
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use serde_json::Value;
 use smartlead_proxy::sim::{Fault, Sim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub(crate) async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
+use crate::support::*;
+
+async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
     sim_and_proxy_with(tweak).await
 }
 
@@ -19,10 +20,7 @@ pub(crate) async fn still_serves(proxy: &Proxy) {
 }
 
 /// Reads until the server closes the connection; panics if it stays open past `limit`.
-pub(crate) async fn read_until_closed(
-    stream: &mut tokio::net::TcpStream,
-    limit: Duration,
-) -> String {
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> String {
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = tokio::time::Instant::now() + limit;
@@ -84,7 +82,7 @@ async fn slowloris_headers_are_dropped() {
 }
 
 /// Sends one GET on `s` and reads its whole answer (a `Content-Length` body).
-pub(crate) async fn one_keep_alive_exchange(s: &mut tokio::net::TcpStream) -> String {
+async fn one_keep_alive_exchange(s: &mut tokio::net::TcpStream) -> String {
     s.write_all(b"GET /api/v1/campaigns HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
@@ -250,7 +248,7 @@ async fn huge_upstream_headers_are_a_502() {
     proxy.stop().await;
 }
 
-pub(crate) fn open_fds() -> usize {
+fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)

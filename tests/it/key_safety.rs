@@ -4,11 +4,12 @@
 
 use std::time::Duration;
 
-use crate::support::*;
 use serde_json::Value;
 use smartlead_proxy::Settings;
 use smartlead_proxy::key::ApiKey;
 use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::*;
 
 fn hostile_settings(base_url: &str) -> Settings {
     let mut s = settings(base_url);

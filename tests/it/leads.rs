@@ -3,20 +3,21 @@
 
 use std::time::Duration;
 
-use crate::support::{client, expect_envelope, quota_settings, sim_and_proxy_with, spawn_proxy};
 use serde_json::{Value, json};
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 
-pub(crate) const IMPORT: &str = "/api/v1/campaigns/1001/leads";
+use crate::support::{client, expect_envelope, quota_settings, sim_and_proxy_with, spawn_proxy};
 
-pub(crate) fn leads(n: usize) -> Value {
+const IMPORT: &str = "/api/v1/campaigns/1001/leads";
+
+fn leads(n: usize) -> Value {
     let list: Vec<Value> = (0..n)
         .map(|i| json!({"email": format!("lead{i}@example.com"), "first_name": format!("L{i}")}))
         .collect();
     json!({"lead_list": list})
 }
 
-pub(crate) async fn post(proxy: &crate::support::Proxy, body: &Value) -> reqwest::Response {
+async fn post(proxy: &crate::support::Proxy, body: &Value) -> reqwest::Response {
     client()
         .post(proxy.url(IMPORT))
         .json(body)

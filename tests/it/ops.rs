@@ -4,6 +4,6 @@
 
 mod debugging;
 mod deploy;
-pub(crate) mod process;
+mod process;
 mod production;
 mod telemetry;

@@ -1,11 +1,12 @@
 //! The shared quota over real sockets: a simulated SmartLead with a strict sliding window,
-//! many concurrent clients, one proxy or several sharing a real Redis.
+//! many concurrent clients, one proxy (several sharing a real Redis: `fleet::quota`).
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use futures_util::future::join_all;
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+use crate::support::*;
 
 pub(crate) async fn strict_sim(requests: u32, period: Duration) -> Sim {
     Sim::start(SimConfig {

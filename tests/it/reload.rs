@@ -4,16 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use smartlead_proxy::config::{AccountSettings, Window};
 use smartlead_proxy::key::ApiKey;
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 
-pub(crate) const KEY_B: &str = "key-of-b";
+use crate::support::*;
 
-pub(crate) async fn sim() -> Sim {
+const KEY_B: &str = "key-of-b";
+
+async fn sim() -> Sim {
     Sim::start(SimConfig {
         more_keys: vec![KEY_B.into()],
         requests: 10_000,
@@ -24,7 +25,7 @@ pub(crate) async fn sim() -> Sim {
     .unwrap()
 }
 
-pub(crate) fn get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> reqwest::RequestBuilder {
+fn get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> reqwest::RequestBuilder {
     let mut req = client().get(proxy.url(path));
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -34,7 +35,7 @@ pub(crate) fn get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> reqwes
 
 /// Sends `n` GETs at once in the background; each gives its status, its
 /// `details.reason` (for a 429) and when it was answered.
-pub(crate) fn background(
+fn background(
     proxy: &Proxy,
     n: usize,
     headers: &[(&str, &str)],
@@ -55,10 +56,10 @@ pub(crate) fn background(
         .collect()
 }
 
-pub(crate) const OK_RELOADS: &str = "smartlead_proxy_config_reloads_total{result=\"ok\"}";
-pub(crate) const FAILED_RELOADS: &str = "smartlead_proxy_config_reloads_total{result=\"error\"}";
+const OK_RELOADS: &str = "smartlead_proxy_config_reloads_total{result=\"ok\"}";
+const FAILED_RELOADS: &str = "smartlead_proxy_config_reloads_total{result=\"error\"}";
 
-pub(crate) async fn metric(proxy: &Proxy, line: &str) -> Option<f64> {
+async fn metric(proxy: &Proxy, line: &str) -> Option<f64> {
     let text = proxy.get("/metrics").await.text().await.unwrap();
     text.lines()
         .find(|l| l.starts_with(line))
@@ -135,7 +136,7 @@ async fn tighter_windows_hold_for_waiters_and_refuse_those_pushed_past_their_dea
     proxy.stop().await;
 }
 
-pub(crate) fn with_account_b(s: &mut smartlead_proxy::Settings, tokens: &[&str]) {
+fn with_account_b(s: &mut smartlead_proxy::Settings, tokens: &[&str]) {
     s.accounts.push(AccountSettings {
         name: "b".into(),
         key_env: "KEY_B".into(),

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::support::*;
 use serde_json::json;
 use smartlead_proxy::sim::{Fault, Sim};
+
+use crate::support::*;
 
 async fn setup(tweak: impl FnOnce(&mut smartlead_proxy::Settings)) -> (Sim, Proxy) {
     sim_and_proxy_with(|s| {

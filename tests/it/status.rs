@@ -3,15 +3,16 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::*;
 use serde_json::{Value, json};
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 
-pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_smartlead-proxy");
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_smartlead-proxy");
 
 /// A proxy at 2 requests per 2 s with `a` and `b` queueing behind it: three of `a`'s
 /// requests and two of `b`'s.
-pub(crate) async fn under_load() -> (Sim, Proxy, Vec<tokio::task::JoinHandle<u16>>) {
+async fn under_load() -> (Sim, Proxy, Vec<tokio::task::JoinHandle<u16>>) {
     let sim = Sim::start(SimConfig {
         requests: 2,
         period: Duration::from_secs(2),
@@ -39,13 +40,13 @@ pub(crate) async fn under_load() -> (Sim, Proxy, Vec<tokio::task::JoinHandle<u16
     (sim, proxy, waiting)
 }
 
-pub(crate) fn client_req(proxy: &Proxy, id: &str) -> reqwest::RequestBuilder {
+fn client_req(proxy: &Proxy, id: &str) -> reqwest::RequestBuilder {
     client()
         .get(proxy.url("/api/v1/campaigns"))
         .header("x-client-id", id)
 }
 
-pub(crate) async fn finish(proxy: Proxy, waiting: Vec<tokio::task::JoinHandle<u16>>) {
+async fn finish(proxy: Proxy, waiting: Vec<tokio::task::JoinHandle<u16>>) {
     for w in waiting {
         assert_eq!(w.await.unwrap(), 200);
     }
@@ -147,7 +148,7 @@ pub(crate) fn rendered(url: &str) -> String {
 }
 
 /// The account, both clients and the window's use, as the page shows them.
-pub(crate) fn assert_shows_the_load(dom: &str) {
+fn assert_shows_the_load(dom: &str) {
     assert!(dom.contains("data-account=\"default\""), "{dom}");
     for id in ["bulk-worker", "ui-worker"] {
         assert!(

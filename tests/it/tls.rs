@@ -6,10 +6,11 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::support::*;
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
 
-pub(crate) async fn sim() -> Sim {
+use crate::support::*;
+
+async fn sim() -> Sim {
     Sim::start(SimConfig {
         requests: 10_000,
         ..SimConfig::default()
@@ -18,7 +19,7 @@ pub(crate) async fn sim() -> Sim {
     .unwrap()
 }
 
-pub(crate) fn https_base(front: std::net::SocketAddr) -> String {
+fn https_base(front: std::net::SocketAddr) -> String {
     format!("https://127.0.0.1:{}/api/v1", front.port())
 }
 
@@ -95,7 +96,7 @@ async fn a_configured_egress_proxy_carries_the_tls_connection() {
 }
 
 /// The binary on a free port with `envs`; answers one GET through it, then stops it.
-pub(crate) async fn one_request_through_the_binary(envs: &[(&str, String)]) -> u16 {
+async fn one_request_through_the_binary(envs: &[(&str, String)]) -> u16 {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()

@@ -1,13 +1,13 @@
-//! The accounts tests that need Redis.
+//! Several accounts and client-key quotas, each shared by instances on one Redis.
 
-use crate::support::*;
+use std::time::Duration;
+
 use secrecy::SecretString;
 use smartlead_proxy::config::LimitBackend;
-use std::time::Duration;
 use tokio::time::Instant;
 
-#[allow(unused_imports)]
 use crate::accounts::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn client_keys_get_quotas_of_their_own_on_redis() {

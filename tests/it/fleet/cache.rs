@@ -1,11 +1,12 @@
-//! The cache tests that need Redis.
+//! The fleet shares one cache: a hit, an invalidation and a coalesced call on one
+//! instance serve every other; without Redis each instance keeps its own.
 
-use crate::support::*;
-use smartlead_proxy::sim::Fault;
 use std::time::Duration;
 
-#[allow(unused_imports)]
+use smartlead_proxy::sim::Fault;
+
 use crate::cache::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn the_fleet_shares_one_cache_and_one_invalidation() {

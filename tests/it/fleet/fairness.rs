@@ -1,14 +1,15 @@
-//! The fairness tests that need Redis.
+//! Fairness over the fleet: self-made priorities, each instance's own waiters through a
+//! Redis pause, `limit.per_client` across instances, and the status of the fleet's clients.
 
-use crate::support::*;
+use std::time::Duration;
+
 use serde_json::Value;
 use smartlead_proxy::config::Window;
 use smartlead_proxy::sim::{Sim, SimConfig};
-use std::time::Duration;
 use tokio::time::Instant;
 
-#[allow(unused_imports)]
 use crate::fairness::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn self_made_high_priority_neither_jumps_nor_starves_on_redis() {

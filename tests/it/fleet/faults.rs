@@ -1,12 +1,13 @@
-//! The hardening tests that need Redis.
+//! Redis that misbehaves: a wrong password, a paused server, a full one; every request
+//! is still answered, and the instance rejoins.
 
-use crate::support::*;
-use serde_json::Value;
-use smartlead_proxy::sim::{Sim, SimConfig};
 use std::time::{Duration, Instant};
 
-#[allow(unused_imports)]
+use serde_json::Value;
+use smartlead_proxy::sim::{Sim, SimConfig};
+
 use crate::hardening::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn redis_with_a_wrong_password_falls_back_and_says_so() {

@@ -1,6 +1,5 @@
-//! The smartlead tests that need Redis.
+//! Instances sharing Redis follow SmartLead's own lower limit together.
 
-#[allow(unused_imports)]
 use crate::leads::*;
 
 #[tokio::test]

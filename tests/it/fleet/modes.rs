@@ -4,14 +4,15 @@
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use crate::support::*;
 use secrecy::SecretString;
 use serde_json::Value;
 use smartlead_proxy::config::{AccountSettings, RedisMode};
 use smartlead_proxy::key::ApiKey;
+use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::*;
 
 const KEY_B: &str = "key-of-b";
-use smartlead_proxy::sim::{Sim, SimConfig};
 
 /// `redis-cli` against 127.0.0.1:`port`; its output, trimmed.
 fn cli(port: u16, args: &[&str]) -> String {

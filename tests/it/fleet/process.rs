@@ -1,12 +1,12 @@
-//! The process tests that need Redis.
+//! The real binary on Redis: the fleet is every live lease, a killed instance's waiters
+//! hold nobody back, and an instance back after its lease ran out registers again.
 
-use crate::support::*;
-use serde_json::Value;
-use smartlead_proxy::sim::{Sim, SimConfig};
 use std::time::Duration;
 
-#[allow(unused_imports)]
-use crate::ops::process::*;
+use serde_json::Value;
+use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::*;
 
 /// A SmartLead at 10 per second and two proxy processes sharing it through Redis (a
 /// lease of 1 s, a key of their own from `name`), each waiting up to `max_wait`.

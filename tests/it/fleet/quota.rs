@@ -1,13 +1,14 @@
-//! The quota tests that need Redis.
+//! The quota shared through Redis: three proxies, a pause after an upstream 429 for
+//! every instance, Redis down (reject and fallback), batched reservations.
 
-use crate::support::*;
+use std::time::{Duration, Instant};
+
 use futures_util::future::join_all;
 use serde_json::Value;
 use smartlead_proxy::sim::{Sim, SimConfig};
-use std::time::{Duration, Instant};
 
-#[allow(unused_imports)]
 use crate::quota::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn three_proxies_on_one_redis_share_the_quota() {

@@ -1,9 +1,7 @@
-//! The reload tests that need Redis.
+//! A reload under the fleet's line: looser windows let waiting requests go sooner.
 
-use crate::support::*;
-
-#[allow(unused_imports)]
 use crate::reload::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn looser_windows_let_waiting_requests_go_sooner_on_redis() {

@@ -1,11 +1,11 @@
-//! The status tests that need Redis.
+//! The status page and the `status` command show the fleet.
 
-use crate::support::*;
-use smartlead_proxy::sim::{Sim, SimConfig};
 use std::time::Duration;
 
-#[allow(unused_imports)]
+use smartlead_proxy::sim::{Sim, SimConfig};
+
 use crate::status::*;
+use crate::support::*;
 
 /// With Redis, the page (as a browser renders it, and as served) and the `status`
 /// command show the fleet: every instance with a live lease, and who waits over it.

@@ -1,11 +1,10 @@
-//! The tls tests that need Redis.
+//! Two proxies share one quota over `rediss://` with the test's CA.
 
-use crate::support::*;
-use smartlead_proxy::sim::{Sim, SimConfig};
 use std::time::Duration;
 
-#[allow(unused_imports)]
-use crate::tls::*;
+use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::*;
 
 #[tokio::test]
 async fn two_proxies_share_one_quota_over_rediss_with_its_ca() {

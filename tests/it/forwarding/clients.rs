@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::support::{KEY, settings, spawn_proxy};
 use serde_json::Value;
 use smartlead_proxy::sim::{Sim, SimConfig};
+
+use crate::support::{KEY, settings, spawn_proxy};
 
 const PACKAGE: &str = "smartlead-cli==0.1.4";
 

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
 
 const CHUNK: usize = 64 * 1024;
 const CHUNKS: usize = 2048; // 128 MiB

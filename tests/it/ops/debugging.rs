@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
-use crate::support::{KEY, any_log_contains, client, expect_envelope, logged, sim_and_proxy_with};
 use serde_json::{Value, json};
 use smartlead_proxy::sim::Fault;
+
+use crate::support::{KEY, any_log_contains, client, expect_envelope, logged, sim_and_proxy_with};
 
 /// The traffic records logged for one request, in attempt order.
 fn records(request_id: &str) -> Vec<Value> {

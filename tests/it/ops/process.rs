@@ -3,9 +3,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::*;
 use serde_json::Value;
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+use crate::support::*;
 
 #[test]
 fn missing_key_is_a_startup_error() {
@@ -736,10 +737,10 @@ async fn sighup_reloads_the_config_file_and_a_bad_one_changes_nothing() {
 }
 
 /// A key as SmartLead issues them, pasted where it does not belong.
-pub(crate) const PASTED: &str = "0f3c9a7d-2b8e-4c61-a5f0-9e3d7b2c8a41_k2x9q7";
+const PASTED: &str = "0f3c9a7d-2b8e-4c61-a5f0-9e3d7b2c8a41_k2x9q7";
 
 /// Config files with [`PASTED`] in a wrong setting, each with the key its error names.
-pub(crate) fn pasted_configs() -> Vec<(&'static str, String)> {
+fn pasted_configs() -> Vec<(&'static str, String)> {
     let url = format!("https://server.smartlead.ai/api/v1?api_key={PASTED}");
     vec![
         (

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use crate::support::*;
 use secrecy::SecretString;
 use serde_json::json;
 use smartlead_proxy::sim::{Fault, Sim, SimConfig};
+
+use crate::support::*;
 
 #[tokio::test]
 async fn access_tokens_guard_the_api_but_not_the_probes() {
