@@ -374,6 +374,7 @@ struct Asked {
 /// class's waiters are never passed by a client's later requests beyond their turns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_line_keeps_deadlines_slots_and_turns_under_random_arrivals() {
+    let _heavy = crate::support::heavy().await;
     use smartlead_proxy::accounts::Accounts;
     use smartlead_proxy::client::{ClientId, Priority, Who};
     let key = unique_key();

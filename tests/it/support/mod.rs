@@ -557,7 +557,8 @@ pub fn own_process(test: &str) -> bool {
 
 /// Held by the tests that load the machine (thousands of connections, minutes of
 /// saturation, memory measured in the process) and by the ones that need its full speed
-/// to keep their goodput: with the whole suite in one binary they would otherwise run
+/// to keep their goodput or their timing (the fleet line's model counts starts per
+/// 200 ms): with the whole suite in one binary they would otherwise run
 /// side by side on a 2-core machine. Ordinary tests run beside any of them, as before.
 pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
