@@ -127,7 +127,10 @@ async fn a_request_failed_after_its_retries_is_among_the_recent_errors() {
 }
 
 /// Headless Chromium's DOM of `url` after the page's script had 3 s of (virtual) time.
+/// One browser at a time (they share a profile directory, and each takes both cores
+/// while it starts).
 pub(crate) fn rendered(url: &str) -> String {
+    let _heavy = crate::support::heavy_blocking();
     let profile = std::env::temp_dir().join(format!("slp-chromium-{}", std::process::id()));
     let out = Command::new("chromium")
         .args([

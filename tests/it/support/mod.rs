@@ -561,9 +561,15 @@ pub fn own_process(test: &str) -> bool {
 /// 200 ms): with the whole suite in one binary they would otherwise run
 /// side by side on a 2-core machine. Ordinary tests run beside any of them, as before.
 pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
-    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     HEAVY.lock().await
 }
+
+/// [`heavy`] from a blocking thread: a headless browser takes both cores while it starts.
+pub fn heavy_blocking() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A GET of `url` whose answer is JSON (any status), as a value.
 pub async fn get_json(url: &str) -> Value {
