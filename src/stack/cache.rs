@@ -280,16 +280,34 @@ impl Read {
 
     /// The `fwd` part of a miss's `Cache-Status`, with `extra` after it.
     fn fwd(&self, extra: &str) -> String {
-        let fwd = match (self.ttl, self.asked) {
-            (None, _) => "fwd=bypass",
-            (Some(_), Asked::Stored) => "fwd=uri-miss",
-            (Some(_), _) => "fwd=request",
-        };
+        let fwd = self.forwarded();
         if extra.is_empty() {
             fwd.to_owned()
         } else {
             format!("{fwd}; {extra}")
         }
+    }
+
+    /// Why the request went to SmartLead, as `Cache-Status` says it.
+    fn forwarded(&self) -> &'static str {
+        match (self.ttl, self.asked) {
+            (None, _) => "fwd=bypass",
+            (Some(_), Asked::Stored) => "fwd=uri-miss",
+            (Some(_), _) => "fwd=request",
+        }
+    }
+
+    /// Marks an answer that went to SmartLead: the plain forms (every answer on a route
+    /// not cached is one) are made once, not formatted per request.
+    fn mark_forwarded(&self, headers: &mut http::HeaderMap, extra: &str) {
+        let plain = match (extra, self.forwarded()) {
+            ("", "fwd=bypass") => HeaderValue::from_static("smartlead-proxy; fwd=bypass"),
+            ("", "fwd=uri-miss") => HeaderValue::from_static("smartlead-proxy; fwd=uri-miss"),
+            ("", "fwd=request") => HeaderValue::from_static("smartlead-proxy; fwd=request"),
+            _ => return mark(headers, &self.fwd(extra), 0),
+        };
+        headers.insert(CACHE_STATUS, plain);
+        headers.insert(header::AGE, HeaderValue::from_static("0"));
     }
 
     fn miss_result(&self) -> ReadResult {
@@ -339,9 +357,7 @@ impl Read {
             return Ok(self.answer(&stored, ReadResult::Stale, "hit"));
         }
         self.count(self.miss_result());
-        let status = self.fwd("");
-        let headers = failure.headers_mut();
-        mark(headers, &status, 0);
+        self.mark_forwarded(failure.headers_mut(), "");
         Err(failure)
     }
 
@@ -487,7 +503,7 @@ impl Read {
     /// An answer that came from SmartLead for this request, marked and counted.
     fn streamed(&self, mut reply: Reply, extra: &str) -> Reply {
         self.count(self.miss_result());
-        mark(reply.response.headers_mut(), &self.fwd(extra), 0);
+        self.mark_forwarded(reply.response.headers_mut(), extra);
         reply
     }
 
