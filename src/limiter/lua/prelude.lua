@@ -1,6 +1,6 @@
 -- Prints a Lua number as an exact integer (the default `%.14g` would round µs times),
 -- reads Redis `TIME`, and reads the windows: `ARGV[w]` is how many, then a limit and a
--- length (µs) each.
+-- length (µs) each. Put in front of every script: KEYS none, ARGV where the script says.
 local function s(x) return string.format('%.0f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
