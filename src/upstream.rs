@@ -426,7 +426,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the body was framed by
     // the former, and is framed again for the other side.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let framed_by_te = HOP_BY_HOP
+        .iter()
+        .zip(present)
+        .any(|(h, p)| p && h == header::TRANSFER_ENCODING);
+    if framed_by_te {
         headers.remove(header::CONTENT_LENGTH);
     }
     // `keep-alive` is on the list already: it needs no name made for it.

@@ -2,68 +2,46 @@
 
 use super::*;
 
-/// The envelope's `code`: every value the proxy writes, each spelled once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Code {
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-    Unauthorized,
-    Forbidden,
-    Conflict,
-    PayloadTooLarge,
-    RequestTimeout,
-    ValidationError,
-    RateLimited,
-    Unavailable,
-    UpstreamUnavailable,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamRedirect,
-    InternalError,
+/// Makes [`Code`], its [`Code::ALL`] and [`Code::as_str`] from one list, so a code is
+/// named once and spelled once.
+macro_rules! codes {
+    ($($variant:ident => $text:literal,)+) => {
+        /// The envelope's `code`: every value the proxy writes.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Code {
+            $($variant,)+
+        }
+
+        impl Code {
+            /// Every code, for the docs check that each is documented.
+            pub const ALL: &[Code] = &[$(Code::$variant,)+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $text,)+
+                }
+            }
+        }
+    };
 }
 
-impl Code {
-    /// Every code, for the docs check that each is documented.
-    pub const ALL: [Code; 16] = [
-        Code::NotFound,
-        Code::MethodNotAllowed,
-        Code::BadRequest,
-        Code::Unauthorized,
-        Code::Forbidden,
-        Code::Conflict,
-        Code::PayloadTooLarge,
-        Code::RequestTimeout,
-        Code::ValidationError,
-        Code::RateLimited,
-        Code::Unavailable,
-        Code::UpstreamUnavailable,
-        Code::UpstreamError,
-        Code::UpstreamTimeout,
-        Code::UpstreamRedirect,
-        Code::InternalError,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Code::NotFound => "NOT_FOUND",
-            Code::MethodNotAllowed => "METHOD_NOT_ALLOWED",
-            Code::BadRequest => "BAD_REQUEST",
-            Code::Unauthorized => "UNAUTHORIZED",
-            Code::Forbidden => "FORBIDDEN",
-            Code::Conflict => "CONFLICT",
-            Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            Code::RequestTimeout => "REQUEST_TIMEOUT",
-            Code::ValidationError => "VALIDATION_ERROR",
-            Code::RateLimited => "RATE_LIMITED",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
-            Code::UpstreamError => "UPSTREAM_ERROR",
-            Code::UpstreamTimeout => "UPSTREAM_TIMEOUT",
-            Code::UpstreamRedirect => "UPSTREAM_REDIRECT",
-            Code::InternalError => "INTERNAL_ERROR",
-        }
-    }
+codes! {
+    NotFound => "NOT_FOUND",
+    MethodNotAllowed => "METHOD_NOT_ALLOWED",
+    BadRequest => "BAD_REQUEST",
+    Unauthorized => "UNAUTHORIZED",
+    Forbidden => "FORBIDDEN",
+    Conflict => "CONFLICT",
+    PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+    RequestTimeout => "REQUEST_TIMEOUT",
+    ValidationError => "VALIDATION_ERROR",
+    RateLimited => "RATE_LIMITED",
+    Unavailable => "UNAVAILABLE",
+    UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
+    UpstreamError => "UPSTREAM_ERROR",
+    UpstreamTimeout => "UPSTREAM_TIMEOUT",
+    UpstreamRedirect => "UPSTREAM_REDIRECT",
+    InternalError => "INTERNAL_ERROR",
 }
 
 impl serde::Serialize for Code {

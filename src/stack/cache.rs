@@ -290,23 +290,28 @@ impl Read {
 
     /// Why the request went to SmartLead, as `Cache-Status` says it.
     fn forwarded(&self) -> &'static str {
+        self.forwarded_as().0
+    }
+
+    /// The `fwd` parameter, and the whole `Cache-Status` of a miss with nothing after it.
+    fn forwarded_as(&self) -> (&'static str, &'static str) {
         match (self.ttl, self.asked) {
-            (None, _) => "fwd=bypass",
-            (Some(_), Asked::Stored) => "fwd=uri-miss",
-            (Some(_), _) => "fwd=request",
+            (None, _) => FORWARDED[0],
+            (Some(_), Asked::Stored) => FORWARDED[1],
+            (Some(_), _) => FORWARDED[2],
         }
     }
 
     /// Marks an answer that went to SmartLead: the plain forms (every answer on a route
-    /// not cached is one) are made once, not formatted per request.
+    /// not cached is one) are static values, not formatted per request.
     fn mark_forwarded(&self, headers: &mut http::HeaderMap, extra: &str) {
-        let plain = match (extra, self.forwarded()) {
-            ("", "fwd=bypass") => HeaderValue::from_static("smartlead-proxy; fwd=bypass"),
-            ("", "fwd=uri-miss") => HeaderValue::from_static("smartlead-proxy; fwd=uri-miss"),
-            ("", "fwd=request") => HeaderValue::from_static("smartlead-proxy; fwd=request"),
-            _ => return mark(headers, &self.fwd(extra), 0),
-        };
-        headers.insert(CACHE_STATUS, plain);
+        if !extra.is_empty() {
+            return mark(headers, &self.fwd(extra), 0);
+        }
+        headers.insert(
+            CACHE_STATUS,
+            HeaderValue::from_static(self.forwarded_as().1),
+        );
         headers.insert(header::AGE, HeaderValue::from_static("0"));
     }
 
@@ -513,6 +518,14 @@ impl Read {
         storable(reply.response.status(), reply.response.headers()).then_some(ttl)
     }
 }
+
+/// The `fwd` parameters and the `Cache-Status` each makes alone (`NAME` written out, as a
+/// static header value needs; a test checks the two agree).
+const FORWARDED: [(&str, &str); 3] = [
+    ("fwd=bypass", "smartlead-proxy; fwd=bypass"),
+    ("fwd=uri-miss", "smartlead-proxy; fwd=uri-miss"),
+    ("fwd=request", "smartlead-proxy; fwd=request"),
+];
 
 /// Sets `Cache-Status` and `Age`.
 fn mark(headers: &mut http::HeaderMap, status: &str, age_s: u64) {
@@ -806,6 +819,18 @@ impl Drop for CancelAlone {
             && !self.watching.followed()
         {
             task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_static_cache_statuses_are_what_mark_would_write() {
+        for (fwd, whole) in FORWARDED {
+            assert_eq!(whole, format!("{NAME}; {fwd}"));
         }
     }
 }
