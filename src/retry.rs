@@ -34,7 +34,7 @@ impl Safety {
                 .idempotent_posts
                 .iter()
                 .any(|p| path_matches(p, api_path)))
-            || headers.contains_key(IDEMPOTENCY_KEY);
+            || crate::headers::contains(headers, &IDEMPOTENCY_KEY);
         Self { idempotent }
     }
 }

@@ -23,7 +23,9 @@ pub const TARGET: &str = "smartlead_proxy::traffic";
 
 /// Whether this request's attempts are logged.
 pub fn wanted(log: &LogSettings, headers: &HeaderMap) -> bool {
-    log.bodies || (log.allow_debug_header && headers.get(DEBUG_HEADER).is_some_and(is_on))
+    log.bodies
+        || (log.allow_debug_header
+            && crate::headers::get(headers, &DEBUG_HEADER).is_some_and(is_on))
 }
 
 fn is_on(value: &HeaderValue) -> bool {

@@ -414,37 +414,47 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none or only `Connection: keep-alive`: one pass over the names
-    // finds the ones present, instead of a pass per name.
-    let mut present = [false; HOP_BY_HOP.len()];
+    // finds the ones present, and a name whose length is none of theirs is passed over
+    // without comparing it to each.
+    let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
+        if matches!(name.as_str().len(), 2 | 7 | 10 | 16..=19)
+            && let Some(i) = HOP_BY_HOP.iter().position(|h| h == name)
+        {
+            present |= 1 << i;
         }
     }
-    if !present.contains(&true) {
+    if present == 0 {
         return;
     }
+    let has = |name: &HeaderName| {
+        let i = HOP_BY_HOP.iter().position(|h| h == name);
+        i.is_some_and(|i| present & (1 << i) != 0)
+    };
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): the body was framed by
     // the former, and is framed again for the other side.
-    let framed_by_te = HOP_BY_HOP
-        .iter()
-        .zip(present)
-        .any(|(h, p)| p && h == header::TRANSFER_ENCODING);
-    if framed_by_te {
+    if has(&header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
-    // `keep-alive` is on the list already: it needs no name made for it.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-        .collect();
-    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
-        headers.remove(name);
+    // Names `Connection` lists (`keep-alive` is on the list already): collected only
+    // when there are others, so the usual `Connection: keep-alive` makes no vector.
+    let named: Vec<HeaderName> = if has(&header::CONNECTION) {
+        headers
+            .iter()
+            .filter(|(k, _)| **k == header::CONNECTION)
+            .filter_map(|(_, v)| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
     remove_all(headers, &named);
 }
@@ -576,6 +586,28 @@ mod tests {
         let out = request_headers(h);
         assert_eq!(out.len(), 1);
         assert_eq!(out["x-custom"], "kept");
+    }
+
+    #[test]
+    fn strips_every_hop_by_hop_name_and_frames_by_transfer_encoding() {
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(name, "x".parse().unwrap());
+            h.insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+            h.insert("x-kept", "1".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name}");
+            let te = *name == header::TRANSFER_ENCODING;
+            assert_eq!(h.contains_key(header::CONTENT_LENGTH), !te, "{name}");
+            assert!(h.contains_key("x-kept"));
+        }
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "close".parse().unwrap());
+        h.append(header::CONNECTION, "X-Gone".parse().unwrap());
+        h.insert("x-gone", "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     proptest::proptest! {

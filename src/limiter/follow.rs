@@ -108,8 +108,7 @@ const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-rem
 const RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 fn header_number(headers: &HeaderMap, name: HeaderName) -> Option<f64> {
-    headers
-        .get(name)?
+    crate::headers::get(headers, &name)?
         .to_str()
         .ok()?
         .trim()

@@ -181,7 +181,7 @@ pub struct Limiter {
     /// When the last "SmartLead refused although the windows were kept" warning went out.
     warned_429: std::sync::Mutex<Option<Instant>>,
     /// Requests served per client, for the status page; bounded, the rest under `other`.
-    served: dashmap::DashMap<ClientId, AtomicU64>,
+    served: dashmap::DashMap<ClientId, AtomicU64, foldhash::fast::RandomState>,
     served_other: AtomicU64,
     /// The end of the latest pause this process asked for.
     pause_ends: std::sync::Mutex<Option<Instant>>,

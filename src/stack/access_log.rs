@@ -70,7 +70,7 @@ where
             route: crate::metrics::route_of(&path),
             path: logging().then(|| path.into_owned()),
             method: req.method().clone(),
-            request_id: req.headers().get(super::request_id::REQUEST_ID).cloned(),
+            request_id: crate::headers::get(req.headers(), &super::request_id::REQUEST_ID).cloned(),
         };
         AccessLogFuture {
             inner: self.inner.call(req),

@@ -75,7 +75,7 @@ impl Clients {
         peer: Option<&Peer>,
     ) -> Result<Who, ProxyError> {
         let may_be_high = self.may_be_high(headers, token_name.as_deref());
-        let client = match headers.get(CLIENT_HEADER) {
+        let client = match crate::headers::get(headers, &CLIENT_HEADER) {
             Some(v) => match v.to_str().map(str::trim) {
                 Ok(id) if valid_client_id(id) => ClientId::Named(id.into()),
                 _ => {
@@ -91,7 +91,7 @@ impl Clients {
                 (None, None) => ClientId::Anonymous,
             },
         };
-        let priority = match headers.get(PRIORITY_HEADER) {
+        let priority = match crate::headers::get(headers, &PRIORITY_HEADER) {
             Some(v) if self.allow_priority => {
                 v.to_str()
                     .ok()
@@ -234,12 +234,11 @@ impl<S> Caller<S> {
         let headers = req.headers();
         let token = accounts
             .tokens_required()
-            .then(|| headers.get(header::AUTHORIZATION))
+            .then(|| crate::headers::get(headers, &header::AUTHORIZATION))
             .flatten()
             .and_then(|v| v.to_str().ok())
             .and_then(bearer);
-        let named = headers
-            .get(ACCOUNT_HEADER)
+        let named = crate::headers::get(headers, &ACCOUNT_HEADER)
             .map(|v| v.to_str().unwrap_or("\u{fffd}").trim());
         let own_key = accounts
             .keeps_client_keys()

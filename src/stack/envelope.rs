@@ -69,7 +69,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let request_id = req.headers().get(super::request_id::REQUEST_ID).cloned();
+        let request_id =
+            crate::headers::get(req.headers(), &super::request_id::REQUEST_ID).cloned();
         EnvelopeFuture {
             inner: self.inner.call(req),
             request_id,

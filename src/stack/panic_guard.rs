@@ -54,9 +54,7 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let seen = Seen {
-            id: req
-                .headers()
-                .get(super::request_id::REQUEST_ID)
+            id: crate::headers::get(req.headers(), &super::request_id::REQUEST_ID)
                 .cloned()
                 .unwrap_or(HeaderValue::from_static("")),
             method: req.method().clone(),

@@ -176,7 +176,7 @@ pub struct Arrived(pub Instant);
 
 /// A caller's `X-Request-Timeout`, if it sent one.
 pub fn request_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ProxyError> {
-    let Some(v) = headers.get(REQUEST_TIMEOUT_HEADER) else {
+    let Some(v) = crate::headers::get(headers, &REQUEST_TIMEOUT_HEADER) else {
         return Ok(None);
     };
     let text = v.to_str().unwrap_or("").trim();
@@ -427,7 +427,7 @@ where
         let mut req = Request::new(self.body.clone());
         *req.method_mut() = self.parts.method.clone();
         *req.uri_mut() = self.parts.uri.clone();
-        *req.headers_mut() = self.parts.headers.clone();
+        *req.headers_mut() = attempt_headers(&self.parts.headers);
         let attempt = async {
             let ready = self.inner.ready().await?;
             ready.call(req).await
@@ -442,7 +442,7 @@ where
     /// broken response, never a truncated one passed off as complete).
     fn success(&self, resp: Response<B>, took: Duration) -> Response<Body> {
         let (mut head, body) = resp.into_parts();
-        if head.headers.contains_key(header::RETRY_AFTER) {
+        if crate::headers::contains(&head.headers, &header::RETRY_AFTER) {
             own_retry_after(&mut head.headers, self.account.limiter.longest_pause());
         }
         let body = IdleTimeout::new(body, self.quota.upstream_timeout);
@@ -546,6 +546,20 @@ async fn fleet_cap(
         )),
         None => Ok(()),
     }
+}
+
+/// Room, past the request's own headers, for the answer's: hyper parses the answer's head
+/// into the map the request was written from, and the proxy adds its own headers to it
+/// on the way back. A clone has no room at all, and grew twice on every answer.
+const ANSWER_HEADERS: usize = 12;
+
+/// The request's headers for one attempt, in a map with room for the answer's.
+fn attempt_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len() + ANSWER_HEADERS);
+    for (name, value) in headers {
+        copy.append(name.clone(), value.clone());
+    }
+    copy
 }
 
 /// Successes stream through untouched; 304 has no body to wrap.

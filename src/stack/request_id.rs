@@ -12,8 +12,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id, as [`RequestId`] left it in the headers.
 pub fn of(headers: &HeaderMap) -> &str {
-    headers
-        .get(REQUEST_ID)
+    crate::headers::get(headers, &REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
 }
@@ -62,7 +61,7 @@ pub const MAX_ID: usize = 128;
 /// Keeps the caller's `x-request-id` when it is 1 to [`MAX_ID`] visible ASCII
 /// characters; else (or without one) assigns a fresh UUID.
 fn ensure(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(REQUEST_ID).filter(|id| usable(id)) {
+    if let Some(id) = crate::headers::get(headers, &REQUEST_ID).filter(|id| usable(id)) {
         return id.clone();
     }
     let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
