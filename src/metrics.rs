@@ -195,9 +195,17 @@ fn intern(label: &str) -> &'static str {
 
 /// Counter and histogram handles per (route, status, source, account), so the hot path
 /// skips the registry's hashing and label allocation after the first request of a kind.
-type RequestHandles = (metrics::Counter, metrics::Histogram);
-type RequestKey = (&'static str, u16, &'static str, Option<Arc<str>>);
-type RequestCache = RwLock<FastMap<RequestKey, RequestHandles>>;
+/// Each serving thread keeps its own (no lock), keyed by where the labels are: route and
+/// source are static strings, and the account is held by its entry, so its address
+/// names it for as long as the entry is there.
+struct RequestHandles {
+    count: metrics::Counter,
+    duration: metrics::Histogram,
+    _account: Option<Arc<str>>,
+}
+/// Each label string by its address and length (the linker may lay one literal at the
+/// start of another).
+type RequestKey = ([(usize, usize); 3], u16);
 
 /// Handles kept before new kinds of requests are counted without a cache (client-key
 /// accounts can make many).
@@ -212,25 +220,34 @@ pub fn request_done(
     account: Option<&Arc<str>>,
     elapsed: Duration,
 ) {
-    static CACHE: OnceLock<RequestCache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = (route, status, source, account.cloned());
-    let cached = read(cache).get(&key).cloned();
-    let (count, duration) = cached.unwrap_or_else(|| {
+    thread_local! {
+        static CACHE: std::cell::RefCell<FastMap<RequestKey, RequestHandles>> =
+            std::cell::RefCell::new(FastMap::default());
+    }
+    let at = |s: &str| (s.as_ptr() as usize, s.len());
+    let key = (
+        [at(route), at(source), account.map_or((0, 0), |a| at(a))],
+        status,
+    );
+    CACHE.with_borrow_mut(|cache| {
+        if let Some(h) = cache.get(&key) {
+            h.count.increment(1);
+            h.duration.record(elapsed.as_secs_f64());
+            return;
+        }
         let status = status.to_string();
         let count = match account {
             Some(a) => counter!(REQUESTS, "route" => route, "status" => status, "source" => source, "account" => a.to_string()),
             None => counter!(REQUESTS, "route" => route, "status" => status, "source" => source),
         };
-        let handles = (count, histogram!(REQUEST_DURATION, "route" => route));
-        let mut cache = write(cache);
+        let duration = histogram!(REQUEST_DURATION, "route" => route);
+        count.increment(1);
+        duration.record(elapsed.as_secs_f64());
         if cache.len() < MAX_CACHED {
-            cache.insert(key, handles.clone());
+            let _account = account.cloned();
+            cache.insert(key, RequestHandles { count, duration, _account });
         }
-        handles
     });
-    count.increment(1);
-    duration.record(elapsed.as_secs_f64());
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -334,14 +351,10 @@ pub fn retry(reason: &str) {
     counter!(RETRIES, "reason" => reason.to_owned()).increment(1);
 }
 
-pub fn limiter_wait(account: &str, waited: Duration) {
-    static CACHE: OnceLock<RwLock<FastMap<String, metrics::Histogram>>> = OnceLock::new();
-    per_label(
-        &CACHE,
-        account,
-        || histogram!(LIMITER_WAIT, "account" => account.to_owned()),
-    )
-    .record(waited.as_secs_f64());
+/// How long an account's requests waited for their slots: made once per account, kept
+/// by its limiter.
+pub fn limiter_wait(account: &str) -> metrics::Histogram {
+    histogram!(LIMITER_WAIT, "account" => account.to_owned())
 }
 
 pub fn quota_rejected(account: &str, reason: &'static str) {

@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -124,7 +125,7 @@ where
             if !stacks.is_current(held.0) {
                 *held = stacks.current();
             }
-            held.1.clone().oneshot(req)
+            call_ready(&mut held.1, req)
         });
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
         tokio::spawn(crate::client::serving(peer, async move {
@@ -135,6 +136,21 @@ where
         }));
     }
     graceful
+}
+
+/// Calls the connection's own copy of `stack` when it is ready at once (every layer of
+/// the proxy's is: none holds capacity), else a clone of it once it is ready. Calling the
+/// copy the connection holds saves cloning every layer's handles for each request, and
+/// keeps the stack out of the request's future.
+fn call_ready<S, R>(stack: &mut S, req: R) -> Either<S::Future, tower::util::Oneshot<S, R>>
+where
+    S: Service<R> + Clone,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stack.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => Either::Left(stack.call(req)),
+        _ => Either::Right(stack.clone().oneshot(req)),
+    }
 }
 
 /// A connection whose writes give up after `limit` without progress, so a client that

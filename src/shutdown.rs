@@ -4,51 +4,59 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// A cheap-clone handle. Each serving thread takes its own [`Shutdown::for_thread`], so
-/// waiting on the abort signal registers with a channel of its own thread only.
+/// waiting on the abort signal registers with a signal of its own thread only.
 #[derive(Clone, Debug)]
 pub struct Shutdown {
     shared: Arc<Shared>,
-    abort: watch::Sender<bool>,
+    abort: Arc<Abort>,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     begun: AtomicBool,
     /// Every thread's abort signal.
-    aborts: Mutex<Vec<watch::Sender<bool>>>,
+    aborts: Mutex<Vec<Arc<Abort>>>,
+}
+
+/// One thread's abort signal: every request in flight waits on it, so it is a flag and
+/// a `Notify` (a waiter costs a lock and a list entry) rather than a watch channel.
+#[derive(Debug, Default)]
+struct Abort {
+    done: AtomicBool,
+    wake: Notify,
 }
 
 impl Default for Shutdown {
     fn default() -> Self {
-        let abort = watch::channel(false).0;
-        let shared = Shared::default();
+        let shared = Arc::new(Shared::default());
+        let abort = Shutdown::register(&shared, false);
+        Self { shared, abort }
+    }
+}
+
+impl Shutdown {
+    fn register(shared: &Shared, done: bool) -> Arc<Abort> {
+        let abort = Arc::new(Abort {
+            done: AtomicBool::new(done),
+            wake: Notify::new(),
+        });
         shared
             .aborts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(abort.clone());
-        Self {
-            shared: Arc::new(shared),
-            abort,
-        }
+        abort
     }
-}
 
-impl Shutdown {
     /// The same shutdown, with an abort signal for another serving thread.
     pub fn for_thread(&self) -> Self {
-        let abort = watch::channel(*self.abort.borrow()).0;
-        self.shared
-            .aborts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(abort.clone());
+        let done = self.abort.done.load(Ordering::SeqCst);
         Self {
             shared: self.shared.clone(),
-            abort,
+            abort: Shutdown::register(&self.shared, done),
         }
     }
 
@@ -70,13 +78,19 @@ impl Shutdown {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            abort.send_replace(true);
+            abort.done.store(true, Ordering::SeqCst);
+            abort.wake.notify_waiters();
         }
     }
 
     /// Resolves once [`Shutdown::abort_remaining`] was called.
     pub async fn aborted(&self) {
-        let mut rx = self.abort.subscribe();
-        let _ = rx.wait_for(|a| *a).await;
+        // Made before the flag is read: a `Notified` receives every `notify_waiters`
+        // from its making on, so an abort between the two is not missed.
+        let woken = self.abort.wake.notified();
+        if self.abort.done.load(Ordering::SeqCst) {
+            return;
+        }
+        woken.await;
     }
 }

@@ -267,7 +267,9 @@ impl Pool {
             },
             None => req,
         };
-        let mut sender = self.connect().await?;
+        // Boxed: connecting (TLS, the egress proxy) would make every attempt's future as
+        // large as its own, and most attempts find an idle connection.
+        let mut sender = Box::pin(self.connect()).await?;
         match sender.send_request(req).await {
             Ok(resp) => self.answered(sender, resp),
             Err(e) => Err(classify(&e)),
@@ -353,6 +355,17 @@ pub fn client_key(query: Option<&str>) -> Option<String> {
 
 /// Refuses dot-segments and encoded separators anywhere in the path.
 fn check_path(path: &str) -> Result<(), &'static str> {
+    // Most paths hold no `%`, `\\` or `.` and no empty segment: one pass says so, and
+    // only the others are looked at closely.
+    let mut previous = 0;
+    let plain = path.bytes().all(|b| {
+        let ok = !matches!(b, b'%' | b'\\' | b'.') && !(b == b'/' && previous == b'/');
+        previous = b;
+        ok
+    });
+    if plain {
+        return Ok(());
+    }
     let encoded_slash = path.as_bytes().windows(3).any(|w| {
         w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"2f") || w[1..].eq_ignore_ascii_case(b"5c"))
     });
@@ -440,9 +453,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // when there are others, so the usual `Connection: keep-alive` makes no vector.
     let named: Vec<HeaderName> = if has(&header::CONNECTION) {
         headers
+            .get_all(header::CONNECTION)
             .iter()
-            .filter(|(k, _)| **k == header::CONNECTION)
-            .filter_map(|(_, v)| v.to_str().ok())
+            .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
+            .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|n| !n.eq_ignore_ascii_case("keep-alive"))
@@ -462,11 +476,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The client's headers as they should reach SmartLead.
 pub fn request_headers(mut headers: HeaderMap) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    // Host comes from the target URI; length is recomputed from the buffered body.
-    remove_all(
-        &mut headers,
-        &[header::HOST, header::CONTENT_LENGTH, header::EXPECT],
-    );
+    // Host is the upstream's (set by the caller, which replaces the client's); length
+    // is recomputed from the buffered body.
+    remove_all(&mut headers, &[header::CONTENT_LENGTH, header::EXPECT]);
     headers
 }
 
@@ -584,7 +596,8 @@ mod tests {
         h.insert(header::HOST, "evil.example".parse().unwrap());
         h.insert("x-custom", "kept".parse().unwrap());
         let out = request_headers(h);
-        assert_eq!(out.len(), 1);
+        // Host is replaced by the caller, with the upstream's.
+        assert_eq!(out.len(), 2);
         assert_eq!(out["x-custom"], "kept");
     }
 

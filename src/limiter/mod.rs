@@ -185,6 +185,10 @@ pub struct Limiter {
     served_other: AtomicU64,
     /// The end of the latest pause this process asked for.
     pause_ends: std::sync::Mutex<Option<Instant>>,
+    /// How long requests waited for their slots (`account` labelled): made at the first
+    /// slot served (an account that never serves, such as a junk client key's, makes no
+    /// series), then kept, so no request looks it up.
+    waited: std::sync::OnceLock<metrics::Histogram>,
 }
 
 /// Clients counted by name per account before the rest are counted as `other`.
@@ -307,6 +311,7 @@ impl Limiter {
             served: Default::default(),
             served_other: AtomicU64::new(0),
             pause_ends: Default::default(),
+            waited: std::sync::OnceLock::new(),
         }
     }
 
@@ -531,7 +536,9 @@ impl Limiter {
         match &result {
             Ok(waited) => {
                 self.count_served(&who.client);
-                crate::metrics::limiter_wait(&self.account, *waited);
+                self.waited
+                    .get_or_init(|| crate::metrics::limiter_wait(&self.account))
+                    .record(waited.as_secs_f64());
                 crate::metrics::client_wait(&who.client, *waited);
             }
             Err(Refusal::RateLimited { why, .. }) => {
@@ -551,7 +558,8 @@ impl Limiter {
         if let Some(fleet) = self.backend.fleet() {
             let plan = self.plan();
             let _seat = self.seat(&who.client, &plan)?;
-            match fleet.wait(id, who, deadline, plan.spacing).await {
+            // Boxed: a request on the local line holds none of the fleet's state.
+            match Box::pin(fleet.wait(id, who, deadline, plan.spacing)).await {
                 fleet::Joined::Go => return Ok(arrived.elapsed()),
                 fleet::Joined::Refused(refusal) => return Err(refusal),
                 // Redis went away meanwhile: this process's line, as for any request now,
@@ -747,7 +755,9 @@ impl Place<'_> {
                     changed = moved.changed(), if follow_moves => match changed {
                         Ok(()) => {
                             let version = *moved.borrow_and_update();
-                            limiter.retime(version, Limited::PausedPastDeadline).await;
+                            // Boxed: rare, and a waiter should not carry its size.
+                            Box::pin(limiter.retime(version, Limited::PausedPastDeadline))
+                                .await;
                         }
                         // The backend is gone: the slots stay where they are.
                         Err(_) => follow_moves = false,

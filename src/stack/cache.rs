@@ -227,54 +227,57 @@ where
 }
 
 impl Read {
-    async fn run<S>(self, inner: S, req: Request<Bytes>) -> Result<Reply, Failure>
+    fn run<S>(self, inner: S, req: Request<Bytes>) -> impl Future<Output = Result<Reply, Failure>>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let found = match self.ttl {
-            Some(_) => self.cache.lookup(&self.key, &self.scopes).await,
-            None => None,
-        };
-        let now = now_ms();
-        if let Some(hit) = found.as_ref().filter(|f| f.is_fresh(now))
-            && self.asked == Asked::Stored
-        {
-            return Ok(self.answer(hit, ReadResult::Hit, "hit"));
-        }
-        // Kept for when SmartLead fails.
-        let stale = found.filter(|f| !f.is_fresh(now));
-        // Followers wait their turn here; the first decision that is not to follow ends
-        // the loop, with the request still to send.
-        let leader = loop {
-            let role = if self.cache.coalesce {
-                self.cache.flights.join(&self.key)
-            } else {
-                Role::Alone
+        async move {
+            let found = match self.ttl {
+                Some(_) => Box::pin(self.cache.lookup(&self.key, &self.scopes)).await,
+                None => None,
             };
-            match role {
-                Role::Leader(lead) => break Some(lead),
-                Role::Alone => break None,
-                Role::Follower(rx) => match flight::follow(rx, self.deadline).await {
-                    Some(Outcome::Answer(stored)) => {
-                        let fwd = self.fwd("collapsed");
-                        return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
-                    }
-                    Some(Outcome::Failed(shared)) => {
-                        let failure = Failure::new(shared.error(), self.served());
-                        return self.failed(failure, stale);
-                    }
-                    // Passed its own deadline, or the answer was too big to share: it
-                    // goes through the quota itself, with the deadlines it came with.
-                    None | Some(Outcome::TooBig) => break None,
-                    // The leader went away: the line decides who leads now.
-                    Some(Outcome::Gone | Outcome::Pending) => continue,
-                },
+            let now = now_ms();
+            if let Some(hit) = found.as_ref().filter(|f| f.is_fresh(now))
+                && self.asked == Asked::Stored
+            {
+                return Ok(self.answer(hit, ReadResult::Hit, "hit"));
             }
-        };
-        match leader {
-            Some(lead) => self.lead(lead, inner, req, stale).await,
-            None => self.alone(inner, req, stale).await,
+            // Kept for when SmartLead fails.
+            let stale = found.filter(|f| !f.is_fresh(now));
+            // Followers wait their turn here; the first decision that is not to follow ends
+            // the loop, with the request still to send.
+            let leader = loop {
+                let role = if self.cache.coalesce {
+                    self.cache.flights.join(&self.key)
+                } else {
+                    Role::Alone
+                };
+                match role {
+                    Role::Leader(lead) => break Some(lead),
+                    Role::Alone => break None,
+                    Role::Follower(rx) => match Box::pin(flight::follow(rx, self.deadline)).await {
+                        Some(Outcome::Answer(stored)) => {
+                            let fwd = self.fwd("collapsed");
+                            return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
+                        }
+                        Some(Outcome::Failed(shared)) => {
+                            let failure = Failure::new(shared.error(), self.served());
+                            return self.failed(failure, stale);
+                        }
+                        // Passed its own deadline, or the answer was too big to share: it
+                        // goes through the quota itself, with the deadlines it came with.
+                        None | Some(Outcome::TooBig) => break None,
+                        // The leader went away: the line decides who leads now.
+                        Some(Outcome::Gone | Outcome::Pending) => continue,
+                    },
+                }
+            };
+            match leader {
+                Some(lead) => self.lead(lead, inner, req, stale).await,
+                // Boxed: the leader's future above is the one requests usually wait in.
+                None => Box::pin(self.alone(inner, req, stale)).await,
+            }
         }
     }
 
@@ -376,84 +379,94 @@ impl Read {
 
     /// On its own, as if there were no line: the answer streams, and is stored when it
     /// may be and fits.
-    async fn alone<S>(
+    fn alone<S>(
         &self,
         mut inner: S,
         mut req: Request<Bytes>,
         stale: Option<Arc<Stored>>,
-    ) -> Result<Reply, Failure>
+    ) -> impl Future<Output = Result<Reply, Failure>>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
     {
-        let gens = self.generations().await;
-        req.extensions_mut().insert(Arrived(self.arrived));
-        let reply = match inner.call(req).await {
-            Ok(reply) => reply,
-            Err(failure) => return self.failed(failure, stale),
-        };
-        let Some(ttl) = self.storing(&reply) else {
-            return Ok(self.streamed(reply, ""));
-        };
-        match read_whole(reply, self.cache.max_entry_bytes, ttl, gens).await {
-            Whole::Done(stored, reply) => {
-                let kept = self
-                    .cache
-                    .put(&self.key, &self.scopes, Arc::new(stored))
-                    .await;
-                Ok(self.streamed(reply, if kept { "stored" } else { "" }))
+        async move {
+            let gens = self.generations().await;
+            req.extensions_mut().insert(Arrived(self.arrived));
+            let reply = match inner.call(req).await {
+                Ok(reply) => reply,
+                Err(failure) => return self.failed(failure, stale),
+            };
+            let Some(ttl) = self.storing(&reply) else {
+                return Ok(self.streamed(reply, ""));
+            };
+            let whole = read_whole(reply, self.cache.max_entry_bytes, ttl, gens);
+            match Box::pin(whole).await {
+                Whole::Done(stored, reply) => {
+                    let kept =
+                        Box::pin(self.cache.put(&self.key, &self.scopes, Arc::new(stored))).await;
+                    Ok(self.streamed(reply, if kept { "stored" } else { "" }))
+                }
+                Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
             }
-            Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
         }
     }
 
     /// Leads the key's flight: the call runs in a task of its own (see the module's
     /// doc), and its outcome goes to every follower.
-    async fn lead<S>(
+    fn lead<S>(
         &self,
         lead: Lead,
         inner: S,
         mut req: Request<Bytes>,
         stale: Option<Arc<Stored>>,
-    ) -> Result<Reply, Failure>
+    ) -> impl Future<Output = Result<Reply, Failure>>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let lock = match self.fleet_turn().await {
-            Turn::Lead(lock) => lock,
-            Turn::Shared(stored) => {
-                lead.finish(Outcome::Answer(stored.clone()));
-                let fwd = self.fwd("collapsed");
-                return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
+        async move {
+            // Boxed, and only with a fleet: its Redis calls would add their size to every
+            // leader's future.
+            let turn = if self.cache.store().is_shared() {
+                Box::pin(self.fleet_turn()).await
+            } else {
+                Turn::Lead(None)
+            };
+            let lock = match turn {
+                Turn::Lead(lock) => lock,
+                Turn::Shared(stored) => {
+                    lead.finish(Outcome::Answer(stored.clone()));
+                    let fwd = self.fwd("collapsed");
+                    return Ok(self.answer(&stored, ReadResult::Collapsed, &fwd));
+                }
+                Turn::TooBig => {
+                    lead.finish(Outcome::TooBig);
+                    return Box::pin(self.alone(inner, req, stale)).await;
+                }
+            };
+            req.extensions_mut().insert(Arrived(self.arrived));
+            let gens = self.generations().await;
+            let flight = Flying {
+                cache: self.cache.clone(),
+                key: self.key.clone(),
+                scopes: self.scopes.clone(),
+                ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
+                gens,
+                lock,
+            };
+            let watching = lead.watcher();
+            let task = tokio::spawn(flight.run(lead, inner, req));
+            let guard = CancelAlone {
+                task: Some(task),
+                watching,
+            };
+            let result = guard.join().await;
+            match result {
+                Ok(Led::Shared(reply, kept)) => {
+                    Ok(self.streamed(reply, if kept { "stored" } else { "" }))
+                }
+                Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
+                Err(failure) => self.failed(failure, stale),
             }
-            Turn::TooBig => {
-                lead.finish(Outcome::TooBig);
-                return self.alone(inner, req, stale).await;
-            }
-        };
-        req.extensions_mut().insert(Arrived(self.arrived));
-        let gens = self.generations().await;
-        let flight = Flying {
-            cache: self.cache.clone(),
-            key: self.key.clone(),
-            scopes: self.scopes.clone(),
-            ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
-            gens,
-            lock,
-        };
-        let watching = lead.watcher();
-        let task = tokio::spawn(flight.run(lead, inner, req));
-        let guard = CancelAlone {
-            task: Some(task),
-            watching,
-        };
-        let result = guard.join().await;
-        match result {
-            Ok(Led::Shared(reply, kept)) => {
-                Ok(self.streamed(reply, if kept { "stored" } else { "" }))
-            }
-            Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
-            Err(failure) => self.failed(failure, stale),
         }
     }
 
@@ -500,7 +513,7 @@ impl Read {
     /// for a route not stored (its answer is only shared, never kept).
     async fn generations(&self) -> Vec<u64> {
         match self.ttl {
-            Some(_) => self.cache.generations(&self.key, &self.scopes).await,
+            Some(_) => Box::pin(self.cache.generations(&self.key, &self.scopes)).await,
             None => Vec::new(),
         }
     }
@@ -721,60 +734,63 @@ enum Led {
 }
 
 impl Flying {
-    async fn run<S>(
+    fn run<S>(
         mut self,
         mut lead: Lead,
         mut inner: S,
         req: Request<Bytes>,
-    ) -> Result<Led, Failure>
+    ) -> impl Future<Output = Result<Led, Failure>>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
     {
-        let lock = self.lock.take();
-        let call = inner.call(req);
-        let answered = match &lock {
-            Some(lock) => lock.renewing(call).await,
-            None => call.await,
-        };
-        let reply = match answered {
-            Ok(reply) => reply,
-            Err(failure) => {
-                lead_failed(lead, lock, &failure.error).await;
-                return Err(failure);
+        async move {
+            let lock = self.lock.take();
+            let call = inner.call(req);
+            let answered = match &lock {
+                // Boxed, as every step with the fleet's lock: a Redis call's future
+                // would add its size to every leader's task.
+                Some(lock) => Box::pin(lock.renewing(call)).await,
+                None => call.await,
+            };
+            let reply = match answered {
+                Ok(reply) => reply,
+                Err(failure) => {
+                    Box::pin(lead_failed(lead, lock, &failure.error)).await;
+                    return Err(failure);
+                }
+            };
+            let ttl = self
+                .ttl
+                .filter(|_| storable(reply.response.status(), reply.response.headers()));
+            // Followers on other instances may wait: with the fleet's lock the answer is
+            // read to be shared.
+            if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
+                return Ok(Led::Streamed(reply));
             }
-        };
-        let ttl = self
-            .ttl
-            .filter(|_| storable(reply.response.status(), reply.response.headers()));
-        // Followers on other instances may wait: with the fleet's lock the answer is
-        // read to be shared.
-        if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
-            return Ok(Led::Streamed(reply));
-        }
-        let limit = self.cache.max_entry_bytes;
-        match read_whole(reply, limit, ttl.unwrap_or_default(), self.gens).await {
-            Whole::Done(stored, reply) => {
-                let stored = Arc::new(stored);
-                let kept = match ttl {
-                    Some(_) => {
-                        self.cache
-                            .put(&self.key, &self.scopes, stored.clone())
-                            .await
+            let limit = self.cache.max_entry_bytes;
+            // Boxed, as below: reading a whole answer is for the ones shared or stored.
+            match Box::pin(read_whole(reply, limit, ttl.unwrap_or_default(), self.gens)).await {
+                Whole::Done(stored, reply) => {
+                    let stored = Arc::new(stored);
+                    let kept = match ttl {
+                        Some(_) => {
+                            Box::pin(self.cache.put(&self.key, &self.scopes, stored.clone())).await
+                        }
+                        None => false,
+                    };
+                    if let Some(lock) = lock {
+                        Box::pin(lock.release(Some(fleet::Outcome::Answer(&stored)))).await;
                     }
-                    None => false,
-                };
-                if let Some(lock) = lock {
-                    lock.release(Some(fleet::Outcome::Answer(&stored))).await;
+                    lead.finish(Outcome::Answer(stored));
+                    Ok(Led::Shared(reply, kept))
                 }
-                lead.finish(Outcome::Answer(stored));
-                Ok(Led::Shared(reply, kept))
-            }
-            Whole::Streaming(reply) => {
-                if let Some(lock) = lock {
-                    lock.release(Some(fleet::Outcome::TooBig)).await;
+                Whole::Streaming(reply) => {
+                    if let Some(lock) = lock {
+                        Box::pin(lock.release(Some(fleet::Outcome::TooBig))).await;
+                    }
+                    lead.finish(Outcome::TooBig);
+                    Ok(Led::Streamed(reply))
                 }
-                lead.finish(Outcome::TooBig);
-                Ok(Led::Streamed(reply))
             }
         }
     }

@@ -124,7 +124,7 @@ where
             };
         }
         OwnRoutesFuture::Own {
-            call: self.router.call(req.map(Body::new)),
+            call: Box::pin(self.router.call(req.map(Body::new))),
         }
     }
 }
@@ -133,7 +133,9 @@ pin_project_lite::pin_project! {
     #[project = Projected]
     pub enum OwnRoutesFuture<F> {
         Api { #[pin] call: F },
-        Own { #[pin] call: RouteFuture<Infallible> },
+        // Boxed: the router's future would add its size to every request's, and the
+        // proxy's own routes are the rare ones.
+        Own { call: Pin<Box<RouteFuture<Infallible>>> },
         Refused { reply: Option<Reply> },
     }
 }
@@ -148,7 +150,7 @@ where
         match self.project() {
             Projected::Api { call } => call.poll(cx),
             Projected::Own { call } => {
-                let Ok(resp) = ready!(call.poll(cx));
+                let Ok(resp) = ready!(call.as_mut().poll(cx));
                 Poll::Ready(Ok(Reply::new(resp, Served::default())))
             }
             Projected::Refused { reply } => {

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode, header, request::Parts};
 use tokio::time::Instant;
 use tower::retry::budget::Budget;
@@ -151,21 +152,30 @@ impl Future for QuotaRetryFuture {
 /// The loop, ended early if the shutdown grace runs out. Its future holds the loop's
 /// state and little else: the request's options were read before it was made (an async
 /// function keeps its arguments for its whole life, so it takes only what it keeps).
-async fn exchange<S, B>(mut attempts: Attempts<S>) -> Result<Reply, Failure>
+/// Not an `async fn`: one keeps its arguments twice (as they came, and as the body's
+/// bindings); an `async move` block uses what it captured in place.
+fn exchange<S, B>(mut attempts: Attempts<S>) -> impl Future<Output = Result<Reply, Failure>>
 where
     S: Service<Request<Bytes>, Response = Response<B>, Error = AttemptError>,
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let quota = attempts.quota.clone();
-    let outcome = tokio::select! {
-        outcome = attempts.run() => outcome,
-        _ = quota.shutdown.aborted() => Err(ProxyError::ShuttingDown),
-    };
-    let served = attempts.served;
-    match outcome {
-        Ok(response) => Ok(Reply::new(response, served)),
-        Err(error) => Err(Failure::new(error, served)),
+    async move {
+        let quota = attempts.quota.clone();
+        let outcome = {
+            let run = std::pin::pin!(attempts.run());
+            let aborted = std::pin::pin!(quota.shutdown.aborted());
+            // The loop first, then the abort signal: no random draw of which goes first.
+            match futures_util::future::select(run, aborted).await {
+                Either::Left((outcome, _)) => outcome,
+                Either::Right(((), _)) => Err(ProxyError::ShuttingDown),
+            }
+        };
+        let served = attempts.served;
+        match outcome {
+            Ok(response) => Ok(Reply::new(response, served)),
+            Err(error) => Err(Failure::new(error, served)),
+        }
     }
 }
 
@@ -280,7 +290,15 @@ where
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
         let account = self.account.clone();
-        fleet_cap(account.clone(), self.who.clone(), self.quota.clone()).await?;
+        if self.quota.per_client.is_some() && account.limiter.is_shared() {
+            // Boxed: only a fleet with `limit.per_client` makes this round trip.
+            Box::pin(fleet_cap(
+                account.clone(),
+                self.who.clone(),
+                self.quota.clone(),
+            ))
+            .await?;
+        }
         loop {
             match account.limiter.acquire(self.start_by, &self.who).await {
                 Ok(waited) => self.served.waited += waited,
@@ -288,8 +306,11 @@ where
             }
             self.served.attempts += 1;
             // Made at slot time: while it waits for a slot, a request holds only the
-            // small state above, not the attempt's (its upstream call, its timers).
-            if let Some(done) = Box::pin(self.attempt()).await {
+            // small state above, not the attempt's (its upstream call, its timers). Boxed
+            // in a statement of its own, so the unboxed future's room ends with it instead
+            // of staying in this future's state across the await.
+            let attempt = Box::pin(self.attempt());
+            if let Some(done) = attempt.await {
                 return done;
             }
         }
@@ -548,14 +569,15 @@ async fn fleet_cap(
     }
 }
 
-/// Room, past the request's own headers, for the answer's: hyper parses the answer's head
-/// into the map the request was written from, and the proxy adds its own headers to it
-/// on the way back. A clone has no room at all, and grew twice on every answer.
+/// Headers an attempt's map has room for: hyper parses the answer's head into the map
+/// the request was written from, and the proxy adds its own headers to it on the way
+/// back. A clone has no room at all, and grew twice on every answer. (12 is what a map
+/// of 16 slots holds: one more would double it.)
 const ANSWER_HEADERS: usize = 12;
 
 /// The request's headers for one attempt, in a map with room for the answer's.
 fn attempt_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut copy = HeaderMap::with_capacity(headers.len() + ANSWER_HEADERS);
+    let mut copy = HeaderMap::with_capacity(ANSWER_HEADERS.max(headers.len() + 4));
     for (name, value) in headers {
         copy.append(name.clone(), value.clone());
     }
