@@ -1,6 +1,6 @@
-//! Memory: the proxy binary's RSS idle, and with 10,000 requests waiting in its queue,
+//! Memory: the proxy binary's RSS idle, and with 9,000 requests waiting in its queue,
 //! against the floor of the stack itself measured in the same run: a bare hyper HTTP/1
-//! server (same allocator) holding the same 10,000 requests without answering, built
+//! server (same allocator) holding the same 9,000 requests without answering, built
 //! against hyper as published (`STOCK_FLOOR`, bench/floor; bench/run builds it) and
 //! against the repository's patched hyper (this bench binary run again). `PROXY_BINS` adds other builds to compare. nginx's
 //! `limit_req` holding the same requests is reported as a reference when nginx is
@@ -17,7 +17,7 @@ use std::time::Duration;
 use smartlead_proxy::sim::{Sim, SimConfig};
 use tokio::io::AsyncWriteExt;
 
-const WAITING: usize = 10_000;
+const WAITING: usize = 9_000;
 
 fn rss_kib(pid: u32) -> u64 {
     // A process that is gone (or a kernel thread) counts nothing.
@@ -219,8 +219,12 @@ fn main() {
     tokio::runtime::Runtime::new().unwrap().block_on(bench());
 }
 
-/// RSS of one proxy binary: idle, and with `WAITING` requests in its queue.
-async fn proxy_rss(bin: &str, upstream: &str) -> (u64, u64, f64) {
+/// Settings added to a proxy's environment.
+type Settings = &'static [(&'static str, &'static str)];
+
+/// RSS of one proxy binary: idle, and with `WAITING` requests in its queue; `env` adds
+/// settings.
+async fn proxy_rss(bin: &str, upstream: &str, env: Settings) -> (u64, u64, f64) {
     let addr = free_addr();
     // Run outside the repository: an older binary may not know every key of today's
     // config/default.toml.
@@ -236,6 +240,7 @@ async fn proxy_rss(bin: &str, upstream: &str) -> (u64, u64, f64) {
         .env("SMARTLEAD_PROXY__LIMIT__MAX_WAIT", "24h")
         .env("SMARTLEAD_PROXY__LIMIT__MAX_QUEUE", "20000")
         .env("SMARTLEAD_PROXY__LOG__LEVEL", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -306,16 +311,17 @@ async fn bench() {
     let stock = std::env::var("STOCK_FLOOR").ok();
     let (bare_idle, bare_loaded) = floor(stock.as_deref()).await;
     println!(
-        "{:<30} {:>10} {:>14} {:>12} {:>10}",
-        "", "idle MiB", "10,000 waiting", "per request", "vs floor"
+        "{:<36} {:>9} {:>13} {:>13} {:>9}",
+        "", "idle MiB", "9,000 waiting", "per waiting", "vs floor"
     );
+    // Per waiting request: what holding it adds to the idle process.
     let row = |name: &str, idle: u64, loaded: u64, waiting: f64, note: String| {
         println!(
-            "{:<30} {:>10.1} {:>14.1} {:>10.0} B {:>10.2}{note}",
+            "{:<36} {:>9.1} {:>13.1} {:>9.2} KiB {:>9.2}{note}",
             name,
             mib(idle),
             mib(loaded),
-            (loaded.saturating_sub(idle) * 1024) as f64 / waiting.max(1.0),
+            loaded.saturating_sub(idle) as f64 / waiting.max(1.0),
             loaded as f64 / bare_loaded.max(1) as f64,
         )
     };
@@ -339,8 +345,18 @@ async fn bench() {
         ),
         None => println!("nginx limit_req (reference): skipped, nginx is not installed"),
     }
-    for (name, bin) in binaries() {
-        let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url()).await;
+    // This build twice: as it starts (identical GETs in flight share one upstream call, so
+    // every waiting GET leads a line of its own), and with that line off.
+    let mut runs: Vec<(String, String, Settings)> = Vec::new();
+    for (i, (name, bin)) in binaries().into_iter().enumerate() {
+        runs.push((name.clone(), bin.clone(), &[]));
+        if i == 0 {
+            let off: Settings = &[("SMARTLEAD_PROXY__CACHE__COALESCE", "false")];
+            runs.push((format!("{name}, coalescing off"), bin, off));
+        }
+    }
+    for (name, bin, env) in runs {
+        let (idle, loaded, waiting) = proxy_rss(&bin, &sim.base_url(), env).await;
         let short = waiting < all - 20.0;
         let note = if short {
             format!("  (only {waiting:.0} waiting)")

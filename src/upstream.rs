@@ -359,9 +359,9 @@ fn check_path(path: &str) -> Result<(), &'static str> {
     // only the others are looked at closely.
     let mut previous = 0;
     let plain = path.bytes().all(|b| {
-        let ok = !matches!(b, b'%' | b'\\' | b'.') && !(b == b'/' && previous == b'/');
+        let special = matches!(b, b'%' | b'\\' | b'.') || (b == b'/' && previous == b'/');
         previous = b;
-        ok
+        !special
     });
     if plain {
         return Ok(());

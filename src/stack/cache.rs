@@ -227,6 +227,8 @@ where
 }
 
 impl Read {
+    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
+    #[allow(clippy::manual_async_fn)]
     fn run<S>(self, inner: S, req: Request<Bytes>) -> impl Future<Output = Result<Reply, Failure>>
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
@@ -379,6 +381,8 @@ impl Read {
 
     /// On its own, as if there were no line: the answer streams, and is stored when it
     /// may be and fits.
+    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
+    #[allow(clippy::manual_async_fn)]
     fn alone<S>(
         &self,
         mut inner: S,
@@ -412,6 +416,8 @@ impl Read {
 
     /// Leads the key's flight: the call runs in a task of its own (see the module's
     /// doc), and its outcome goes to every follower.
+    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
+    #[allow(clippy::manual_async_fn)]
     fn lead<S>(
         &self,
         lead: Lead,
@@ -734,6 +740,8 @@ enum Led {
 }
 
 impl Flying {
+    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
+    #[allow(clippy::manual_async_fn)]
     fn run<S>(
         mut self,
         mut lead: Lead,
