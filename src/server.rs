@@ -290,3 +290,56 @@ fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
     }
     Request::from_parts(parts, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts its calls and clones; not ready until it was polled `busy` times.
+    #[derive(Clone)]
+    struct Probe {
+        busy: Arc<std::sync::atomic::AtomicUsize>,
+        clones: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Service<u32> for Probe {
+        type Response = u32;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<u32, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.busy.load(SeqCst) == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            self.busy.fetch_sub(1, SeqCst);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+
+        fn call(&mut self, req: u32) -> Self::Future {
+            std::future::ready(Ok(req + 1))
+        }
+    }
+
+    fn probe(busy: usize) -> Probe {
+        Probe {
+            busy: Arc::new(busy.into()),
+            clones: Arc::new(0.into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_stack_is_called_in_place_and_a_busy_one_through_a_clone() {
+        let mut ready = probe(0);
+        let answered = call_ready(&mut ready, 1);
+        assert!(matches!(answered, Either::Left(_)), "called in place");
+        assert_eq!(answered.await.unwrap(), 2);
+
+        let mut busy = probe(2);
+        let answered = call_ready(&mut busy, 41);
+        assert!(matches!(answered, Either::Right(_)), "waits for readiness");
+        assert_eq!(answered.await.unwrap(), 42);
+        assert_eq!(Arc::strong_count(&busy.clones), 1, "the clone is gone");
+    }
+}

@@ -154,7 +154,6 @@ impl Future for QuotaRetryFuture {
 /// function keeps its arguments for its whole life, so it takes only what it keeps).
 /// Not an `async fn`: one keeps its arguments twice (as they came, and as the body's
 /// bindings); an `async move` block uses what it captured in place.
-// An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
 #[allow(clippy::manual_async_fn)]
 fn exchange<S, B>(mut attempts: Attempts<S>) -> impl Future<Output = Result<Reply, Failure>>
 where
