@@ -295,11 +295,12 @@ fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
 mod tests {
     use super::*;
 
-    /// Counts its calls and clones; not ready until it was polled `busy` times.
+    /// Not ready until it was polled `busy` more times; `copies` counts the copies alive
+    /// by its reference count.
     #[derive(Clone)]
     struct Probe {
         busy: Arc<std::sync::atomic::AtomicUsize>,
-        clones: Arc<std::sync::atomic::AtomicUsize>,
+        copies: Arc<()>,
     }
 
     impl Service<u32> for Probe {
@@ -325,7 +326,7 @@ mod tests {
     fn probe(busy: usize) -> Probe {
         Probe {
             busy: Arc::new(busy.into()),
-            clones: Arc::new(0.into()),
+            copies: Arc::new(()),
         }
     }
 
@@ -340,6 +341,6 @@ mod tests {
         let answered = call_ready(&mut busy, 41);
         assert!(matches!(answered, Either::Right(_)), "waits for readiness");
         assert_eq!(answered.await.unwrap(), 42);
-        assert_eq!(Arc::strong_count(&busy.clones), 1, "the clone is gone");
+        assert_eq!(Arc::strong_count(&busy.copies), 1, "the clone is gone");
     }
 }

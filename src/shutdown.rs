@@ -23,7 +23,7 @@ struct Shared {
 
 /// One thread's abort signal: every request in flight waits on it, so it is a flag and
 /// a `Notify` (a waiter costs a lock and a list entry) rather than a watch channel.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Abort {
     done: AtomicBool,
     wake: Notify,
@@ -32,31 +32,30 @@ struct Abort {
 impl Default for Shutdown {
     fn default() -> Self {
         let shared = Arc::new(Shared::default());
-        let abort = Shutdown::register(&shared, false);
+        let abort = Shutdown::register(&shared);
         Self { shared, abort }
     }
 }
 
 impl Shutdown {
-    fn register(shared: &Shared, done: bool) -> Arc<Abort> {
+    /// A new thread's abort signal, already given when the others were: it is read and
+    /// added under the lock `abort_remaining` takes, so no abort falls between the two.
+    fn register(shared: &Shared) -> Arc<Abort> {
+        let mut aborts = shared.aborts.lock().unwrap_or_else(|e| e.into_inner());
+        let done = aborts.iter().any(|a| a.done.load(Ordering::SeqCst));
         let abort = Arc::new(Abort {
             done: AtomicBool::new(done),
             wake: Notify::new(),
         });
-        shared
-            .aborts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(abort.clone());
+        aborts.push(abort.clone());
         abort
     }
 
     /// The same shutdown, with an abort signal for another serving thread.
     pub fn for_thread(&self) -> Self {
-        let done = self.abort.done.load(Ordering::SeqCst);
         Self {
             shared: self.shared.clone(),
-            abort: Shutdown::register(&self.shared, done),
+            abort: Shutdown::register(&self.shared),
         }
     }
 

@@ -473,12 +473,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_all(headers, &named);
 }
 
-/// The client's headers as they should reach SmartLead.
-pub fn request_headers(mut headers: HeaderMap) -> HeaderMap {
+/// The client's headers as they should reach SmartLead, with `host` (the upstream's) as
+/// `Host`.
+pub fn request_headers(mut headers: HeaderMap, host: HeaderValue) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
-    // Host is the upstream's (set by the caller, which replaces the client's); length
-    // is recomputed from the buffered body.
+    // Length is recomputed from the buffered body.
     remove_all(&mut headers, &[header::CONTENT_LENGTH, header::EXPECT]);
+    // Replaces the client's, in place (a remove and an insert would hash it twice).
+    headers.insert(header::HOST, host);
     headers
 }
 
@@ -595,9 +597,9 @@ mod tests {
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::HOST, "evil.example".parse().unwrap());
         h.insert("x-custom", "kept".parse().unwrap());
-        let out = request_headers(h);
-        // Host is replaced by the caller, with the upstream's.
+        let out = request_headers(h, HeaderValue::from_static("upstream.example"));
         assert_eq!(out.len(), 2);
+        assert_eq!(out[header::HOST], "upstream.example");
         assert_eq!(out["x-custom"], "kept");
     }
 

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use crate::config::CacheSettings;
 
 pub use entry::Stored;
@@ -69,26 +71,43 @@ impl Cache {
         &self.store
     }
 
+    // Every call into the store is boxed here. Its futures (moka's, and the fleet's Redis
+    // calls) are about 3.9 KB each; laid inline they would add that to the future of every
+    // request that may make the call, while it waits for the quota too.
+
     /// The entry for `key` unless a write made it stale, fresh or not.
-    pub async fn lookup(&self, key: &CacheKey, scopes: &[Scope]) -> Option<Arc<Stored>> {
-        self.store.get(key, scopes).await
+    pub fn lookup<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        scopes: &'a [Scope],
+    ) -> BoxFuture<'a, Option<Arc<Stored>>> {
+        Box::pin(self.store.get(key, scopes))
     }
 
     /// The generations an answer asked for now depends on (read before asking).
-    pub async fn generations(&self, key: &CacheKey, scopes: &[Scope]) -> Vec<u64> {
-        self.store.generations(key.account(), scopes).await
+    pub fn generations<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        scopes: &'a [Scope],
+    ) -> BoxFuture<'a, Vec<u64>> {
+        Box::pin(self.store.generations(key.account(), scopes))
     }
 
     /// Keeps `stored` unless a write moved its scopes since its generations were read.
-    pub async fn put(&self, key: &CacheKey, scopes: &[Scope], stored: Arc<Stored>) -> bool {
-        self.store.put(key, scopes, stored).await
+    pub fn put<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        scopes: &'a [Scope],
+        stored: Arc<Stored>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.store.put(key, scopes, stored))
     }
 
     /// A write to `path` answered 2xx: the account's answers it touches are stale.
     pub async fn written(&self, account_id: &str, path: &str) {
         let scopes = Scope::written(path);
         if !scopes.is_empty() {
-            self.store.bump(account_id, &scopes).await;
+            Box::pin(self.store.bump(account_id, &scopes)).await;
         }
     }
 }

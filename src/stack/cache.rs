@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, Request, Response, header};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -236,7 +237,7 @@ impl Read {
     {
         async move {
             let found = match self.ttl {
-                Some(_) => Box::pin(self.cache.lookup(&self.key, &self.scopes)).await,
+                Some(_) => self.cache.lookup(&self.key, &self.scopes).await,
                 None => None,
             };
             let now = now_ms();
@@ -402,11 +403,15 @@ impl Read {
             let Some(ttl) = self.storing(&reply) else {
                 return Ok(self.streamed(reply, ""));
             };
-            let whole = read_whole(reply, self.cache.max_entry_bytes, ttl, gens);
-            match Box::pin(whole).await {
+            // Boxed in a statement of its own (a temporary in a `match` keeps its room until
+            // the match ends, across the awaits in its arms).
+            let whole = Box::pin(read_whole(reply, self.cache.max_entry_bytes, ttl, gens));
+            match whole.await {
                 Whole::Done(stored, reply) => {
-                    let kept =
-                        Box::pin(self.cache.put(&self.key, &self.scopes, Arc::new(stored))).await;
+                    let kept = self
+                        .cache
+                        .put(&self.key, &self.scopes, Arc::new(stored))
+                        .await;
                     Ok(self.streamed(reply, if kept { "stored" } else { "" }))
                 }
                 Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
@@ -519,7 +524,7 @@ impl Read {
     /// for a route not stored (its answer is only shared, never kept).
     async fn generations(&self) -> Vec<u64> {
         match self.ttl {
-            Some(_) => Box::pin(self.cache.generations(&self.key, &self.scopes)).await,
+            Some(_) => self.cache.generations(&self.key, &self.scopes).await,
             None => Vec::new(),
         }
     }
@@ -562,7 +567,8 @@ enum Whole {
     Streaming(Reply),
 }
 
-/// Reads `reply`'s body up to `limit` bytes.
+/// Reads `reply`'s body up to `limit` bytes. Callers box it: only answers that are
+/// stored or shared are read whole, and its future would add its size to every read's.
 async fn read_whole(reply: Reply, limit: usize, ttl: Duration, gens: Vec<u64>) -> Whole {
     let Reply { response, served } = reply;
     let (parts, mut body) = response.into_parts();
@@ -691,11 +697,16 @@ impl FleetLock {
         }
     }
 
-    async fn release(mut self, outcome: Option<fleet::Outcome<'_>>) {
-        self.released = true;
-        if let Some(fleet) = self.cache.store().shared() {
-            let _ = fleet.release(&self.key, &self.token, outcome).await;
-        }
+    /// Lets the lock go, with the outcome for other instances. Boxed, as every Redis call
+    /// a leader's task may make: laid inline, its future would add its size to every
+    /// leader's.
+    fn release<'a>(mut self, outcome: Option<fleet::Outcome<'a>>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.released = true;
+            if let Some(fleet) = self.cache.store().shared() {
+                let _ = fleet.release(&self.key, &self.token, outcome).await;
+            }
+        })
     }
 }
 
@@ -763,6 +774,7 @@ impl Flying {
             let reply = match answered {
                 Ok(reply) => reply,
                 Err(failure) => {
+                    // Boxed: a failure's path, which a leader's task need not carry.
                     Box::pin(lead_failed(lead, lock, &failure.error)).await;
                     return Err(failure);
                 }
@@ -776,25 +788,27 @@ impl Flying {
                 return Ok(Led::Streamed(reply));
             }
             let limit = self.cache.max_entry_bytes;
-            // Boxed, as below: reading a whole answer is for the ones shared or stored.
-            match Box::pin(read_whole(reply, limit, ttl.unwrap_or_default(), self.gens)).await {
+            let whole = Box::pin(read_whole(reply, limit, ttl.unwrap_or_default(), self.gens));
+            match whole.await {
                 Whole::Done(stored, reply) => {
                     let stored = Arc::new(stored);
                     let kept = match ttl {
                         Some(_) => {
-                            Box::pin(self.cache.put(&self.key, &self.scopes, stored.clone())).await
+                            self.cache
+                                .put(&self.key, &self.scopes, stored.clone())
+                                .await
                         }
                         None => false,
                     };
                     if let Some(lock) = lock {
-                        Box::pin(lock.release(Some(fleet::Outcome::Answer(&stored)))).await;
+                        lock.release(Some(fleet::Outcome::Answer(&stored))).await;
                     }
                     lead.finish(Outcome::Answer(stored));
                     Ok(Led::Shared(reply, kept))
                 }
                 Whole::Streaming(reply) => {
                     if let Some(lock) = lock {
-                        Box::pin(lock.release(Some(fleet::Outcome::TooBig))).await;
+                        lock.release(Some(fleet::Outcome::TooBig)).await;
                     }
                     lead.finish(Outcome::TooBig);
                     Ok(Led::Streamed(reply))

@@ -94,9 +94,7 @@ where
             }
         };
         parts.uri = uri;
-        parts.headers = request_headers(std::mem::take(&mut parts.headers));
-        // Replaces the client's `Host`, or adds one.
-        parts.headers.insert(http::header::HOST, host);
+        parts.headers = request_headers(std::mem::take(&mut parts.headers), host);
         if !self.state.secrets.is_empty() {
             parts.headers.remove(http::header::ACCEPT_ENCODING);
         }

@@ -291,14 +291,11 @@ where
 
     async fn run(&mut self) -> Result<Response<Body>, ProxyError> {
         let account = self.account.clone();
-        if self.quota.per_client.is_some() && account.limiter.is_shared() {
+        if let Some((window, caps)) = &self.quota.per_client
+            && account.limiter.is_shared()
+        {
             // Boxed: only a fleet with `limit.per_client` makes this round trip.
-            Box::pin(fleet_cap(
-                account.clone(),
-                self.who.clone(),
-                self.quota.clone(),
-            ))
-            .await?;
+            Box::pin(fleet_cap(&account, &self.who, window, caps)).await?;
         }
         loop {
             match account.limiter.acquire(self.start_by, &self.who).await {
@@ -544,16 +541,15 @@ where
     }
 }
 
-/// `limit.per_client` over the fleet, while the quota is shared: one round trip before
-/// the request queues. When Redis does not decide, this process's buckets do.
+/// `limit.per_client` (`window`, and this process's buckets `caps` for when Redis does
+/// not decide) over the fleet, while the quota is shared: one round trip before the
+/// request queues.
 async fn fleet_cap(
-    account: Arc<crate::accounts::Account>,
-    who: crate::client::Who,
-    quota: Arc<Quota>,
+    account: &Account,
+    who: &Who,
+    window: &crate::config::Window,
+    caps: &crate::client::ClientCaps,
 ) -> Result<(), ProxyError> {
-    let (Some((window, caps)), true) = (&quota.per_client, account.limiter.is_shared()) else {
-        return Ok(());
-    };
     let refused = match account.limiter.client_cap(&who.client, window).await {
         CapCheck::Admitted => None,
         CapCheck::Refused(wait) => Some(wait),
@@ -564,7 +560,7 @@ async fn fleet_cap(
             window,
             wait,
             &account.name,
-            &who,
+            who,
         )),
         None => Ok(()),
     }
