@@ -7,11 +7,11 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -104,7 +104,7 @@ where
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let builder = Arc::new(builder(header_read_timeout));
+    let builder = builder(header_read_timeout);
     while let Some((stream, peer, counted)) = incoming.recv().await {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(s) => s,
@@ -113,7 +113,7 @@ where
                 continue;
             }
         };
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let watcher = graceful.watcher();
         // This connection's copy of the stack, swapped for the new one after a reload
         // (hyper calls a connection's service one request at a time).
         let (stacks, held) = (stacks.clone(), std::cell::RefCell::new(stacks.current()));
@@ -128,12 +128,13 @@ where
             call_ready(&mut held.1, req)
         });
         let io = TokioIo::new(WriteTimeout::new(stream, header_read_timeout));
-        tokio::spawn(crate::client::serving(peer, async move {
-            let conn = builder.serve_connection(io, service);
+        // A combinator, not an `async` block: a block would keep what it captured and,
+        // once awaited, a second copy of the connection.
+        let conn = watcher
+            .watch(builder.serve_connection(io, service))
             // Client resets and timeouts end here; nothing to report.
-            let _ = watcher.watch(conn).await;
-            drop(counted);
-        }));
+            .map(move |_| drop(counted));
+        tokio::spawn(crate::client::serving(peer, conn));
     }
     graceful
 }
@@ -294,6 +295,7 @@ fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     /// Not ready until it was polled `busy` more times; `copies` counts the copies alive
     /// by its reference count.

@@ -39,9 +39,25 @@ pub struct Flights {
 
 #[derive(Debug, Default)]
 struct Line {
-    flying: HashMap<CacheKey, watch::Sender<Outcome>>,
+    flying: HashMap<CacheKey, Flight>,
+    /// The id the next flight gets.
+    next: u64,
     /// Keys whose answers were too big, until when.
     too_big: HashMap<CacheKey, Instant>,
+}
+
+/// A key's flight in the line. Its channel is made for its first follower: most flights
+/// have none, and a channel costs a few hundred bytes while the leader waits for quota.
+#[derive(Debug)]
+struct Flight {
+    id: u64,
+    tx: Option<watch::Sender<Outcome>>,
+}
+
+impl Flight {
+    fn followed(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.receiver_count() > 0)
+    }
 }
 
 /// What a request is in the line.
@@ -62,15 +78,19 @@ impl Flights {
             }
             line.too_big.remove(key);
         }
-        if let Some(flight) = line.flying.get(key) {
-            return Role::Follower(flight.subscribe());
+        if let Some(flight) = line.flying.get_mut(key) {
+            let tx = flight
+                .tx
+                .get_or_insert_with(|| watch::channel(Outcome::Pending).0);
+            return Role::Follower(tx.subscribe());
         }
-        let (tx, _) = watch::channel(Outcome::Pending);
-        line.flying.insert(key.clone(), tx.clone());
+        let id = line.next;
+        line.next += 1;
+        line.flying.insert(key.clone(), Flight { id, tx: None });
         Role::Leader(Lead {
             flights: self.clone(),
             key: key.clone(),
-            tx,
+            id,
             done: false,
         })
     }
@@ -88,16 +108,28 @@ impl Flights {
         self.len() == 0
     }
 
-    fn end(&self, key: &CacheKey, tx: &watch::Sender<Outcome>, too_big: bool) {
+    /// Takes flight `id` of `key` out of the line; its channel, if it has followers to
+    /// tell.
+    fn end(&self, key: &CacheKey, id: u64, too_big: bool) -> Option<watch::Sender<Outcome>> {
         let mut line = self.line.lock().unwrap_or_else(|e| e.into_inner());
-        if line.flying.get(key).is_some_and(|t| t.same_channel(tx)) {
-            line.flying.remove(key);
-        }
+        let tx = match line.flying.get(key) {
+            Some(flight) if flight.id == id => line.flying.remove(key).and_then(|f| f.tx),
+            _ => None,
+        };
         if too_big {
             let now = Instant::now();
             line.too_big.retain(|_, until| *until > now);
             line.too_big.insert(key.clone(), now + TOO_BIG_FOR);
         }
+        tx
+    }
+
+    /// Whether flight `id` of `key` is still in the line with someone following it.
+    fn followed(&self, key: &CacheKey, id: u64) -> bool {
+        let line = self.line.lock().unwrap_or_else(|e| e.into_inner());
+        line.flying
+            .get(key)
+            .is_some_and(|f| f.id == id && f.followed())
     }
 }
 
@@ -107,19 +139,23 @@ impl Flights {
 pub struct Lead {
     flights: Arc<Flights>,
     key: CacheKey,
-    tx: watch::Sender<Outcome>,
+    id: u64,
     done: bool,
 }
 
 impl Lead {
     /// Whether anyone waits for this flight's outcome.
     pub fn followed(&self) -> bool {
-        self.tx.receiver_count() > 0
+        self.flights.followed(&self.key, self.id)
     }
 
     /// A handle that tells, later, whether anyone follows.
     pub fn watcher(&self) -> Watcher {
-        Watcher(self.tx.clone())
+        Watcher {
+            flights: self.flights.clone(),
+            key: self.key.clone(),
+            id: self.id,
+        }
     }
 
     /// Ends the line for this key if nobody follows, so that nobody will: the answer
@@ -127,15 +163,14 @@ impl Lead {
     /// followers join under.
     pub fn close_if_alone(&mut self) -> bool {
         let mut line = self.flights.line.lock().unwrap_or_else(|e| e.into_inner());
-        if self.tx.receiver_count() > 0 {
-            return false;
-        }
-        if line
-            .flying
-            .get(&self.key)
-            .is_some_and(|t| t.same_channel(&self.tx))
-        {
-            line.flying.remove(&self.key);
+        match line.flying.get(&self.key) {
+            Some(flight) if flight.id == self.id => {
+                if flight.followed() {
+                    return false;
+                }
+                line.flying.remove(&self.key);
+            }
+            _ => {}
         }
         self.done = true;
         true
@@ -153,8 +188,9 @@ impl Lead {
         let too_big = matches!(outcome, Outcome::TooBig);
         // The key leaves the line first: a request arriving after the outcome leads anew
         // (or finds the stored answer), never follows a finished flight.
-        self.flights.end(&self.key, &self.tx, too_big);
-        self.tx.send_replace(outcome);
+        if let Some(tx) = self.flights.end(&self.key, self.id, too_big) {
+            tx.send_replace(outcome);
+        }
     }
 }
 
@@ -165,11 +201,15 @@ impl Drop for Lead {
 }
 
 #[derive(Debug)]
-pub struct Watcher(watch::Sender<Outcome>);
+pub struct Watcher {
+    flights: Arc<Flights>,
+    key: CacheKey,
+    id: u64,
+}
 
 impl Watcher {
     pub fn followed(&self) -> bool {
-        self.0.receiver_count() > 0
+        self.flights.followed(&self.key, self.id)
     }
 }
 

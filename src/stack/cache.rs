@@ -149,7 +149,7 @@ impl<S> CacheService<S> {
 impl<S> Service<Request<Bytes>> for CacheService<S>
 where
     S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Clone + Send + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
 {
     type Response = Reply;
     type Error = Failure;
@@ -178,7 +178,7 @@ where
                 let inner = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, inner);
                 CacheFuture::Cached {
-                    run: Box::pin(read.run(inner, req)),
+                    run: read.start(inner, req),
                 }
             }
         }
@@ -228,12 +228,58 @@ where
 }
 
 impl Read {
-    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
-    #[allow(clippy::manual_async_fn)]
-    fn run<S>(self, inner: S, req: Request<Bytes>) -> impl Future<Output = Result<Reply, Failure>>
+    /// The read's future. With no stored answer to look up (the route is not stored, the
+    /// store is this process's), the line is joined here and a leader's or a lone
+    /// request's call is made at once: its future then holds that call, not the service
+    /// and the request it was made from, while the request waits for quota.
+    fn start<S>(self, mut inner: S, mut req: Request<Bytes>) -> Boxed
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
-        S::Future: Send + 'static,
+        S::Future: Send + Unpin + 'static,
+    {
+        if self.ttl.is_some() || self.cache.store().is_shared() {
+            return Box::pin(self.run(inner, req, None));
+        }
+        match self.role() {
+            Role::Leader(lead) => {
+                req.extensions_mut().insert(Arrived(self.arrived));
+                let guard = self.fly(lead, inner.call(req), None, Vec::new());
+                Box::pin(async move {
+                    let result = guard.join().await;
+                    self.led(result, None)
+                })
+            }
+            Role::Alone => {
+                req.extensions_mut().insert(Arrived(self.arrived));
+                let call = inner.call(req);
+                Box::pin(self.alone(call, None))
+            }
+            follower => Box::pin(self.run(inner, req, Some(follower))),
+        }
+    }
+
+    /// Its place in the coalescing line.
+    fn role(&self) -> Role {
+        if self.cache.coalesce {
+            self.cache.flights.join(&self.key)
+        } else {
+            Role::Alone
+        }
+    }
+
+    /// The whole way: the stored answer, the line (from `first`, when already joined),
+    /// the call.
+    // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
+    #[allow(clippy::manual_async_fn)]
+    fn run<S>(
+        self,
+        mut inner: S,
+        mut req: Request<Bytes>,
+        mut first: Option<Role>,
+    ) -> impl Future<Output = Result<Reply, Failure>>
+    where
+        S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
+        S::Future: Send + Unpin + 'static,
     {
         async move {
             let found = match self.ttl {
@@ -251,12 +297,7 @@ impl Read {
             // Followers wait their turn here; the first decision that is not to follow ends
             // the loop, with the request still to send.
             let leader = loop {
-                let role = if self.cache.coalesce {
-                    self.cache.flights.join(&self.key)
-                } else {
-                    Role::Alone
-                };
-                match role {
+                match first.take().unwrap_or_else(|| self.role()) {
                     Role::Leader(lead) => break Some(lead),
                     Role::Alone => break None,
                     Role::Follower(rx) => match Box::pin(flight::follow(rx, self.deadline)).await {
@@ -276,10 +317,11 @@ impl Read {
                     },
                 }
             };
+            req.extensions_mut().insert(Arrived(self.arrived));
+            let call = inner.call(req);
             match leader {
-                Some(lead) => self.lead(lead, inner, req, stale).await,
-                // Boxed: the leader's future above is the one requests usually wait in.
-                None => Box::pin(self.alone(inner, req, stale)).await,
+                Some(lead) => Box::pin(self.lead(lead, call, stale)).await,
+                None => Box::pin(self.alone(call, stale)).await,
             }
         }
     }
@@ -384,38 +426,40 @@ impl Read {
     /// may be and fits.
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
-    fn alone<S>(
-        &self,
-        mut inner: S,
-        mut req: Request<Bytes>,
+    fn alone<F>(
+        self,
+        mut call: F,
         stale: Option<Arc<Stored>>,
     ) -> impl Future<Output = Result<Reply, Failure>>
     where
-        S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
+        F: Future<Output = Result<Reply, Failure>> + Unpin,
     {
         async move {
             let gens = self.generations().await;
-            req.extensions_mut().insert(Arrived(self.arrived));
-            let reply = match inner.call(req).await {
+            // Polled where it lies: `call.await` would move it into a second place.
+            let reply = match (&mut call).await {
                 Ok(reply) => reply,
                 Err(failure) => return self.failed(failure, stale),
             };
             let Some(ttl) = self.storing(&reply) else {
                 return Ok(self.streamed(reply, ""));
             };
-            // Boxed in a statement of its own (a temporary in a `match` keeps its room until
-            // the match ends, across the awaits in its arms).
-            let whole = Box::pin(read_whole(reply, self.cache.max_entry_bytes, ttl, gens));
-            match whole.await {
-                Whole::Done(stored, reply) => {
-                    let kept = self
-                        .cache
-                        .put(&self.key, &self.scopes, Arc::new(stored))
-                        .await;
-                    Ok(self.streamed(reply, if kept { "stored" } else { "" }))
-                }
-                Whole::Streaming(reply) => Ok(self.streamed(reply, "")),
+            // Boxed: only an answer that may be stored is read whole.
+            Ok(Box::pin(self.store(reply, ttl, gens)).await)
+        }
+    }
+
+    /// Reads `reply` whole and stores it when it fits.
+    async fn store(&self, reply: Reply, ttl: Duration, gens: Vec<u64>) -> Reply {
+        match read_whole(reply, self.cache.max_entry_bytes, ttl, gens).await {
+            Whole::Done(stored, reply) => {
+                let kept = self
+                    .cache
+                    .put(&self.key, &self.scopes, Arc::new(stored))
+                    .await;
+                self.streamed(reply, if kept { "stored" } else { "" })
             }
+            Whole::Streaming(reply) => self.streamed(reply, ""),
         }
     }
 
@@ -423,16 +467,14 @@ impl Read {
     /// doc), and its outcome goes to every follower.
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
-    fn lead<S>(
-        &self,
+    fn lead<F>(
+        self,
         lead: Lead,
-        inner: S,
-        mut req: Request<Bytes>,
+        call: F,
         stale: Option<Arc<Stored>>,
     ) -> impl Future<Output = Result<Reply, Failure>>
     where
-        S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
-        S::Future: Send + 'static,
+        F: Future<Output = Result<Reply, Failure>> + Send + Unpin + 'static,
     {
         async move {
             // Boxed, and only with a fleet: its Redis calls would add their size to every
@@ -451,33 +493,48 @@ impl Read {
                 }
                 Turn::TooBig => {
                     lead.finish(Outcome::TooBig);
-                    return Box::pin(self.alone(inner, req, stale)).await;
+                    return Box::pin(self.alone(call, stale)).await;
                 }
             };
-            req.extensions_mut().insert(Arrived(self.arrived));
             let gens = self.generations().await;
-            let flight = Flying {
-                cache: self.cache.clone(),
-                key: self.key.clone(),
-                scopes: self.scopes.clone(),
-                ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
-                gens,
-                lock,
-            };
-            let watching = lead.watcher();
-            let task = tokio::spawn(flight.run(lead, inner, req));
-            let guard = CancelAlone {
-                task: Some(task),
-                watching,
-            };
-            let result = guard.join().await;
-            match result {
-                Ok(Led::Shared(reply, kept)) => {
-                    Ok(self.streamed(reply, if kept { "stored" } else { "" }))
-                }
-                Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
-                Err(failure) => self.failed(failure, stale),
+            let result = self.fly(lead, call, lock, gens).join().await;
+            self.led(result, stale)
+        }
+    }
+
+    /// The leader's call on its way, in a task of its own.
+    fn fly<F>(&self, lead: Lead, call: F, lock: Option<FleetLock>, gens: Vec<u64>) -> CancelAlone
+    where
+        F: Future<Output = Result<Reply, Failure>> + Send + Unpin + 'static,
+    {
+        let flight = Flying {
+            cache: self.cache.clone(),
+            key: self.key.clone(),
+            scopes: self.scopes.clone(),
+            ttl: self.ttl.filter(|_| self.asked != Asked::NoStore),
+            gens,
+            lock,
+        };
+        let watching = lead.watcher();
+        CancelAlone {
+            task: Some(tokio::spawn(flight.run(lead, call))),
+            watching,
+        }
+    }
+
+    /// The leader's answer, as its own caller gets it.
+    #[allow(clippy::result_large_err)] // the path's own error type
+    fn led(
+        &self,
+        result: Result<Led, Failure>,
+        stale: Option<Arc<Stored>>,
+    ) -> Result<Reply, Failure> {
+        match result {
+            Ok(Led::Shared(reply, kept)) => {
+                Ok(self.streamed(reply, if kept { "stored" } else { "" }))
             }
+            Ok(Led::Streamed(reply)) => Ok(self.streamed(reply, "")),
+            Err(failure) => self.failed(failure, stale),
         }
     }
 
@@ -751,70 +808,76 @@ enum Led {
 }
 
 impl Flying {
+    /// The leader's call, then its outcome for every follower. While the call waits
+    /// (for quota, for SmartLead), the task holds the call and this flight only: what
+    /// follows the answer is boxed, made when the answer comes.
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
-    fn run<S>(
-        mut self,
-        mut lead: Lead,
-        mut inner: S,
-        req: Request<Bytes>,
-    ) -> impl Future<Output = Result<Led, Failure>>
+    fn run<F>(mut self, lead: Lead, mut call: F) -> impl Future<Output = Result<Led, Failure>>
     where
-        S: Service<Request<Bytes>, Response = Reply, Error = Failure>,
+        F: Future<Output = Result<Reply, Failure>> + Unpin,
     {
         async move {
             let lock = self.lock.take();
-            let call = inner.call(req);
             let answered = match &lock {
                 // Boxed, as every step with the fleet's lock: a Redis call's future
                 // would add its size to every leader's task.
-                Some(lock) => Box::pin(lock.renewing(call)).await,
-                None => call.await,
+                Some(lock) => Box::pin(lock.renewing(&mut call)).await,
+                // Polled where it lies: `call.await` would move it into a second place.
+                None => (&mut call).await,
             };
-            let reply = match answered {
-                Ok(reply) => reply,
-                Err(failure) => {
-                    // Boxed: a failure's path, which a leader's task need not carry.
-                    Box::pin(lead_failed(lead, lock, &failure.error)).await;
-                    return Err(failure);
+            Box::pin(self.land(lead, lock, answered)).await
+        }
+    }
+
+    /// The call's answer: shared (read whole, and stored when it may be) or streamed to
+    /// the leader alone, and the fleet's lock let go.
+    async fn land(
+        self,
+        mut lead: Lead,
+        lock: Option<FleetLock>,
+        answered: Result<Reply, Failure>,
+    ) -> Result<Led, Failure> {
+        let reply = match answered {
+            Ok(reply) => reply,
+            Err(failure) => {
+                lead_failed(lead, lock, &failure.error).await;
+                return Err(failure);
+            }
+        };
+        let ttl = self
+            .ttl
+            .filter(|_| storable(reply.response.status(), reply.response.headers()));
+        // Followers on other instances may wait: with the fleet's lock the answer is
+        // read to be shared.
+        if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
+            return Ok(Led::Streamed(reply));
+        }
+        let limit = self.cache.max_entry_bytes;
+        let whole = read_whole(reply, limit, ttl.unwrap_or_default(), self.gens).await;
+        let (stored, reply) = match whole {
+            Whole::Done(stored, reply) => (Arc::new(stored), reply),
+            Whole::Streaming(reply) => {
+                if let Some(lock) = lock {
+                    lock.release(Some(fleet::Outcome::TooBig)).await;
                 }
-            };
-            let ttl = self
-                .ttl
-                .filter(|_| storable(reply.response.status(), reply.response.headers()));
-            // Followers on other instances may wait: with the fleet's lock the answer is
-            // read to be shared.
-            if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
+                lead.finish(Outcome::TooBig);
                 return Ok(Led::Streamed(reply));
             }
-            let limit = self.cache.max_entry_bytes;
-            let whole = Box::pin(read_whole(reply, limit, ttl.unwrap_or_default(), self.gens));
-            match whole.await {
-                Whole::Done(stored, reply) => {
-                    let stored = Arc::new(stored);
-                    let kept = match ttl {
-                        Some(_) => {
-                            self.cache
-                                .put(&self.key, &self.scopes, stored.clone())
-                                .await
-                        }
-                        None => false,
-                    };
-                    if let Some(lock) = lock {
-                        lock.release(Some(fleet::Outcome::Answer(&stored))).await;
-                    }
-                    lead.finish(Outcome::Answer(stored));
-                    Ok(Led::Shared(reply, kept))
-                }
-                Whole::Streaming(reply) => {
-                    if let Some(lock) = lock {
-                        lock.release(Some(fleet::Outcome::TooBig)).await;
-                    }
-                    lead.finish(Outcome::TooBig);
-                    Ok(Led::Streamed(reply))
-                }
+        };
+        let kept = match ttl {
+            Some(_) => {
+                self.cache
+                    .put(&self.key, &self.scopes, stored.clone())
+                    .await
             }
+            None => false,
+        };
+        if let Some(lock) = lock {
+            lock.release(Some(fleet::Outcome::Answer(&stored))).await;
         }
+        lead.finish(Outcome::Answer(stored));
+        Ok(Led::Shared(reply, kept))
     }
 }
 
