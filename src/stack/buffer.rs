@@ -101,7 +101,9 @@ where
             };
         }
         BufferFuture::Reading {
-            reading: Reading {
+            // Boxed: only a request with a body reads one, and inline this state would
+            // add its size to every request's future while it waits for quota.
+            reading: Box::new(Reading {
                 parts: Some(parts),
                 body: IdleTimeout::with_whole_limit(
                     body,
@@ -114,7 +116,7 @@ where
                 share: Some(share),
                 inner: Some(inner),
                 limits: self.limits.clone(),
-            },
+            }),
         }
     }
 }
@@ -184,7 +186,7 @@ pin_project_lite::pin_project! {
     where
         S: Service<Request<Bytes>>,
     {
-        Reading { reading: Reading<S, B> },
+        Reading { reading: Box<Reading<S, B>> },
         Calling {
             #[pin]
             call: S::Future,

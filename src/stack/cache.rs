@@ -3,16 +3,17 @@
 //! - A GET (without a body) of a stored route is answered from the cache while its entry
 //!   is fresh: no quota, no queue, no retry.
 //! - Otherwise identical GETs in flight share one upstream call ([`flight`]): the leader's
-//!   call runs in a task of its own, so it finishes for its followers even when the
-//!   leader's caller hangs up; with nobody following, a hang-up cancels it as before.
+//!   call runs in the leader's future and, when the leader's caller hangs up while anyone
+//!   follows, goes on in a task of its own to finish for them; with nobody following, a
+//!   hang-up cancels it as any request's.
 //! - A 2xx write makes the account's answers it touches stale before it is answered.
 //! - While SmartLead fails, an expired entry is served up to `cache.stale_if_error`.
 //!
 //! Every read answer says how it was served in `Cache-Status` (RFC 9211) and `Age`.
 //!
-//! The cached path is one `async` function, boxed: it awaits the store, the line and the
-//! inner stack in turn. Requests the cache has nothing to do with pass through
-//! unboxed.
+//! A read's path is one boxed future: it awaits the store, the line and the inner stack
+//! in turn (joining the line and making the call at once when there is nothing stored to
+//! look up). Requests the cache has nothing to do with pass through unboxed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -243,9 +244,9 @@ impl Read {
         match self.role() {
             Role::Leader(lead) => {
                 req.extensions_mut().insert(Arrived(self.arrived));
-                let guard = self.fly(lead, inner.call(req), None, Vec::new());
+                let flight = self.fly(lead, inner.call(req), None, Vec::new());
                 Box::pin(async move {
-                    let result = guard.join().await;
+                    let result = flight.await;
                     self.led(result, None)
                 })
             }
@@ -497,13 +498,13 @@ impl Read {
                 }
             };
             let gens = self.generations().await;
-            let result = self.fly(lead, call, lock, gens).join().await;
+            let result = self.fly(lead, call, lock, gens).await;
             self.led(result, stale)
         }
     }
 
-    /// The leader's call on its way, in a task of its own.
-    fn fly<F>(&self, lead: Lead, call: F, lock: Option<FleetLock>, gens: Vec<u64>) -> CancelAlone
+    /// The leader's call and its outcome for the followers.
+    fn fly<F>(&self, lead: Lead, call: F, lock: Option<FleetLock>, gens: Vec<u64>) -> Leading
     where
         F: Future<Output = Result<Reply, Failure>> + Send + Unpin + 'static,
     {
@@ -516,8 +517,8 @@ impl Read {
             lock,
         };
         let watching = lead.watcher();
-        CancelAlone {
-            task: Some(tokio::spawn(flight.run(lead, call))),
+        Leading {
+            run: Some(Box::pin(flight.run(lead, call))),
             watching,
         }
     }
@@ -893,33 +894,38 @@ async fn lead_failed(lead: Lead, lock: Option<FleetLock>, error: &ProxyError) {
     }
 }
 
-/// The leader's wait for its task. Dropped before the task ends (the caller hung up),
-/// it cancels the task only when nobody follows: then nobody needs its answer, and a
-/// request that waits for quota leaves the line as any other does.
-struct CancelAlone {
-    task: Option<tokio::task::JoinHandle<Result<Led, Failure>>>,
+/// The leader's flight, run by the leader's own future. Dropped before it ends (the
+/// caller hung up), it goes on in a task of its own while anyone follows, and is cancelled
+/// otherwise: then nobody needs its answer, and a request that waits for quota leaves the
+/// line as any other does. (A task for every flight would cost each waiting leader a
+/// task of its own.)
+struct Leading {
+    run: Option<Pin<Box<dyn Future<Output = Result<Led, Failure>> + Send>>>,
     watching: flight::Watcher,
 }
 
-impl CancelAlone {
-    async fn join(mut self) -> Result<Led, Failure> {
-        let task = self.task.as_mut().expect("joined once");
-        let joined = task.await;
-        self.task = None;
-        match joined {
-            Ok(led) => led,
-            // The task panicked (a bug); only this guard cancels it.
-            Err(_) => Err(Failure::early(ProxyError::Internal)),
-        }
+impl Future for Leading {
+    type Output = Result<Led, Failure>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Ready(Err(Failure::early(ProxyError::Internal)));
+        };
+        let done = std::task::ready!(run.as_mut().poll(cx));
+        self.run = None;
+        Poll::Ready(done)
     }
 }
 
-impl Drop for CancelAlone {
+impl Drop for Leading {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take()
-            && !self.watching.followed()
+        let Some(run) = self.run.take() else {
+            return;
+        };
+        if self.watching.followed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            task.abort();
+            runtime.spawn(run);
         }
     }
 }
