@@ -900,7 +900,7 @@ async fn lead_failed(lead: Lead, lock: Option<FleetLock>, error: &ProxyError) {
 /// line as any other does. (A task for every flight would cost each waiting leader a
 /// task of its own.)
 struct Leading {
-    run: Option<Pin<Box<dyn Future<Output = Result<Led, Failure>> + Send>>>,
+    run: Option<BoxFuture<'static, Result<Led, Failure>>>,
     watching: flight::Watcher,
 }
 
