@@ -479,8 +479,14 @@ pub fn request_headers(mut headers: HeaderMap, host: HeaderValue) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     // Length is recomputed from the buffered body.
     remove_all(&mut headers, &[header::CONTENT_LENGTH, header::EXPECT]);
-    // Replaces the client's, in place (a remove and an insert would hash it twice).
-    headers.insert(header::HOST, host);
+    // Replaces the client's in place: `insert` makes room for one more header first,
+    // which grows a full map (the request's usually is) for a header it already has.
+    match headers.get_mut(header::HOST) {
+        Some(value) => *value = host,
+        None => {
+            headers.insert(header::HOST, host);
+        }
+    }
     headers
 }
 

@@ -749,20 +749,9 @@ impl Place<'_> {
             match turn {
                 Turn::Go => return Ok(()),
                 Turn::Refused(refusal) => return Err(refusal),
-                Turn::At(at) => tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = self.wake.notified() => {}
-                    changed = moved.changed(), if follow_moves => match changed {
-                        Ok(()) => {
-                            let version = *moved.borrow_and_update();
-                            // Boxed: rare, and a waiter should not carry its size.
-                            Box::pin(limiter.retime(version, Limited::PausedPastDeadline))
-                                .await;
-                        }
-                        // The backend is gone: the slots stay where they are.
-                        Err(_) => follow_moves = false,
-                    },
-                },
+                // Boxed: only the first in line waits here, and laid inline its timer and
+                // its watch on the log would add their size to every waiter's future.
+                Turn::At(at) => Box::pin(self.first_in_line(at, moved, &mut follow_moves)).await,
                 Turn::Wait => tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep_until(deadline + LATE) => {
@@ -774,6 +763,30 @@ impl Place<'_> {
                     }
                 },
             }
+        }
+    }
+}
+
+impl Place<'_> {
+    /// The first in line: until its slot, a wake, or the log moving the slots (which
+    /// re-reads them).
+    async fn first_in_line(
+        &self,
+        at: Instant,
+        moved: &mut watch::Receiver<u64>,
+        follow_moves: &mut bool,
+    ) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(at) => {}
+            _ = self.wake.notified() => {}
+            changed = moved.changed(), if *follow_moves => match changed {
+                Ok(()) => {
+                    let version = *moved.borrow_and_update();
+                    self.limiter.retime(version, Limited::PausedPastDeadline).await;
+                }
+                // The backend is gone: the slots stay where they are.
+                Err(_) => *follow_moves = false,
+            },
         }
     }
 }
