@@ -142,15 +142,19 @@ where
 /// Calls the connection's own copy of `stack` when it is ready at once (every layer of
 /// the proxy's is: none holds capacity), else a clone of it once it is ready. Calling the
 /// copy the connection holds saves cloning every layer's handles for each request, and
-/// keeps the stack out of the request's future.
-fn call_ready<S, R>(stack: &mut S, req: R) -> Either<S::Future, tower::util::Oneshot<S, R>>
+/// keeps the stack out of the request's future; the clone's way is boxed, so the request's
+/// future does not carry a stack and a request either.
+fn call_ready<S, R>(
+    stack: &mut S,
+    req: R,
+) -> Either<S::Future, Pin<Box<tower::util::Oneshot<S, R>>>>
 where
     S: Service<R> + Clone,
 {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     match stack.poll_ready(&mut cx) {
         Poll::Ready(Ok(())) => Either::Left(stack.call(req)),
-        _ => Either::Right(stack.clone().oneshot(req)),
+        _ => Either::Right(Box::pin(stack.clone().oneshot(req))),
     }
 }
 

@@ -101,7 +101,7 @@ where
                 call: self.inner.call(req),
             },
             Err(e) => BodyKeyFuture::Refused {
-                failure: Some(Failure::early(e)),
+                failure: Some(Box::new(Failure::early(e))),
             },
         }
     }
@@ -111,7 +111,8 @@ pin_project_lite::pin_project! {
     #[project = Projected]
     pub enum BodyKeyFuture<F> {
         Sent { #[pin] call: F },
-        Refused { failure: Option<Failure> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Refused { failure: Option<Box<Failure>> },
     }
 }
 
@@ -125,7 +126,7 @@ where
         match self.project() {
             Projected::Sent { call } => call.poll(cx),
             Projected::Refused { failure } => {
-                Poll::Ready(Err(failure.take().expect("polled after completion")))
+                Poll::Ready(Err(*failure.take().expect("polled after completion")))
             }
         }
     }

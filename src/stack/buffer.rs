@@ -193,14 +193,15 @@ pin_project_lite::pin_project! {
             // The body's share of the budget, given back when the request is done.
             _share: BodyShare,
         },
-        Done { failure: Option<Failure> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Done { failure: Option<Box<Failure>> },
     }
 }
 
 impl<S: Service<Request<Bytes>>, B> BufferFuture<S, B> {
     fn done(failure: Failure) -> Self {
         BufferFuture::Done {
-            failure: Some(failure),
+            failure: Some(Box::new(failure)),
         }
     }
 }
@@ -229,7 +230,7 @@ where
                 },
                 Projected::Calling { call, .. } => return call.poll(cx),
                 Projected::Done { failure } => {
-                    return Poll::Ready(Err(failure.take().expect("polled after completion")));
+                    return Poll::Ready(Err(*failure.take().expect("polled after completion")));
                 }
             };
             self.set(next);

@@ -293,7 +293,7 @@ where
                 let id = super::request_id::of(req.headers());
                 let resp = answer(&refused, &served, id, Secrets::empty());
                 return CallerFuture::Refused {
-                    reply: Some(Reply::new(resp, served)),
+                    reply: Some(Box::new(Reply::new(resp, served))),
                 };
             }
         };
@@ -322,7 +322,8 @@ pin_project_lite::pin_project! {
     #[project = Projected]
     pub enum CallerFuture<F> {
         Allowed { #[pin] call: F },
-        Refused { reply: Option<Reply> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Refused { reply: Option<Box<Reply>> },
     }
 }
 
@@ -336,7 +337,7 @@ where
         match self.project() {
             Projected::Allowed { call } => call.poll(cx),
             Projected::Refused { reply } => {
-                Poll::Ready(Ok(reply.take().expect("polled after completion")))
+                Poll::Ready(Ok(*reply.take().expect("polled after completion")))
             }
         }
     }

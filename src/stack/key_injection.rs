@@ -79,7 +79,7 @@ where
         let Some(call) = parts.extensions.get::<Call>() else {
             // The caller layer always chooses one: a request without is a bug.
             return KeyInjectionFuture::Refused {
-                failure: Some(Failure::early(ProxyError::Internal)),
+                failure: Some(Box::new(Failure::early(ProxyError::Internal))),
             };
         };
         let target = &call.account.target;
@@ -89,7 +89,7 @@ where
             Err(why) => {
                 let failure = Failure::early(ProxyError::BadPath(why));
                 return KeyInjectionFuture::Refused {
-                    failure: Some(failure),
+                    failure: Some(Box::new(failure)),
                 };
             }
         };
@@ -117,7 +117,8 @@ pin_project_lite::pin_project! {
             // A HEAD answer has no body to scrub, and keeps its length.
             head: bool,
         },
-        Refused { failure: Option<Failure> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Refused { failure: Option<Box<Failure>> },
     }
 }
 
@@ -148,7 +149,7 @@ where
                 Poll::Ready(answered)
             }
             Projected::Refused { failure } => {
-                Poll::Ready(Err(failure.take().expect("polled after completion")))
+                Poll::Ready(Err(*failure.take().expect("polled after completion")))
             }
         }
     }

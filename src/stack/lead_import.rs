@@ -100,7 +100,7 @@ where
             Err(refusal) => {
                 let failure = Failure::early(ProxyError::InvalidLeads(Box::new(refusal)));
                 return LeadImportFuture::Refused {
-                    failure: Some(failure),
+                    failure: Some(Box::new(failure)),
                 };
             }
         };
@@ -229,7 +229,8 @@ pin_project_lite::pin_project! {
             import: Batching,
             warnings: Option<HeaderValue>,
         },
-        Refused { failure: Option<Failure> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Refused { failure: Option<Box<Failure>> },
     }
 }
 
@@ -246,7 +247,7 @@ where
                 (ready!(import.as_mut().poll(cx)), warnings)
             }
             Projected::Refused { failure } => {
-                return Poll::Ready(Err(failure.take().expect("polled after completion")));
+                return Poll::Ready(Err(*failure.take().expect("polled after completion")));
             }
         };
         Poll::Ready(with_warnings(answered, warnings.take()))

@@ -115,7 +115,7 @@ where
             let id = super::request_id::of(req.headers());
             let resp = answer(&refused, &Served::default(), id, Secrets::empty());
             return OwnRoutesFuture::Refused {
-                reply: Some(Reply::new(resp, Served::default())),
+                reply: Some(Box::new(Reply::new(resp, Served::default()))),
             };
         }
         if is_api(req.uri().path()) {
@@ -136,7 +136,8 @@ pin_project_lite::pin_project! {
         // Boxed: the router's future would add its size to every request's, and the
         // proxy's own routes are the rare ones.
         Own { call: Pin<Box<RouteFuture<Infallible>>> },
-        Refused { reply: Option<Reply> },
+        // Boxed: rare, and inline it would add its size to every request's future.
+        Refused { reply: Option<Box<Reply>> },
     }
 }
 
@@ -154,7 +155,7 @@ where
                 Poll::Ready(Ok(Reply::new(resp, Served::default())))
             }
             Projected::Refused { reply } => {
-                Poll::Ready(Ok(reply.take().expect("polled after completion")))
+                Poll::Ready(Ok(*reply.take().expect("polled after completion")))
             }
         }
     }
