@@ -250,6 +250,9 @@ where
             .extensions
             .remove::<Arrived>()
             .map_or_else(Instant::now, |a| a.0);
+        // Nothing below reads them, and an emptied map keeps its allocation while the
+        // request waits.
+        parts.extensions = http::Extensions::new();
         let give_up_at = timeout.map(|t| now + t);
         let start_by = (now + quota.max_wait).min(give_up_at.unwrap_or(now + quota.max_wait));
         let api_path = parts

@@ -54,6 +54,25 @@ async fn forwards_every_method_with_query_body_and_headers() {
     proxy.stop().await;
 }
 
+/// The head is copied out of hyper's buffer into a map of the proxy's own: a header sent
+/// more than once keeps every value, in order, and the others are untouched.
+#[tokio::test]
+async fn a_header_sent_twice_reaches_smartlead_with_both_values_in_order() {
+    let (sim, proxy) = sim_and_proxy().await;
+    let request = b"GET /api/v1/campaigns HTTP/1.1\r\nHost: x\r\nx-twice: first\r\n\
+        accept: application/json\r\nx-twice: second\r\nx-once: only\r\n\
+        Connection: close\r\n\r\n";
+    let answer = raw_request(proxy.addr, request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let recorded = sim.requests();
+    let headers = &recorded.last().unwrap().headers;
+    let twice: Vec<_> = headers.get_all("x-twice").iter().collect();
+    assert_eq!(twice, ["first", "second"]);
+    assert_eq!(headers["x-once"], "only");
+    assert_eq!(headers["accept"], "application/json");
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn real_routes_work_unchanged() {
     let (sim, proxy) = sim_and_proxy().await;
