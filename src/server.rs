@@ -277,27 +277,14 @@ fn detach_head(req: Request<Incoming>) -> Request<Incoming> {
     });
     let target_len = target.len();
     let mut at = target_len;
-    // A map of its own, with room for the `x-request-id` the proxy may add: hyper's has
-    // none, and the insert would grow it by half again.
-    let mut headers = http::HeaderMap::with_capacity(parts.headers.len() + 1);
-    for (name, value) in std::mem::take(&mut parts.headers) {
+    for value in parts.headers.values_mut() {
         let end = at + value.len();
-        let value = match HeaderValue::from_maybe_shared(copy.slice(at..end)) {
-            Ok(mut copied) => {
-                copied.set_sensitive(value.is_sensitive());
-                copied
-            }
-            Err(_) => value,
-        };
-        at = end;
-        // A name comes with its first value only; a later one is the last name's (rare:
-        // a header sent more than once).
-        let name = name.or_else(|| headers.keys().last().cloned());
-        if let Some(name) = name {
-            headers.append(name, value);
+        if let Ok(mut copied) = HeaderValue::from_maybe_shared(copy.slice(at..end)) {
+            copied.set_sensitive(value.is_sensitive());
+            *value = copied;
         }
+        at = end;
     }
-    parts.headers = headers;
     let uri = if target_len == 0 {
         parts.uri.to_string().parse().ok()
     } else {

@@ -814,7 +814,7 @@ impl Flying {
     /// follows the answer is boxed, made when the answer comes.
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
-    fn run<F>(mut self, lead: Lead, mut call: F) -> impl Future<Output = Result<Led, Failure>>
+    fn run<F>(mut self, mut lead: Lead, mut call: F) -> impl Future<Output = Result<Led, Failure>>
     where
         F: Future<Output = Result<Reply, Failure>> + Unpin,
     {
@@ -827,8 +827,28 @@ impl Flying {
                 // Polled where it lies: `call.await` would move it into a second place.
                 None => (&mut call).await,
             };
+            if lock.is_none() {
+                // The usual ends, unboxed: a failure, or an answer that is not stored and
+                // that nobody follows.
+                match answered {
+                    Err(failure) => {
+                        finish_failed(lead, &failure.error);
+                        return Err(failure);
+                    }
+                    Ok(reply) if self.ttl_of(&reply).is_none() && lead.close_if_alone() => {
+                        return Ok(Led::Streamed(reply));
+                    }
+                    answered => return Box::pin(self.land(lead, None, answered)).await,
+                }
+            }
             Box::pin(self.land(lead, lock, answered)).await
         }
+    }
+
+    /// How long the answer is stored, if it is.
+    fn ttl_of(&self, reply: &Reply) -> Option<Duration> {
+        self.ttl
+            .filter(|_| storable(reply.response.status(), reply.response.headers()))
     }
 
     /// The call's answer: shared (read whole, and stored when it may be) or streamed to
@@ -846,9 +866,7 @@ impl Flying {
                 return Err(failure);
             }
         };
-        let ttl = self
-            .ttl
-            .filter(|_| storable(reply.response.status(), reply.response.headers()));
+        let ttl = self.ttl_of(&reply);
         // Followers on other instances may wait: with the fleet's lock the answer is
         // read to be shared.
         if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
@@ -885,12 +903,17 @@ impl Flying {
 /// The leader's call failed: the followers get the error when it is final (a follower
 /// takes over otherwise), and the fleet's lock is let go.
 async fn lead_failed(lead: Lead, lock: Option<FleetLock>, error: &ProxyError) {
+    finish_failed(lead, error);
+    if let Some(lock) = lock {
+        lock.release(None).await;
+    }
+}
+
+/// The followers' part of a failed call: the error when it is final, else a handover.
+fn finish_failed(lead: Lead, error: &ProxyError) {
     match SharedError::of(error) {
         Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
         None => lead.finish(Outcome::Gone),
-    }
-    if let Some(lock) = lock {
-        lock.release(None).await;
     }
 }
 

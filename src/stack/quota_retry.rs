@@ -162,6 +162,9 @@ where
     B::Error: Into<BoxError>,
 {
     async move {
+        // Here, not when the call is made: a read's call may be made and dropped unpolled
+        // (another instance of the fleet answered it), and then nothing was sent.
+        attempts.account.retry_budget.deposit();
         let quota = attempts.quota.clone();
         let outcome = {
             let run = std::pin::pin!(attempts.run());
@@ -245,7 +248,6 @@ where
             &mut parts.headers,
             &[REQUEST_TIMEOUT_HEADER, traffic::DEBUG_HEADER],
         );
-        account.retry_budget.deposit();
         let now = parts
             .extensions
             .remove::<Arrived>()

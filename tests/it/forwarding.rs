@@ -54,8 +54,8 @@ async fn forwards_every_method_with_query_body_and_headers() {
     proxy.stop().await;
 }
 
-/// The head is copied out of hyper's buffer into a map of the proxy's own: a header sent
-/// more than once keeps every value, in order, and the others are untouched.
+/// The head is copied out of hyper's buffer (`server::detach_head`): a header sent more
+/// than once keeps every value, in order, and the others are untouched.
 #[tokio::test]
 async fn a_header_sent_twice_reaches_smartlead_with_both_values_in_order() {
     let (sim, proxy) = sim_and_proxy().await;
