@@ -464,8 +464,8 @@ impl Read {
         }
     }
 
-    /// Leads the key's flight: the call runs in a task of its own (see the module's
-    /// doc), and its outcome goes to every follower.
+    /// Leads the key's flight, after the fleet's turn when there is a fleet: the call's
+    /// outcome goes to every follower (see [`Leading`] for a caller that hangs up).
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
     fn lead<F>(
