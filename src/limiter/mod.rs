@@ -765,9 +765,7 @@ impl Place<'_> {
             }
         }
     }
-}
 
-impl Place<'_> {
     /// The first in line: until its slot, a wake, or the log moving the slots (which
     /// re-reads them).
     async fn first_in_line(

@@ -233,7 +233,7 @@ impl Read {
     /// store is this process's), the line is joined here and a leader's or a lone
     /// request's call is made at once: its future then holds that call, not the service
     /// and the request it was made from, while the request waits for quota.
-    fn start<S>(self, mut inner: S, mut req: Request<Bytes>) -> Boxed
+    fn start<S>(self, mut inner: S, req: Request<Bytes>) -> Boxed
     where
         S: Service<Request<Bytes>, Response = Reply, Error = Failure> + Send + 'static,
         S::Future: Send + Unpin + 'static,
@@ -243,20 +243,27 @@ impl Read {
         }
         match self.role() {
             Role::Leader(lead) => {
-                req.extensions_mut().insert(Arrived(self.arrived));
-                let flight = self.fly(lead, inner.call(req), None, Vec::new());
+                let flight = self.fly(lead, self.call(&mut inner, req), None, Vec::new());
                 Box::pin(async move {
                     let result = flight.await;
                     self.led(result, None)
                 })
             }
             Role::Alone => {
-                req.extensions_mut().insert(Arrived(self.arrived));
-                let call = inner.call(req);
+                let call = self.call(&mut inner, req);
                 Box::pin(self.alone(call, None))
             }
             follower => Box::pin(self.run(inner, req, Some(follower))),
         }
+    }
+
+    /// The inner stack's call for `req`, which keeps the deadlines it arrived with.
+    fn call<S>(&self, inner: &mut S, mut req: Request<Bytes>) -> S::Future
+    where
+        S: Service<Request<Bytes>>,
+    {
+        req.extensions_mut().insert(Arrived(self.arrived));
+        inner.call(req)
     }
 
     /// Its place in the coalescing line.
@@ -275,7 +282,7 @@ impl Read {
     fn run<S>(
         self,
         mut inner: S,
-        mut req: Request<Bytes>,
+        req: Request<Bytes>,
         mut first: Option<Role>,
     ) -> impl Future<Output = Result<Reply, Failure>>
     where
@@ -318,8 +325,7 @@ impl Read {
                     },
                 }
             };
-            req.extensions_mut().insert(Arrived(self.arrived));
-            let call = inner.call(req);
+            let call = self.call(&mut inner, req);
             match leader {
                 Some(lead) => Box::pin(self.lead(lead, call, stale)).await,
                 None => Box::pin(self.alone(call, stale)).await,
@@ -810,8 +816,8 @@ enum Led {
 
 impl Flying {
     /// The leader's call, then its outcome for every follower. While the call waits
-    /// (for quota, for SmartLead), the task holds the call and this flight only: what
-    /// follows the answer is boxed, made when the answer comes.
+    /// (for quota, for SmartLead), this future holds the call and the flight only:
+    /// sharing an answer (reading it whole, storing it) is boxed, made when it comes.
     // An `async` block, not an `async fn`: see the decisions on what a waiting request holds.
     #[allow(clippy::manual_async_fn)]
     fn run<F>(mut self, mut lead: Lead, mut call: F) -> impl Future<Output = Result<Led, Failure>>
@@ -827,51 +833,37 @@ impl Flying {
                 // Polled where it lies: `call.await` would move it into a second place.
                 None => (&mut call).await,
             };
-            if lock.is_none() {
-                // The usual ends, unboxed: a failure, or an answer that is not stored and
-                // that nobody follows.
-                match answered {
-                    Err(failure) => {
-                        finish_failed(lead, &failure.error);
-                        return Err(failure);
+            let reply = match answered {
+                Ok(reply) => reply,
+                Err(failure) => {
+                    lead_failed(lead, &failure.error);
+                    if let Some(lock) = lock {
+                        lock.release(None).await;
                     }
-                    Ok(reply) if self.ttl_of(&reply).is_none() && lead.close_if_alone() => {
-                        return Ok(Led::Streamed(reply));
-                    }
-                    answered => return Box::pin(self.land(lead, None, answered)).await,
+                    return Err(failure);
                 }
+            };
+            let ttl = self
+                .ttl
+                .filter(|_| storable(reply.response.status(), reply.response.headers()));
+            // Followers on other instances may wait: with the fleet's lock the answer is
+            // read to be shared.
+            if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
+                return Ok(Led::Streamed(reply));
             }
-            Box::pin(self.land(lead, lock, answered)).await
+            Box::pin(self.share(lead, lock, reply, ttl)).await
         }
     }
 
-    /// How long the answer is stored, if it is.
-    fn ttl_of(&self, reply: &Reply) -> Option<Duration> {
-        self.ttl
-            .filter(|_| storable(reply.response.status(), reply.response.headers()))
-    }
-
-    /// The call's answer: shared (read whole, and stored when it may be) or streamed to
-    /// the leader alone, and the fleet's lock let go.
-    async fn land(
+    /// The answer read whole and shared (stored when `ttl` says so), or streamed when it
+    /// is too big; the fleet's lock let go with the outcome.
+    async fn share(
         self,
-        mut lead: Lead,
+        lead: Lead,
         lock: Option<FleetLock>,
-        answered: Result<Reply, Failure>,
+        reply: Reply,
+        ttl: Option<Duration>,
     ) -> Result<Led, Failure> {
-        let reply = match answered {
-            Ok(reply) => reply,
-            Err(failure) => {
-                lead_failed(lead, lock, &failure.error).await;
-                return Err(failure);
-            }
-        };
-        let ttl = self.ttl_of(&reply);
-        // Followers on other instances may wait: with the fleet's lock the answer is
-        // read to be shared.
-        if ttl.is_none() && lock.is_none() && lead.close_if_alone() {
-            return Ok(Led::Streamed(reply));
-        }
         let limit = self.cache.max_entry_bytes;
         let whole = read_whole(reply, limit, ttl.unwrap_or_default(), self.gens).await;
         let (stored, reply) = match whole {
@@ -901,16 +893,8 @@ impl Flying {
 }
 
 /// The leader's call failed: the followers get the error when it is final (a follower
-/// takes over otherwise), and the fleet's lock is let go.
-async fn lead_failed(lead: Lead, lock: Option<FleetLock>, error: &ProxyError) {
-    finish_failed(lead, error);
-    if let Some(lock) = lock {
-        lock.release(None).await;
-    }
-}
-
-/// The followers' part of a failed call: the error when it is final, else a handover.
-fn finish_failed(lead: Lead, error: &ProxyError) {
+/// takes over otherwise).
+fn lead_failed(lead: Lead, error: &ProxyError) {
     match SharedError::of(error) {
         Some(shared) => lead.finish(Outcome::Failed(Arc::new(shared))),
         None => lead.finish(Outcome::Gone),
@@ -920,8 +904,8 @@ fn finish_failed(lead: Lead, error: &ProxyError) {
 /// The leader's flight, run by the leader's own future. Dropped before it ends (the
 /// caller hung up), it goes on in a task of its own while anyone follows, and is cancelled
 /// otherwise: then nobody needs its answer, and a request that waits for quota leaves the
-/// line as any other does. (A task for every flight would cost each waiting leader a
-/// task of its own.)
+/// line as any other does. (A task for every flight would cost each waiting leader about
+/// 2 KB and a spawn.)
 struct Leading {
     run: Option<BoxFuture<'static, Result<Led, Failure>>>,
     watching: flight::Watcher,
@@ -931,9 +915,7 @@ impl Future for Leading {
     type Output = Result<Led, Failure>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(run) = self.run.as_mut() else {
-            return Poll::Ready(Err(Failure::early(ProxyError::Internal)));
-        };
+        let run = self.run.as_mut().expect("polled after completion");
         let done = std::task::ready!(run.as_mut().poll(cx));
         self.run = None;
         Poll::Ready(done)

@@ -237,24 +237,20 @@ where
     /// read before anything waits.
     fn start(inner: S, quota: Arc<Quota>, req: Request<Bytes>) -> Result<Self, ProxyError> {
         let (mut parts, body) = req.into_parts();
+        // Taken whole: nothing below reads them, and a map left empty would keep its
+        // allocation while the request waits.
+        let mut extensions = std::mem::take(&mut parts.extensions);
         // The caller layer always chooses one: a request without is a bug.
-        let Call { account, who, .. } = parts
-            .extensions
-            .remove::<Call>()
-            .ok_or(ProxyError::Internal)?;
+        let Call { account, who, .. } = extensions.remove::<Call>().ok_or(ProxyError::Internal)?;
         let timeout = request_timeout(&parts.headers)?;
         let logged = traffic::wanted(&quota.log, &parts.headers);
         crate::headers::remove_all(
             &mut parts.headers,
             &[REQUEST_TIMEOUT_HEADER, traffic::DEBUG_HEADER],
         );
-        let now = parts
-            .extensions
+        let now = extensions
             .remove::<Arrived>()
             .map_or_else(Instant::now, |a| a.0);
-        // Nothing below reads them, and an emptied map keeps its allocation while the
-        // request waits.
-        parts.extensions = http::Extensions::new();
         let give_up_at = timeout.map(|t| now + t);
         let start_by = (now + quota.max_wait).min(give_up_at.unwrap_or(now + quota.max_wait));
         let api_path = parts
